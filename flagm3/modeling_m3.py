@@ -1,0 +1,291 @@
+"""The M3 model: one Hugging Face encoder and three retrieval heads (dense, sparse, ColBERT). No loss here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
+
+logger = logging.getLogger(__name__)
+
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as an M3 model; the message names the file and the problem."""
+
+
+@dataclass
+class M3Output(ModelOutput):
+    """What the three heads give for a batch of ``B`` texts of ``L`` tokens.
+
+    dense: [B, H] pooled vector (normalised when the config says so).
+    sparse: [B, L] lexical weight per token, zero at padding and at ignored special tokens.
+    colbert: [B, L-1, D] vector per token after CLS, zero at padding (normalised when the config says so).
+    colbert_mask: [B, L-1] attention mask of those tokens.
+    """
+
+    dense: Optional[Tensor] = None
+    sparse: Optional[Tensor] = None
+    colbert: Optional[Tensor] = None
+    colbert_mask: Optional[Tensor] = None
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
+    """Sentence vector from token states. ``hidden`` [B, L, H], ``attention_mask`` [B, L] -> [B, H]."""
+    if method == "cls":
+        return hidden[:, 0]
+    if method == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if method == "last_token":
+        if bool(attention_mask[:, -1].all()):  # left padding
+            return hidden[:, -1]
+        last = attention_mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling method {method!r}")
+
+
+class M3PreTrainedModel(PreTrainedModel):
+    config_class = M3Config
+    base_model_prefix = "m3"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True  # transformers 4.x name
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is getattr(self, "sparse_linear", None) or module is getattr(self, "colbert_linear", None):
+            module.reset_parameters()  # torch's default Linear init, as BGE-M3's fresh heads
+
+
+class M3Model(M3PreTrainedModel):
+    """Encoder + dense, sparse and ColBERT heads.
+
+    Weights are stored as ``encoder.*``, ``sparse_linear.*`` and ``colbert_linear.*`` in one safetensors file.
+    Start from a plain encoder with :meth:`from_encoder`; load flagm3 checkpoints, BGE-M3-layout directories
+    (``colbert_linear.pt`` + ``sparse_linear.pt`` beside the encoder) and hub ids with :meth:`from_pretrained`;
+    write the BGE-M3 layout with :meth:`save_bge_m3`.
+    """
+
+    def __init__(self, config: M3Config) -> None:
+        super().__init__(config)
+        attn = getattr(config, "_attn_implementation", None)
+        backbone = config.backbone_config
+        if attn is not None:
+            backbone._attn_implementation = attn
+        self.encoder = AutoModel.from_config(backbone)
+        hidden = config.encoder_hidden_size
+        self.sparse_linear = nn.Linear(hidden, 1)
+        self.colbert_linear = nn.Linear(hidden, config.colbert_output_dim)
+        self.register_buffer(
+            "sparse_ignore_ids", torch.tensor(config.sparse_ignore_token_ids, dtype=torch.long), persistent=False
+        )
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------ heads
+    def dense_embedding(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L, H] -> [B, H]."""
+        vecs = pool(hidden, attention_mask, self.config.pooling)
+        return F.normalize(vecs, dim=-1) if self.config.normalize_embeddings else vecs
+
+    def sparse_embedding(self, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ReLU(Linear(hidden, 1)) per token, zero at padding and ignored ids. [B, L, H] -> [B, L]."""
+        weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)
+        keep = attention_mask.bool() & ~torch.isin(input_ids, self.sparse_ignore_ids.to(input_ids.device))
+        return weights * keep.to(weights.dtype)
+
+    def colbert_embedding(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Linear(hidden, D) on every token after CLS, zero at padding. [B, L, H] -> [B, L-1, D]."""
+        vecs = self.colbert_linear(hidden[:, 1:]) * attention_mask[:, 1:, None].to(hidden.dtype)
+        return F.normalize(vecs, dim=-1) if self.config.normalize_embeddings else vecs
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Optional[Tensor] = None,
+        heads: Iterable[str] = ("dense", "sparse", "colbert"),
+        **encoder_kwargs: Any,
+    ) -> M3Output:
+        """Encode a batch. ``input_ids``/``attention_mask`` [B, L]; ``heads`` selects the outputs computed."""
+        if token_type_ids is not None:
+            encoder_kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs
+        ).last_hidden_state
+        heads = set(heads)
+        unknown = heads - {"dense", "sparse", "colbert"}
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from dense, sparse, colbert")
+        return M3Output(
+            dense=self.dense_embedding(hidden, attention_mask) if "dense" in heads else None,
+            sparse=self.sparse_embedding(hidden, input_ids, attention_mask) if "sparse" in heads else None,
+            colbert=self.colbert_embedding(hidden, attention_mask) if "colbert" in heads else None,
+            colbert_mask=attention_mask[:, 1:] if "colbert" in heads else None,
+        )
+
+    # ---------------------------------------------------------------------- encoder delegation
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder.set_input_embeddings(value)
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder_name_or_path: str,
+        tokenizer: Any = None,
+        colbert_dim: int = -1,
+        pooling: str = "cls",
+        normalize_embeddings: bool = True,
+        **encoder_kwargs: Any,
+    ) -> M3Model:
+        """An M3 model around a pretrained encoder checkpoint, with fresh heads.
+
+        The tokenizer (loaded from the same path when not given) decides which ids the sparse head ignores.
+        """
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(encoder_name_or_path)
+        encoder = AutoModel.from_pretrained(encoder_name_or_path, **encoder_kwargs)
+        config = M3Config(
+            backbone_config=encoder.config,
+            colbert_dim=colbert_dim,
+            pooling=pooling,
+            normalize_embeddings=normalize_embeddings,
+            sparse_ignore_token_ids=sparse_ignore_ids_from_tokenizer(tokenizer),
+        )
+        if getattr(encoder.config, "_attn_implementation", None):
+            config._attn_implementation = encoder.config._attn_implementation
+        model = cls(config)
+        model.encoder = encoder
+        return model.to(encoder.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load a flagm3 checkpoint or a BGE-M3-layout directory (local path or hub id).
+
+        Missing or unexpected weights are an error (never a silently fresh head). A plain encoder
+        checkpoint is refused with a pointer to :meth:`from_encoder`.
+        """
+        path = resolve_checkpoint(str(pretrained_model_name_or_path), kwargs)
+        layout = checkpoint_layout(path)
+        if layout == "bge-m3":
+            return cls.from_bge_m3(path, **kwargs)
+        if layout == "encoder":
+            model_type = _read_config(path).get("model_type")
+            raise CheckpointError(
+                f"{os.path.join(path, 'config.json')}: a plain '{model_type}' encoder checkpoint, not an M3 model "
+                f"(no M3 config and no {COLBERT_HEAD_FILE}/{SPARSE_HEAD_FILE}). Start from it with "
+                "M3Model.from_encoder(path), or `flagm3 train --model_name_or_path` which does so."
+            )
+        kwargs["output_loading_info"] = True
+        model, info = super().from_pretrained(path, *args, **kwargs)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise CheckpointError(f"{path}: weights do not match an M3 model of this config: {problems}")
+        return model
+
+    @classmethod
+    def from_bge_m3(cls, path: str, tokenizer: Any = None, **encoder_kwargs: Any) -> M3Model:
+        """Import the original BGE-M3 layout: encoder files + ``colbert_linear.pt`` + ``sparse_linear.pt``."""
+        for name in (COLBERT_HEAD_FILE, SPARSE_HEAD_FILE):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise CheckpointError(
+                    f"{os.path.join(path, name)} is missing: a BGE-M3 checkpoint needs both {COLBERT_HEAD_FILE} "
+                    f"and {SPARSE_HEAD_FILE} beside the encoder."
+                )
+        encoder_kwargs.pop("output_loading_info", None)
+        model = cls.from_encoder(path, tokenizer=tokenizer, **encoder_kwargs)
+        hidden = model.config.encoder_hidden_size
+        colbert = _load_linear(os.path.join(path, COLBERT_HEAD_FILE), in_features=hidden, out_features=None)
+        sparse = _load_linear(os.path.join(path, SPARSE_HEAD_FILE), in_features=hidden, out_features=1)
+        model.config.colbert_dim = int(colbert["weight"].shape[0])
+        dtype = model.sparse_linear.weight.dtype
+        model.colbert_linear = nn.Linear(hidden, model.config.colbert_dim).to(dtype)
+        model.colbert_linear.load_state_dict(colbert)
+        model.sparse_linear.load_state_dict(sparse)
+        return model
+
+    def save_bge_m3(self, save_directory: str, tokenizer: Any = None) -> None:
+        """Write the original BGE-M3 layout, loadable by FlagEmbedding's ``BGEM3FlagModel``."""
+        os.makedirs(save_directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        self.encoder.save_pretrained(save_directory, state_dict=state, safe_serialization=True)
+        for name, head in ((COLBERT_HEAD_FILE, self.colbert_linear), (SPARSE_HEAD_FILE, self.sparse_linear)):
+            torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+                       os.path.join(save_directory, name))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+
+
+# --------------------------------------------------------------------------------- checkpoint helpers
+def _read_config(path: str) -> dict:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{config_file} is missing: {path} is not a model directory.")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err}).") from err
+
+
+def checkpoint_layout(path: str) -> str:
+    """``flagm3`` (own format), ``bge-m3`` (encoder + head .pt files) or ``encoder`` (a plain encoder)."""
+    config = _read_config(path)
+    if config.get("model_type") == M3Config.model_type:
+        return "flagm3"
+    has_heads = [os.path.isfile(os.path.join(path, n)) for n in (COLBERT_HEAD_FILE, SPARSE_HEAD_FILE)]
+    return "bge-m3" if any(has_heads) else "encoder"
+
+
+def resolve_checkpoint(name_or_path: str, kwargs: dict) -> str:
+    """A local directory for ``name_or_path``: itself, or a snapshot of the hub repository it names."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        name_or_path,
+        revision=kwargs.pop("revision", None),
+        cache_dir=kwargs.get("cache_dir"),
+        token=kwargs.get("token"),
+        allow_patterns=["*.json", "*.safetensors", "*.pt", "*.model", "*.txt", "*.bin"],
+    )
+
+
+def _load_linear(file: str, in_features: int, out_features: Optional[int]) -> dict[str, Tensor]:
+    """Load a Linear layer's state dict safely (``weights_only=True``) and check its shape against the encoder."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-tensor objects
+        raise CheckpointError(f"{file}: cannot be read as a weights-only state dict ({err}).") from err
+    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file}: expected a Linear state dict with 'weight' and 'bias', found {keys}.")
+    weight, bias = state["weight"], state["bias"]
+    out = weight.shape[0] if out_features is None else out_features
+    if weight.ndim != 2 or tuple(weight.shape) != (out, in_features) or tuple(bias.shape) != (out,):
+        raise CheckpointError(
+            f"{file}: head weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit an encoder of hidden "
+            f"size {in_features} (expected weight ({out}, {in_features})): a head from another model?"
+        )
+    return state
+
+
+AutoConfig.register(M3Config.model_type, M3Config, exist_ok=True)
+AutoModel.register(M3Config, M3Model, exist_ok=True)

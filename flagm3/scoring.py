@@ -1,0 +1,158 @@
+"""Scores of the three M3 heads and their hybrid: plain, differentiable tensor functions.
+
+Training, inference and evaluation all score through this module. Shapes: ``Q`` queries, ``P`` passages,
+``N`` query-passage pairs, ``L`` tokens, ``H`` hidden size, ``D`` ColBERT size.
+
+*All-pairs* functions return a ``[Q, P]`` matrix; ``*_paired`` functions score ``q[i]`` with ``p[i]`` and
+return ``[N]``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+# Elements of one intermediate [Q, chunk, Lq, Lp] token-score block (ColBERT) before chunking kicks in.
+DEFAULT_BLOCK_ELEMENTS = 1 << 25
+
+
+# ----------------------------------------------------------------------------------------------- dense
+def dense_scores(q: Tensor, p: Tensor) -> Tensor:
+    """Inner products of dense vectors. ``q`` [Q, H], ``p`` [P, H] -> [Q, P]."""
+    return q @ p.transpose(0, 1)
+
+
+def dense_scores_paired(q: Tensor, p: Tensor) -> Tensor:
+    """``q`` [N, H], ``p`` [N, H] -> [N]."""
+    return (q * p).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- sparse
+class PooledLexical(NamedTuple):
+    """Max-pooled lexical weights in coordinate form: one entry per (text, token id) with weight > 0."""
+
+    rows: Tensor  # [K] index of the text
+    token_ids: Tensor  # [K] vocabulary id
+    weights: Tensor  # [K] max weight of that token in that text
+    num_rows: int
+
+
+def pool_lexical(token_ids: Tensor, weights: Tensor) -> PooledLexical:
+    """Max-pool token weights per vocabulary id, without any tensor of vocabulary size.
+
+    ``token_ids`` [B, L] (long), ``weights`` [B, L] (>= 0; zero at padding and ignored tokens).
+    Differentiable in ``weights`` (ties share the gradient). Entries of zero weight are dropped.
+    """
+    batch, length = token_ids.shape
+    keep = weights > 0
+    rows = torch.arange(batch, device=token_ids.device).unsqueeze(1).expand(batch, length)[keep]
+    ids = token_ids[keep]
+    w = weights[keep]
+    if ids.numel() == 0:
+        return PooledLexical(rows, ids, w, batch)
+    id_base = int(ids.max()) + 1
+    keys, inverse = torch.unique(rows * id_base + ids, return_inverse=True)
+    pooled = w.new_zeros(keys.shape[0]).scatter_reduce(0, inverse, w, reduce="amax", include_self=False)
+    return PooledLexical(keys // id_base, keys % id_base, pooled, batch)
+
+
+def _compact_dense(pooled: PooledLexical, columns: Tensor) -> Tensor:
+    """[B, U] matrix of pooled weights over the compact vocabulary ``columns`` (sorted unique ids)."""
+    col = torch.searchsorted(columns, pooled.token_ids)
+    out = pooled.weights.new_zeros(pooled.num_rows, columns.shape[0])
+    return out.index_put((pooled.rows, col), pooled.weights)
+
+
+def sparse_scores(
+    q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Tensor, chunk_size: int = 4096
+) -> Tensor:
+    """Lexical matching scores ``sum_t w_q(t) * w_p(t)`` for all pairs.
+
+    ``q_ids``/``q_weights`` [Q, Lq], ``p_ids``/``p_weights`` [P, Lp] -> [Q, P]. Exact, differentiable, and
+    memory bounded by the number of distinct tokens in the batch: only a compact vocabulary of the ids that
+    occur is materialised, passages ``chunk_size`` at a time.
+    """
+    q_pooled = pool_lexical(q_ids, q_weights)
+    blocks = []
+    for start in range(0, max(p_ids.shape[0], 1), chunk_size):
+        p_pooled = pool_lexical(p_ids[start : start + chunk_size], p_weights[start : start + chunk_size])
+        columns = torch.unique(torch.cat([q_pooled.token_ids, p_pooled.token_ids]))
+        blocks.append(_compact_dense(q_pooled, columns) @ _compact_dense(p_pooled, columns).T)
+    return torch.cat(blocks, dim=1)[:, : p_ids.shape[0]]
+
+
+def sparse_scores_paired(q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Tensor) -> Tensor:
+    """Lexical matching score of ``q[i]`` with ``p[i]``: [N, Lq] x [N, Lp] -> [N]."""
+    q_pooled, p_pooled = pool_lexical(q_ids, q_weights), pool_lexical(p_ids, p_weights)
+    n = q_ids.shape[0]
+    if q_pooled.token_ids.numel() == 0 or p_pooled.token_ids.numel() == 0:
+        return q_weights.new_zeros(n) + 0.0 * (q_weights.sum() + p_weights.sum())
+    id_base = int(torch.cat([q_pooled.token_ids, p_pooled.token_ids]).max()) + 1
+    keys = torch.cat([q_pooled.rows * id_base + q_pooled.token_ids, p_pooled.rows * id_base + p_pooled.token_ids])
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    nq = q_pooled.token_ids.shape[0]
+    vq = q_pooled.weights.new_zeros(unique_keys.shape[0]).index_put((inverse[:nq],), q_pooled.weights)
+    vp = p_pooled.weights.new_zeros(unique_keys.shape[0]).index_put((inverse[nq:],), p_pooled.weights)
+    return (vq * vp).new_zeros(n).index_add(0, unique_keys // id_base, vq * vp)
+
+
+# --------------------------------------------------------------------------------------------- colbert
+def _maxsim(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask: Tensor, pattern: str) -> Tensor:
+    token_scores = torch.einsum(pattern, q_vecs, p_vecs)  # [..., Lq, Lp]
+    p_pad = ~p_mask.bool()
+    p_pad = p_pad[None, :, None, :] if pattern.endswith("qpij") else p_pad[:, None, :]
+    token_scores = token_scores.masked_fill(p_pad, torch.finfo(token_scores.dtype).min)
+    best = token_scores.max(-1).values  # [..., Lq]
+    q_mask_f = q_mask.to(best.dtype)
+    if pattern.endswith("qpij"):
+        return (best * q_mask_f[:, None, :]).sum(-1) / q_mask_f.sum(-1, keepdim=True).clamp(min=1)
+    return (best * q_mask_f).sum(-1) / q_mask_f.sum(-1).clamp(min=1)
+
+
+def colbert_scores(
+    q_vecs: Tensor,
+    q_mask: Tensor,
+    p_vecs: Tensor,
+    p_mask: Tensor,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> Tensor:
+    """MaxSim of every query token over a passage's tokens, averaged over the query's tokens.
+
+    ``q_vecs`` [Q, Lq, D], ``q_mask`` [Q, Lq], ``p_vecs`` [P, Lp, D], ``p_mask`` [P, Lp] -> [Q, P].
+    Masks are 1 for real tokens (for M3 vectors: every token after CLS, SEP/EOS included). Passages are
+    processed in chunks so that one ``[Q, chunk, Lq, Lp]`` block has at most ``block_elements`` entries.
+    """
+    per_passage = max(1, q_vecs.shape[0] * q_vecs.shape[1] * p_vecs.shape[1])
+    chunk = max(1, block_elements // per_passage)
+    blocks = [
+        _maxsim(q_vecs, q_mask, p_vecs[s : s + chunk], p_mask[s : s + chunk], "qid,pjd->qpij")
+        for s in range(0, p_vecs.shape[0], chunk)
+    ]
+    return torch.cat(blocks, dim=1) if blocks else q_vecs.new_zeros(q_vecs.shape[0], 0)
+
+
+def colbert_scores_paired(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask: Tensor) -> Tensor:
+    """``q_vecs`` [N, Lq, D], ``p_vecs`` [N, Lp, D] (with masks) -> [N]."""
+    return _maxsim(q_vecs, q_mask, p_vecs, p_mask, "nid,njd->nij")
+
+
+# ---------------------------------------------------------------------------------------------- hybrid
+HEADS = ("dense", "sparse", "colbert")
+BGE_M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
+
+
+def hybrid_scores(
+    scores: Mapping[str, Optional[Tensor]], weights: Mapping[str, float], normalize: bool = False
+) -> Tensor:
+    """Weighted sum of per-head scores of one shape; heads with weight 0 or no scores are skipped.
+
+    ``normalize=True`` divides by the sum of the weights used (``BGEM3FlagModel.compute_score``);
+    ``False`` is the training ensemble ``dense + 0.3 * sparse + colbert`` of BGE-M3.
+    """
+    used = [(name, w) for name, w in weights.items() if w != 0 and scores.get(name) is not None]
+    if not used:
+        raise ValueError(f"no scores for any head with a non-zero weight: weights={dict(weights)}")
+    total = sum(w * scores[name] for name, w in used)
+    return total / sum(w for _, w in used) if normalize else total

