@@ -1,0 +1,577 @@
+"""Validation of FlagEmbedding-style training data before training starts.
+
+A training record is one JSON object per line::
+
+    {"query": str, "pos": [str, ...], "neg": [str, ...],
+     "pos_scores": [float, ...], "neg_scores": [float, ...], "prompt": str}
+
+(``pos_scores``, ``neg_scores`` and ``prompt`` are optional). Inputs are a JSONL file, a directory of
+``.json``/``.jsonl`` files (each file is one dataset), a ``datasets.Dataset``, or a list of those.
+
+Every record of every file is checked and *all* problems are collected (not only the first), each
+naming the file, the 1-based line and the field. Documented fixes are applied and counted instead:
+
+- a negative identical to one of the record's positives is dropped (with its score);
+- a record without negatives gets negatives drawn from the other records of its dataset at sampling time
+  (when ``sample_negatives_from_corpus=True``; otherwise it is an error);
+- blank lines are skipped.
+
+Texts longer than the maximum lengths are counted as "will be truncated" (exact token counts when a
+tokenizer is given, otherwise :func:`approx_num_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json")
+NO_IN_BATCH_NEG_MARK = "no_in_batch_neg"
+MAX_ISSUES_KEPT = 1000  # per kind and source; counts are always complete
+MAX_ISSUES_SHOWN = 20
+
+# error kinds
+FILE_NOT_FOUND = "file_not_found"
+NO_DATA_FILES = "no_data_files"
+ENCODING = "encoding"
+MALFORMED_JSON = "malformed_json"
+JSON_ARRAY = "json_array"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+EMPTY_QUERY = "empty_query"
+EMPTY_POS = "empty_pos"
+EMPTY_TEXT = "empty_text"
+LENGTH_MISMATCH = "length_mismatch"
+BAD_SCORE = "bad_score"
+NO_NEGATIVES = "no_negatives"
+NO_CORPUS_NEGATIVES = "no_corpus_negatives"
+NO_RECORDS = "no_records"
+# warning kinds
+TRUNCATED_QUERY = "truncated_query"
+TRUNCATED_PASSAGE = "truncated_passage"
+EMPTY_FILE = "empty_file"
+NO_TEACHER_SCORES = "no_teacher_scores"
+# fix kinds
+NEG_EQUALS_POS_DROPPED = "negative_equal_to_positive_dropped"
+NEGATIVES_FROM_CORPUS = "negatives_sampled_from_corpus"
+BLANK_LINE_SKIPPED = "blank_line_skipped"
+
+DataInput = Union[str, "os.PathLike[str]", Any]  # a path, a datasets.Dataset, or a list of those
+
+
+@dataclass
+class Issue:
+    """One problem (or warning) found in the data; ``line`` is 1-based (a row number for in-memory data)."""
+
+    kind: str
+    source: str
+    line: Optional[int]
+    field: Optional[str]
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        what = f" field '{self.field}':" if self.field else ""
+        return f"{where}:{what} {self.message} [{self.kind}]"
+
+
+@dataclass
+class Record:
+    """A validated training record (after fixes); ``line`` is where it came from."""
+
+    query: str
+    pos: List[str]
+    neg: List[str]
+    pos_scores: Optional[List[float]] = None
+    neg_scores: Optional[List[float]] = None
+    prompt: Optional[str] = None
+    line: int = 0
+
+
+@dataclass
+class LoadedSource:
+    """One dataset: its valid records, its ``no_in_batch_neg`` flag and per-record mean passage lengths."""
+
+    name: str
+    records: List[Record]
+    no_in_batch_neg: bool
+    passage_lengths: List[int]
+
+
+class DataValidationError(ValueError):
+    """Raised when training data has problems; lists them as ``file:line: field 'f': message``."""
+
+    def __init__(self, issues: Sequence[Issue], total: Optional[int] = None, max_shown: int = MAX_ISSUES_SHOWN):
+        self.issues = list(issues)
+        total = len(self.issues) if total is None else total
+        shown = [f"  {issue}" for issue in self.issues[:max_shown]]
+        if total > len(shown):
+            shown.append(f"  ... and {total - len(shown)} more")
+        sources = sorted({issue.source for issue in self.issues})
+        head = f"invalid training data: {total} problem(s) in {len(sources)} source(s)"
+        super().__init__("\n".join([head, *shown]))
+
+
+@dataclass
+class ValidationReport:
+    """Result of validating training data.
+
+    ``sources``/``dataset_sizes``/``no_in_batch_neg`` describe every non-empty source read (sizes count
+    its valid records). ``errors``/``warnings`` keep at most ``MAX_ISSUES_KEPT`` issues per kind and
+    source; the counters are complete. ``fixes`` counts the documented fixes applied.
+    """
+
+    sources: List[str] = field(default_factory=list)
+    dataset_sizes: List[int] = field(default_factory=list)
+    no_in_batch_neg: List[bool] = field(default_factory=list)
+    errors: List[Issue] = field(default_factory=list)
+    warnings: List[Issue] = field(default_factory=list)
+    error_counts: Counter = field(default_factory=Counter)
+    warning_counts: Counter = field(default_factory=Counter)
+    fixes: Counter = field(default_factory=Counter)
+    errors_by_source: Counter = field(default_factory=Counter)
+    exact_lengths: bool = False
+    _kept: Counter = field(default_factory=Counter, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_counts
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.dataset_sizes)
+
+    @property
+    def num_errors(self) -> int:
+        return sum(self.error_counts.values())
+
+    def add_error(self, issue: Issue) -> None:
+        self.error_counts[issue.kind] += 1
+        self.errors_by_source[issue.source] += 1
+        if self._keep(issue, "error"):
+            self.errors.append(issue)
+
+    def add_warning(self, issue: Issue) -> None:
+        self.warning_counts[issue.kind] += 1
+        if self._keep(issue, "warning"):
+            self.warnings.append(issue)
+
+    def _keep(self, issue: Issue, level: str) -> bool:
+        key = (level, issue.kind, issue.source)
+        self._kept[key] += 1
+        return self._kept[key] <= MAX_ISSUES_KEPT
+
+    def raise_if_errors(self, max_shown: int = MAX_ISSUES_SHOWN) -> None:
+        """Raise one :class:`DataValidationError` listing the (first ``max_shown``) errors."""
+        if not self.ok:
+            raise DataValidationError(self.errors, total=self.num_errors, max_shown=max_shown)
+
+    def summary(self, max_shown: int = MAX_ISSUES_SHOWN) -> str:
+        """Human-readable summary: records, datasets, issues by kind, fixes applied."""
+        lines = [f"training data: {self.num_records} valid record(s) in {len(self.sources)} dataset(s)"]
+        for name, size, flag in zip(self.sources, self.dataset_sizes, self.no_in_batch_neg):
+            notes = [" [no in-batch negatives]"] if flag else []
+            if self.errors_by_source[name]:
+                notes.append(f" [{self.errors_by_source[name]} error(s)]")
+            lines.append(f"  {name}: {size} valid record(s)" + "".join(notes))
+        lines.append(f"errors: {self.num_errors}" + _format_counts(self.error_counts))
+        lines.extend(f"  {issue}" for issue in self.errors[:max_shown])
+        if self.num_errors > max_shown:
+            lines.append(f"  ... and {self.num_errors - max_shown} more")
+        how = "tokenizer" if self.exact_lengths else "estimated, no tokenizer"
+        lines.append(f"warnings: {sum(self.warning_counts.values())}" + _format_counts(self.warning_counts))
+        if self.warning_counts[TRUNCATED_QUERY] or self.warning_counts[TRUNCATED_PASSAGE]:
+            lines.append(f"  texts that will be truncated (lengths {how})")
+        lines.append(f"fixes applied: {sum(self.fixes.values())}" + _format_counts(self.fixes))
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def _format_counts(counts: Counter) -> str:
+    items = [f"{kind}: {n}" for kind, n in sorted(counts.items()) if n]
+    return f" ({', '.join(items)})" if items else ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lengths
+
+
+_NO_SPACE_SCRIPT = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3040-\u30ff]")
+
+
+def approx_num_tokens(text: str) -> int:
+    """Token count estimate without a tokenizer: 1.3 per whitespace word, 1 per CJK/kana/hangul character,
+    plus 2 special tokens (about right for WordPiece/SentencePiece on English: 1.2 tokens/word measured)."""
+    n_cjk = len(_NO_SPACE_SCRIPT.findall(text))
+    words = len(_NO_SPACE_SCRIPT.sub(" ", text).split()) if n_cjk else len(text.split())
+    return math.ceil(1.3 * words) + n_cjk + 2
+
+
+def _token_lengths(texts: Iterable[str], tokenizer: Any, chunk: int = 1024) -> Dict[str, int]:
+    """Exact token counts (special tokens included) of the distinct ``texts``."""
+    unique = list(dict.fromkeys(texts))
+    lengths: Dict[str, int] = {}
+    for start in range(0, len(unique), chunk):
+        part = unique[start : start + chunk]
+        ids = tokenizer(part, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        lengths.update(zip(part, map(len, ids)))
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+@dataclass
+class _Source:
+    name: str
+    no_in_batch_neg: bool
+    path: Optional[str] = None
+    dataset: Any = None
+
+
+def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: ValidationReport) -> List[_Source]:
+    """Turn paths / directories / ``datasets.Dataset`` objects into a flat list of sources."""
+    if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, (list, tuple)):
+        inputs = [inputs]
+    sources: List[_Source] = []
+    for k, item in enumerate(inputs):
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            if os.path.isdir(path):
+                dir_flag = NO_IN_BATCH_NEG_MARK in os.path.basename(os.path.normpath(path))
+                names = sorted(n for n in os.listdir(path) if n.endswith(DATA_FILE_SUFFIXES))
+                if not names:
+                    report.add_error(Issue(NO_DATA_FILES, path, None, None, "directory has no .json/.jsonl files"))
+                for n in names:
+                    flag = dir_flag or NO_IN_BATCH_NEG_MARK in n
+                    sources.append(_Source(os.path.join(path, n), flag, path=os.path.join(path, n)))
+            elif os.path.isfile(path):
+                sources.append(_Source(path, NO_IN_BATCH_NEG_MARK in os.path.basename(path), path=path))
+            else:
+                report.add_error(Issue(FILE_NOT_FOUND, path, None, None, "no such file or directory"))
+        elif hasattr(item, "column_names") and hasattr(item, "__getitem__"):  # datasets.Dataset
+            name = f"<datasets.Dataset #{k}>"
+            sources.append(_Source(name, False, dataset=item))
+        else:
+            raise TypeError(f"training data input #{k} must be a path or a datasets.Dataset, got {type(item)!r}")
+    return sources
+
+
+def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
+    """Yield ``(line, object, None)`` or ``(line, None, issue)``; blank lines yield ``(line, None, None)``."""
+    first = True
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = f"invalid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+                yield lineno, None, Issue(ENCODING, path, lineno, None, msg)
+                first = False
+                continue
+            if first:
+                text = text.lstrip("\ufeff")
+            if not text.strip():
+                yield lineno, None, None
+                continue
+            if first and text.lstrip().startswith("["):
+                msg = "file is a JSON array; expected JSON Lines (one JSON object per line)"
+                yield lineno, None, Issue(JSON_ARRAY, path, lineno, None, msg)
+                return
+            first = False
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, Issue(MALFORMED_JSON, path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def _iter_dataset_rows(dataset: Any) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
+    for row, obj in enumerate(dataset, 1):
+        # columns missing from some rows come back as None: treat them as absent
+        yield row, {k: v for k, v in obj.items() if v is not None}, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking records
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+@dataclass
+class _Options:
+    sample_negatives_from_corpus: bool = True
+    knowledge_distillation: bool = False
+    train_group_size: Optional[int] = None
+
+
+def _check_texts(obj: dict, name: str, issue: Any) -> Optional[List[str]]:
+    """``obj[name]`` must be a list of non-empty strings; report problems through ``issue(kind, field, msg)``."""
+    value = obj[name]
+    if not isinstance(value, (list, tuple)):
+        issue(WRONG_TYPE, name, f"expected an array of strings, got {_json_type(value)}")
+        return None
+    good = True
+    for j, text in enumerate(value):
+        if not isinstance(text, str):
+            issue(WRONG_TYPE, f"{name}[{j}]", f"expected a string, got {_json_type(text)}")
+            good = False
+        elif not text.strip():
+            issue(EMPTY_TEXT, f"{name}[{j}]", "empty text")
+            good = False
+    return list(value) if good else None
+
+
+def _check_scores(obj: dict, name: str, n: Optional[int], texts_field: str, issue: Any) -> Optional[List[float]]:
+    value = obj[name]
+    if not isinstance(value, (list, tuple)):
+        issue(WRONG_TYPE, name, f"expected an array of numbers, got {_json_type(value)}")
+        return None
+    good = True
+    for j, s in enumerate(value):
+        if _json_type(s) != "number":
+            issue(WRONG_TYPE, f"{name}[{j}]", f"expected a number, got {_json_type(s)}")
+            good = False
+        elif not math.isfinite(s):
+            issue(BAD_SCORE, f"{name}[{j}]", f"score is {s}")
+            good = False
+    if n is not None and len(value) != n:
+        issue(LENGTH_MISMATCH, name, f"has {len(value)} score(s) but '{texts_field}' has {n} text(s)")
+        good = False
+    return [float(s) for s in value] if good else None
+
+
+def _check_record(
+    obj: Any, source: str, line: int, opts: _Options, report: ValidationReport
+) -> Optional[Record]:
+    """Validate one record; report every problem; return the fixed record or None if it has errors."""
+    errors: List[Issue] = []
+
+    def issue(kind: str, fld: Optional[str], msg: str) -> None:
+        errors.append(Issue(kind, source, line, fld, msg))
+
+    if not isinstance(obj, dict):
+        issue(NOT_AN_OBJECT, None, f"expected a JSON object, got {_json_type(obj)}")
+        report.add_error(errors[0])
+        return None
+
+    query = obj.get("query")
+    if "query" not in obj:
+        issue(MISSING_FIELD, "query", "missing (a non-empty string is required)")
+    elif not isinstance(query, str):
+        issue(WRONG_TYPE, "query", f"expected a non-empty string, got {_json_type(query)}")
+    elif not query.strip():
+        issue(EMPTY_QUERY, "query", "empty query")
+
+    pos: Optional[List[str]] = None
+    if "pos" not in obj:
+        issue(MISSING_FIELD, "pos", "missing (a non-empty array of strings is required)")
+    else:
+        pos = _check_texts(obj, "pos", issue)
+        if pos is not None and not pos:
+            issue(EMPTY_POS, "pos", "no positive passages")
+            pos = None
+
+    neg: Optional[List[str]] = []
+    if "neg" in obj:
+        neg = _check_texts(obj, "neg", issue)
+
+    pos_scores = neg_scores = None
+    if "pos_scores" in obj:
+        pos_scores = _check_scores(obj, "pos_scores", len(pos) if pos is not None else None, "pos", issue)
+    elif opts.knowledge_distillation:
+        issue(MISSING_FIELD, "pos_scores", "missing (required with knowledge_distillation=True)")
+    if "neg_scores" in obj:
+        neg_scores = _check_scores(obj, "neg_scores", len(neg) if neg is not None else None, "neg", issue)
+    elif opts.knowledge_distillation and neg:
+        issue(MISSING_FIELD, "neg_scores", "missing (required with knowledge_distillation=True)")
+
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        issue(WRONG_TYPE, "prompt", f"expected a string, got {_json_type(prompt)}")
+
+    if errors or pos is None or neg is None:
+        for e in errors:
+            report.add_error(e)
+        return None
+
+    # fix: a negative equal to a positive would be a false negative
+    positives = set(pos)
+    keep = [j for j, text in enumerate(neg) if text not in positives]
+    if len(keep) < len(neg):
+        report.fixes[NEG_EQUALS_POS_DROPPED] += len(neg) - len(keep)
+        neg = [neg[j] for j in keep]
+        if neg_scores is not None:
+            neg_scores = [neg_scores[j] for j in keep]
+
+    needs_negatives = opts.train_group_size is None or opts.train_group_size > 1
+    if not neg and needs_negatives:
+        if not opts.sample_negatives_from_corpus:
+            msg = "no negatives (set sample_negatives_from_corpus=True to draw them from other records)"
+            report.add_error(Issue(NO_NEGATIVES, source, line, "neg", msg))
+            return None
+        report.fixes[NEGATIVES_FROM_CORPUS] += 1
+        if opts.knowledge_distillation:
+            msg = "negatives drawn from the corpus have no teacher scores: this record's group gets none"
+            report.add_warning(Issue(NO_TEACHER_SCORES, source, line, "neg", msg))
+    if not opts.knowledge_distillation:
+        pos_scores = neg_scores = None
+    return Record(query, pos, neg, pos_scores, neg_scores, prompt if prompt else None, line)
+
+
+def _check_corpus_pool(records: List[Record], source: str, report: ValidationReport, opts: _Options) -> None:
+    """A record without negatives needs some other text in its dataset to draw them from."""
+    if not opts.sample_negatives_from_corpus or opts.train_group_size == 1:
+        return
+    needy = [r for r in records if not r.neg]
+    if not needy:
+        return
+    texts = {t for r in records for t in (*r.pos, *r.neg)}
+    for r in needy:
+        if len(texts) <= len(set(r.pos)):  # every text of the dataset is one of its positives
+            msg = "no negatives, and no other text in this dataset to draw negatives from"
+            report.add_error(Issue(NO_CORPUS_NEGATIVES, source, r.line, "neg", msg))
+
+
+def _check_lengths(
+    records: List[Record],
+    source: str,
+    report: ValidationReport,
+    tokenizer: Any,
+    query_max_len: Optional[int],
+    passage_max_len: Optional[int],
+) -> List[int]:
+    """Count texts that will be truncated; return each record's mean passage length in tokens."""
+    if tokenizer is not None:
+        table = _token_lengths((t for r in records for t in (r.query, *r.pos, *r.neg)), tokenizer)
+        length = table.__getitem__
+    else:
+        length = approx_num_tokens
+    means: List[int] = []
+    for r in records:
+        if query_max_len is not None and length(r.query) > query_max_len:
+            msg = f"{length(r.query)} tokens > query_max_len={query_max_len}: will be truncated"
+            report.add_warning(Issue(TRUNCATED_QUERY, source, r.line, "query", msg))
+        lens = []
+        for name, texts in (("pos", r.pos), ("neg", r.neg)):
+            for j, text in enumerate(texts):
+                n = length(text)
+                lens.append(n)
+                if passage_max_len is not None and n > passage_max_len:
+                    msg = f"{n} tokens > passage_max_len={passage_max_len}: will be truncated"
+                    report.add_warning(Issue(TRUNCATED_PASSAGE, source, r.line, f"{name}[{j}]", msg))
+        means.append(round(sum(lens) / len(lens)))
+    return means
+
+
+def _load_source(
+    src: _Source,
+    report: ValidationReport,
+    opts: _Options,
+    tokenizer: Any,
+    query_max_len: Optional[int],
+    passage_max_len: Optional[int],
+) -> Optional[LoadedSource]:
+    rows = _iter_jsonl(src.path) if src.path is not None else _iter_dataset_rows(src.dataset)
+    records: List[Record] = []
+    errors_before = report.num_errors
+    for line, obj, problem in rows:
+        if problem is not None:
+            report.add_error(problem)
+        elif obj is None:
+            report.fixes[BLANK_LINE_SKIPPED] += 1
+        else:
+            record = _check_record(obj, src.name, line, opts, report)
+            if record is not None:
+                records.append(record)
+    if report.num_errors == errors_before and not records:
+        report.add_warning(Issue(EMPTY_FILE, src.name, None, None, "no records: skipped"))
+        return None
+    _check_corpus_pool(records, src.name, report, opts)
+    report.sources.append(src.name)
+    report.dataset_sizes.append(len(records))
+    report.no_in_batch_neg.append(src.no_in_batch_neg)
+    if report.num_errors > errors_before:
+        return None
+    lengths = _check_lengths(records, src.name, report, tokenizer, query_max_len, passage_max_len)
+    return LoadedSource(src.name, records, src.no_in_batch_neg, lengths)
+
+
+def load_and_validate(
+    inputs: Union[DataInput, Sequence[DataInput]],
+    *,
+    tokenizer: Any = None,
+    query_max_len: Optional[int] = 32,
+    passage_max_len: Optional[int] = 128,
+    sample_negatives_from_corpus: bool = True,
+    knowledge_distillation: bool = False,
+    train_group_size: Optional[int] = None,
+) -> Tuple[List[LoadedSource], ValidationReport]:
+    """Read and validate every source; return the valid datasets (empty ones skipped) and the report.
+
+    Sources with errors are not returned; check ``report.ok`` (or call ``report.raise_if_errors()``).
+    """
+    report = ValidationReport(exact_lengths=tokenizer is not None)
+    opts = _Options(sample_negatives_from_corpus, knowledge_distillation, train_group_size)
+    loaded: List[LoadedSource] = []
+    for src in _expand_inputs(inputs, report):
+        result = _load_source(src, report, opts, tokenizer, query_max_len, passage_max_len)
+        if result is not None:
+            loaded.append(result)
+    if report.ok and not loaded:
+        report.add_error(Issue(NO_RECORDS, str(inputs), None, None, "no training records found"))
+    return loaded, report
+
+
+def validate_data(
+    paths: Union[DataInput, Sequence[DataInput]],
+    tokenizer: Any = None,
+    query_max_len: Optional[int] = 32,
+    passage_max_len: Optional[int] = 128,
+    sample_negatives_from_corpus: bool = True,
+    knowledge_distillation: bool = False,
+    train_group_size: Optional[int] = None,
+    raise_on_error: bool = False,
+) -> ValidationReport:
+    """Validate training data (files, directories, ``datasets.Dataset``s); see the module docstring.
+
+    Returns the report (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with
+    ``raise_on_error=True`` raises one :class:`DataValidationError` listing the problems instead.
+    """
+    _, report = load_and_validate(
+        paths,
+        tokenizer=tokenizer,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        sample_negatives_from_corpus=sample_negatives_from_corpus,
+        knowledge_distillation=knowledge_distillation,
+        train_group_size=train_group_size,
+    )
+    if raise_on_error:
+        report.raise_if_errors()
+    return report
+
+
+def validate_file(path: Union[str, os.PathLike], **kwargs: Any) -> ValidationReport:
+    """Validate one JSONL file; keyword arguments as :func:`validate_data`."""
+    return validate_data([path], **kwargs)
