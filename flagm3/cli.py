@@ -1,0 +1,159 @@
+"""The ``flagm3`` command: train, eval, mine, validate, export, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _export(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from .modeling_m3 import M3Model, resolve_checkpoint
+
+    source = resolve_checkpoint(args.model, {})
+    model = M3Model.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if args.format == "bge-m3":
+        model.save_bge_m3(args.output, tokenizer)
+    else:
+        model.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+    print(f"wrote {args.format} checkpoint to {args.output}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import run_eval
+
+    run_eval(
+        args.model,
+        args.data,
+        split=args.split,
+        output=args.output,
+        batch_size=args.batch_size,
+        max_query_length=args.max_query_length,
+        max_passage_length=args.max_passage_length,
+        hybrid_weights=tuple(args.weights),
+        use_fp16=args.fp16,
+    )
+
+
+def _mine(args: argparse.Namespace) -> None:
+    from .inference import M3Embedder
+    from .mining import mine_hard_negatives
+
+    embedder = M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
+                          passage_max_length=args.max_passage_length,
+                          query_instruction_for_retrieval=args.query_instruction)
+    summary = mine_hard_negatives(
+        embedder,
+        args.input,
+        args.output,
+        candidate_pool=args.candidate_pool,
+        range_for_sampling=tuple(args.range),
+        negative_number=args.negative_number,
+        use_hybrid=args.hybrid,
+        seed=args.seed,
+        teacher_scores=args.teacher_scores,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from .data import validate_data
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    report = validate_data(
+        args.data,
+        tokenizer=tokenizer,
+        query_max_len=args.query_max_len,
+        passage_max_len=args.passage_max_len,
+        sample_negatives_from_corpus=not args.no_sampled_negatives,
+    )
+    print(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flagm3", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
+                   add_help=False)
+
+    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout (or to flagm3's)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["bge-m3", "flagm3"], default="bge-m3")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="retrieval metrics of every head and hybrid on a BEIR-layout dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="directory with corpus.jsonl, queries.jsonl, qrels/")
+    p.add_argument("--split", default="test")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-query-length", type=int, default=512)
+    p.add_argument("--max-passage-length", type=int, default=512)
+    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.3, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"))
+    p.add_argument("--fp16", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("mine", help="mine hard negatives for a training JSONL")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--candidate-pool", help="JSONL of passages (default: all pos/neg of the input)")
+    p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"))
+    p.add_argument("--negative-number", type=int, default=15)
+    p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
+    p.add_argument("--teacher-scores", action="store_true", help="write pos_scores/neg_scores")
+    p.add_argument("--query-instruction")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-query-length", type=int, default=64)
+    p.add_argument("--max-passage-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=_mine)
+
+    p = sub.add_parser("validate", help="check training data and print a summary")
+    p.add_argument("data", nargs="+")
+    p.add_argument("--tokenizer", help="count truncated texts with this tokenizer")
+    p.add_argument("--query-max-len", type=int, default=32)
+    p.add_argument("--passage-max-len", type=int, default=128)
+    p.add_argument("--no-sampled-negatives", action="store_true",
+                   help="records without negatives are errors (default: negatives come from other records)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("demo", help="offline demo: fine-tune all-MiniLM-L6-v2 on chatterbot-corpus Q&A")
+    p.add_argument("--output-dir", default="flagm3-demo")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+
+        train_main(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

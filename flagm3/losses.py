@@ -1,0 +1,220 @@
+"""The M3 training objective: InfoNCE per head, an ensemble head, self-knowledge distillation, teacher scores.
+
+Scores come from :mod:`flagm3.scoring`; this module only turns them into losses. Shapes: ``B`` local queries,
+``G`` passages per query (positive first), ``P`` passages scored against (``B*G``, or ``W*B*G`` with
+negatives gathered from ``W`` processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modeling_m3 import M3Output
+from .scoring import (
+    HEADS,
+    colbert_scores,
+    colbert_scores_paired,
+    dense_scores,
+    dense_scores_paired,
+    hybrid_scores,
+    sparse_scores,
+    sparse_scores_paired,
+)
+
+
+# ------------------------------------------------------------------------------------- loss functions
+def info_nce(logits: Tensor, positive_index: Tensor) -> Tensor:
+    """Cross entropy of the positive among all scored passages. ``logits`` [B, P], ``positive_index`` [B]."""
+    return F.cross_entropy(logits, positive_index)
+
+
+def kl_distill(teacher_probs: Tensor, student_logits: Tensor) -> Tensor:
+    """``-mean_b sum_j t[b, j] log softmax(s)[b, j]`` (BGE-M3's ``kl_div``: cross entropy to soft targets)."""
+    return -(torch.log_softmax(student_logits, dim=-1) * teacher_probs).sum(-1).mean()
+
+
+def m3_kd_loss(teacher_probs: Tensor, logits: Tensor, positive_index: Tensor) -> Tensor:
+    """BGE-M3's ``m3_kd_loss``: for each group member i, InfoNCE of passage i against the passages that are not
+    earlier group members, weighted by the teacher's probability of i.
+
+    ``teacher_probs`` [B, G], ``logits`` [B, P], ``positive_index`` [B] (column of each group's first passage).
+    """
+    mask = torch.zeros_like(logits)
+    loss = logits.new_zeros(())
+    for i in range(teacher_probs.shape[1]):
+        target = positive_index + i
+        per_query = F.cross_entropy(logits + mask, target, reduction="none")
+        loss = loss + (teacher_probs[:, i] * per_query).mean()
+        mask = mask.scatter(1, target.unsqueeze(1), torch.finfo(logits.dtype).min)
+    return loss
+
+
+def group_logits(logits: Tensor, positive_index: Tensor, group_size: int) -> Tensor:
+    """Each query's scores over its own group. [B, P] -> [B, G]."""
+    cols = positive_index.unsqueeze(1) + torch.arange(group_size, device=logits.device)
+    return logits.gather(1, cols)
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class M3LossConfig:
+    """Everything that defines the objective; :meth:`preset` gives the named recipes.
+
+    The loss is ``mean_t(w_t * L_t)`` over the contrastive terms t (each trained head and, with more than one
+    head, the ensemble); once self-distillation is active it becomes the mean of that and
+    ``mean_h(v_h * KL(softmax(ensemble) || head_h))``.
+    """
+
+    heads: Sequence[str] = HEADS
+    temperature: float = 0.02
+    head_temperatures: Dict[str, float] = field(default_factory=dict)  # overrides per head
+    head_weights: Dict[str, float] = field(
+        default_factory=lambda: {"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0}
+    )
+    ensemble_weights: Dict[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 0.3, "colbert": 1.0})
+    use_self_distill: bool = True
+    self_distill_start_step: int = -1
+    self_distill_weights: Dict[str, float] = field(
+        default_factory=lambda: {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}
+    )
+    kd_loss_type: str = "kl_div"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> M3LossConfig:
+        """``bge-m3``: FlagEmbedding 1.4.2's published objective. ``flagm3``: our measured default recipe
+        (the sparse head scored at its own temperature of 1.0, see docs/performance.md)."""
+        if name == "bge-m3":
+            config = cls()
+        elif name == "flagm3":
+            config = cls(head_temperatures={"sparse": 1.0})
+        else:
+            raise ValueError(f"unknown loss preset {name!r}; choose 'bge-m3' or 'flagm3'")
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        unknown = set(self.heads) - set(HEADS)
+        if unknown or not self.heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {list(self.heads)}")
+        if self.kd_loss_type not in ("kl_div", "m3_kd_loss"):
+            raise ValueError(f"kd_loss_type must be 'kl_div' or 'm3_kd_loss', got {self.kd_loss_type!r}")
+        if self.temperature <= 0 or any(t <= 0 for t in self.head_temperatures.values()):
+            raise ValueError("temperatures must be positive")
+
+    def head_temperature(self, head: str) -> float:
+        return self.head_temperatures.get(head, self.temperature)
+
+
+@dataclass
+class M3LossOutput:
+    loss: Tensor
+    logs: Dict[str, float]
+    logits: Dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------- module
+class M3Loss(nn.Module):
+    """The unified M3 loss as a module; ``get_config_dict()`` goes into the model card."""
+
+    def __init__(self, config: Optional[M3LossConfig] = None) -> None:
+        super().__init__()
+        self.config = config or M3LossConfig()
+        self.config.validate()
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return tuple(h for h in HEADS if h in self.config.heads)
+
+    def get_config_dict(self) -> dict:
+        return asdict(self.config)
+
+    # ----------------------------------------------------------------------------------- scores
+    def head_logits(
+        self, head: str, q: M3Output, q_ids: Tensor, p: M3Output, p_ids: Tensor, group_size: Optional[int]
+    ) -> Tensor:
+        """Scores of local queries against passages, divided by the head's temperature.
+
+        ``group_size=None``: all pairs, [B, P]. Otherwise each query only against its own group, [B, G].
+        """
+        if group_size is None:
+            if head == "dense":
+                scores = dense_scores(q.dense, p.dense)
+            elif head == "sparse":
+                scores = sparse_scores(q_ids, q.sparse, p_ids, p.sparse)
+            else:
+                scores = colbert_scores(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask)
+        else:
+            rep = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
+            if head == "dense":
+                scores = dense_scores_paired(rep(q.dense), p.dense)
+            elif head == "sparse":
+                scores = sparse_scores_paired(rep(q_ids), rep(q.sparse), p_ids, p.sparse)
+            else:
+                scores = colbert_scores_paired(rep(q.colbert), rep(q.colbert_mask), p.colbert, p.colbert_mask)
+            scores = scores.view(-1, group_size)
+        return scores / self.config.head_temperature(head)
+
+    def contrastive(
+        self, logits: Tensor, positive_index: Tensor, group_size: int, teacher_probs: Optional[Tensor]
+    ) -> Tensor:
+        """InfoNCE, with teacher-score distillation when teacher probabilities are given (BGE-M3 semantics)."""
+        if teacher_probs is None:
+            return info_nce(logits, positive_index)
+        if self.config.kd_loss_type == "m3_kd_loss":
+            return m3_kd_loss(teacher_probs, logits, positive_index)
+        student = group_logits(logits, positive_index, group_size)
+        return kl_distill(teacher_probs, student) + info_nce(logits, positive_index)
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        q: M3Output,
+        q_ids: Tensor,
+        p: M3Output,
+        p_ids: Tensor,
+        group_size: int,
+        teacher_scores: Optional[Tensor] = None,
+        no_in_batch_neg: bool = False,
+        step: int = 0,
+        query_offset: int = 0,
+    ) -> M3LossOutput:
+        """Loss of ``B`` local queries against passages ``p`` ([P] = all gathered passages, group-major).
+
+        ``query_offset``: index of the first local query in the gathered batch (rank * B), so the positive of
+        local query b is passage ``(query_offset + b) * G``. ``teacher_scores`` [B, G] raw teacher scores.
+        """
+        cfg = self.config
+        batch = q_ids.shape[0]
+        teacher_probs = torch.softmax(teacher_scores.float(), dim=-1) if teacher_scores is not None else None
+        if no_in_batch_neg:
+            # each query is scored against its own group only: its positive is column 0
+            positive_index = torch.zeros(batch, dtype=torch.long, device=q_ids.device)
+            sizes: Optional[int] = group_size
+        else:
+            positive_index = (torch.arange(batch, device=q_ids.device) + query_offset) * group_size
+            sizes = None
+
+        logits = {h: self.head_logits(h, q, q_ids, p, p_ids, sizes) for h in self.heads}
+        terms = {h: self.contrastive(logits[h], positive_index, group_size, teacher_probs) for h in self.heads}
+        if len(self.heads) > 1 and cfg.head_weights.get("ensemble", 0) != 0:
+            logits["ensemble"] = hybrid_scores(logits, cfg.ensemble_weights)
+            terms["ensemble"] = self.contrastive(logits["ensemble"], positive_index, group_size, teacher_probs)
+        loss = sum(cfg.head_weights.get(t, 1.0) * value for t, value in terms.items()) / len(terms)
+        logs = {f"loss_{t}": float(value.detach()) for t, value in terms.items()}
+
+        if cfg.use_self_distill and "ensemble" in logits and step > cfg.self_distill_start_step:
+            target = torch.softmax(logits["ensemble"].detach(), dim=-1)
+            distill = {h: kl_distill(target, logits[h]) for h in self.heads}
+            distill_loss = sum(cfg.self_distill_weights.get(h, 1.0) * v for h, v in distill.items()) / len(distill)
+            loss = (loss + distill_loss) / 2
+            logs.update({f"self_distill_{h}": float(v.detach()) for h, v in distill.items()})
+        logs["loss"] = float(loss.detach())
+        return M3LossOutput(loss=loss, logs=logs, logits=logits)

@@ -1,0 +1,151 @@
+"""``flagm3 train`` / ``python -m flagm3.train``: fine-tune an M3 model from the command line.
+
+Arguments are FlagEmbedding's M3 names plus flagm3's (see :mod:`flagm3.training_args`); a single ``.json`` or
+``.yaml`` argument is read as a file of arguments. Works under ``torchrun`` and ``deepspeed`` launchers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+
+from .data import M3TrainDataset
+from .modeling_m3 import M3Model, checkpoint_layout, resolve_checkpoint
+from .trainer import M3Trainer
+from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
+
+logger = logging.getLogger("flagm3.train")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    parser = HfArgumentParser((M3ModelArguments, M3DataArguments, M3TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_model(model_args: M3ModelArguments, training_args: M3TrainingArguments, tokenizer) -> M3Model:
+    """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads)."""
+    hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
+    path = resolve_checkpoint(model_args.model_name_or_path, dict(hub))
+    encoder_kwargs = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        encoder_kwargs["attn_implementation"] = model_args.attn_implementation
+    layout = checkpoint_layout(path)
+    if layout == "encoder":
+        logger.info("%s is a plain encoder: starting with fresh sparse and ColBERT heads", path)
+        model = M3Model.from_encoder(
+            path,
+            tokenizer=tokenizer,
+            colbert_dim=model_args.colbert_dim,
+            pooling=training_args.sentence_pooling_method,
+            normalize_embeddings=training_args.normalize_embeddings,
+            **encoder_kwargs,
+        )
+    elif layout == "bge-m3":
+        model = M3Model.from_bge_m3(path, tokenizer=tokenizer, **encoder_kwargs)
+    else:
+        kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+        model = M3Model.from_pretrained(path, **kwargs)
+    model.config.pooling = training_args.sentence_pooling_method
+    model.config.normalize_embeddings = training_args.normalize_embeddings
+    if model_args.use_lora:
+        model = add_lora(model, model_args)
+    return model
+
+
+def add_lora(model: M3Model, model_args: M3ModelArguments):
+    """LoRA adapters on the encoder's Linear layers; the heads are trained fully and saved beside the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        modules_to_save=["sparse_linear", "colbert_linear"],
+    )
+    return get_peft_model(model, config)
+
+
+def build_dataset(data_args: M3DataArguments, training_args: M3TrainingArguments, tokenizer) -> M3TrainDataset:
+    if not data_args.train_data:
+        raise ValueError("--train_data is required: JSONL files or directories of them.")
+    return M3TrainDataset(
+        data_args.train_data,
+        train_group_size=data_args.train_group_size,
+        query_instruction_for_retrieval=data_args.query_instruction_for_retrieval,
+        query_instruction_format=data_args.query_instruction_format,
+        passage_instruction_for_retrieval=data_args.passage_instruction_for_retrieval,
+        passage_instruction_format=data_args.passage_instruction_format,
+        knowledge_distillation=data_args.knowledge_distillation,
+        max_example_num_per_dataset=data_args.max_example_num_per_dataset,
+        sample_negatives_from_corpus=data_args.sample_negatives_from_corpus,
+        seed=training_args.seed,
+        tokenizer=tokenizer,
+        query_max_len=data_args.query_max_len,
+        passage_max_len=data_args.passage_max_len,
+    )
+
+
+def build_evaluator(data_args: M3DataArguments, training_args: M3TrainingArguments, heads):
+    if not data_args.eval_data:
+        return None
+    from .evaluation import M3RetrievalEvaluator
+
+    return M3RetrievalEvaluator.from_beir(
+        data_args.eval_data,
+        split=data_args.eval_split,
+        heads=heads,
+        max_query_length=data_args.query_max_len,
+        max_passage_length=data_args.eval_max_length,
+        max_corpus_size=data_args.eval_max_corpus_size,
+        batch_size=training_args.per_device_eval_batch_size * 4,
+    )
+
+
+def build_trainer(model_args, data_args, training_args) -> M3Trainer:
+    """Everything ``flagm3 train`` assembles, for use from Python too."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or resolve_checkpoint(model_args.model_name_or_path, {}),
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    set_seed(training_args.seed)
+    model = load_model(model_args, training_args, tokenizer)
+    dataset = build_dataset(data_args, training_args, tokenizer)
+    evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
+    extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate
+    return M3Trainer(
+        model=model,
+        args=training_args,
+        data_args=data_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        evaluator=evaluator,
+        **extra,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    trainer = build_trainer(model_args, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        trainer.write_model_card(model_args, data_args)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Arguments of ``flagm3 train``, named as FlagEmbedding's M3 fine-tuning arguments where the concept is shared,
+so an existing launch script ports by changing the module name. Parsed with ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from transformers import TrainingArguments
+
+from .losses import M3LossConfig
+from .scoring import HEADS
+
+
+def parse_weights(text: Optional[str], name: str) -> Optional[Dict[str, float]]:
+    """``"dense=1,sparse=0.3"`` -> ``{"dense": 1.0, "sparse": 0.3}``; ``None``/empty -> ``None``."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        try:
+            weights[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--{name}: expected 'head=number,...', got {text!r}")
+    return weights
+
+
+@dataclass
+class M3ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "An encoder (fresh heads), a BGE-M3-layout directory, or a flagm3 checkpoint."}
+    )
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    cache_dir: Optional[str] = field(default=None)
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
+    colbert_dim: int = field(default=-1, metadata={"help": "ColBERT vector size; -1: the hidden size."})
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the encoder; heads fully."})
+    lora_rank: int = field(default=16)
+    lora_alpha: float = field(default=32.0)
+    lora_dropout: float = field(default=0.1)
+    lora_target_modules: str = field(
+        default=r".*encoder\..*(query|key|value|dense)$",
+        metadata={"help": "Regex of encoder Linear layers that get adapters."},
+    )
+
+
+@dataclass
+class M3DataArguments:
+    train_data: List[str] = field(
+        default_factory=list, metadata={"help": "JSONL files or directories (one dataset per file).", "nargs": "+"}
+    )
+    train_group_size: int = field(default=8, metadata={"help": "Passages per query: 1 positive + negatives."})
+    query_max_len: int = field(default=32)
+    passage_max_len: int = field(default=128)
+    pad_to_multiple_of: Optional[int] = field(default=None)
+    max_example_num_per_dataset: Optional[int] = field(default=None)
+    query_instruction_for_retrieval: Optional[str] = field(default=None)
+    query_instruction_format: str = field(default="{}{}")
+    passage_instruction_for_retrieval: Optional[str] = field(default=None)
+    passage_instruction_format: str = field(default="{}{}")
+    knowledge_distillation: bool = field(default=False, metadata={"help": "Distil pos_scores/neg_scores."})
+    same_dataset_within_batch: bool = field(default=False)
+    group_by_length: bool = field(default=True, metadata={"help": "Batch passages of similar length."})
+    sample_negatives_from_corpus: bool = field(
+        default=True, metadata={"help": "Records without negatives get some from other records."}
+    )
+    eval_data: Optional[str] = field(default=None, metadata={"help": "BEIR-layout directory for evaluation."})
+    eval_split: str = field(default="dev")
+    eval_max_corpus_size: Optional[int] = field(default=None)
+    eval_max_length: int = field(default=512)
+
+
+@dataclass
+class M3TrainingArguments(TrainingArguments):
+    # --- FlagEmbedding names
+    negatives_cross_device: bool = field(default=False, metadata={"help": "Negatives from every process."})
+    temperature: float = field(default=0.02)
+    fix_position_embedding: bool = field(default=False)
+    sentence_pooling_method: str = field(default="cls", metadata={"choices": ["cls", "mean", "last_token"]})
+    normalize_embeddings: bool = field(default=True)
+    sub_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Cached-gradient (GradCache) training in chunks of this many texts."}
+    )
+    kd_loss_type: str = field(default="kl_div", metadata={"choices": ["kl_div", "m3_kd_loss"]})
+    unified_finetuning: bool = field(default=True, metadata={"help": "Train sparse and ColBERT heads too."})
+    use_self_distill: bool = field(default=True)
+    self_distill_start_step: int = field(default=-1)
+    fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
+    # --- flagm3 additions
+    loss_preset: str = field(
+        default="flagm3", metadata={"help": "bge-m3: the published objective exactly; flagm3: measured default."}
+    )
+    heads: Optional[str] = field(default=None, metadata={"help": "Heads to train, e.g. 'dense,sparse'."})
+    head_loss_weights: Optional[str] = field(
+        default=None, metadata={"help": "e.g. 'dense=1,sparse=0.1,colbert=1,ensemble=1'."}
+    )
+    ensemble_weights: Optional[str] = field(default=None, metadata={"help": "e.g. 'dense=1,sparse=0.3,colbert=1'."})
+    self_distill_weights: Optional[str] = field(default=None, metadata={"help": "e.g. 'dense=1,sparse=0.1'."})
+    head_temperatures: Optional[str] = field(default=None, metadata={"help": "e.g. 'sparse=1.0'."})
+    head_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the heads."})
+    save_bge_m3_layout: bool = field(
+        default=False, metadata={"help": "Also write the original BGE-M3 layout to <output_dir>/bge-m3."}
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Stop after this many consecutive steps with a non-finite loss/gradient."}
+    )
+    remove_unused_columns: bool = field(default=False)
+
+    def loss_config(self) -> M3LossConfig:
+        """The objective these arguments describe: the preset, then every explicitly given knob."""
+        if self.heads:
+            heads = tuple(h.strip() for h in self.heads.split(",") if h.strip())
+        else:
+            heads = HEADS if self.unified_finetuning else ("dense",)
+        config = M3LossConfig.preset(
+            self.loss_preset,
+            heads=heads,
+            temperature=self.temperature,
+            use_self_distill=self.use_self_distill,
+            self_distill_start_step=self.self_distill_start_step,
+            kd_loss_type=self.kd_loss_type,
+        )
+        for attr, text in (
+            ("head_weights", self.head_loss_weights),
+            ("ensemble_weights", self.ensemble_weights),
+            ("self_distill_weights", self.self_distill_weights),
+            ("head_temperatures", self.head_temperatures),
+        ):
+            given = parse_weights(text, attr)
+            if given:
+                setattr(config, attr, {**getattr(config, attr), **given})
+        config.validate()
+        return config
