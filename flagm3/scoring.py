@@ -105,6 +105,9 @@ def _maxsim(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask: Tensor, patt
     p_pad = p_pad[None, :, None, :] if pattern.endswith("qpij") else p_pad[:, None, :]
     token_scores = token_scores.masked_fill(p_pad, torch.finfo(token_scores.dtype).min)
     best = token_scores.max(-1).values  # [..., Lq]
+    # A passage without any real token scores 0 (not finfo.min per query token, which sums to -inf).
+    p_empty = ~p_mask.bool().any(-1)
+    best = best.masked_fill(p_empty[None, :, None] if pattern.endswith("qpij") else p_empty[:, None], 0.0)
     q_mask_f = q_mask.to(best.dtype)
     if pattern.endswith("qpij"):
         return (best * q_mask_f[:, None, :]).sum(-1) / q_mask_f.sum(-1, keepdim=True).clamp(min=1)
@@ -121,7 +124,8 @@ def colbert_scores(
     """MaxSim of every query token over a passage's tokens, averaged over the query's tokens.
 
     ``q_vecs`` [Q, Lq, D], ``q_mask`` [Q, Lq], ``p_vecs`` [P, Lp, D], ``p_mask`` [P, Lp] -> [Q, P].
-    Masks are 1 for real tokens (for M3 vectors: every token after CLS, SEP/EOS included). Passages are
+    Masks are 1 for real tokens (for M3 vectors: every token after CLS, SEP/EOS included); masked passage
+    tokens never match, and a passage with no real token scores 0. Passages are
     processed in chunks so that one ``[Q, chunk, Lq, Lp]`` block has at most ``block_elements`` entries.
     """
     per_passage = max(1, q_vecs.shape[0] * q_vecs.shape[1] * p_vecs.shape[1])
