@@ -92,7 +92,7 @@ FIELD_CASES = [
     ({"query": "q", "pos": [], "neg": ["n"]}, "empty_pos", "pos"),
     ({"query": "q", "pos": "p", "neg": ["n"]}, "wrong_type", "pos"),
     ({"query": "q", "pos": ["p", 1], "neg": ["n"]}, "wrong_type", "pos[1]"),
-    ({"query": "q", "pos": [""], "neg": ["n"]}, "empty_text", "pos[0]"),
+    ({"query": "q", "pos": ["", " "], "neg": ["n"]}, "empty_pos", "pos"),
     ({"query": "q", "pos": ["p"], "neg": "n"}, "wrong_type", "neg"),
     ({"query": "q", "pos": ["p"], "neg": ["n", None]}, "wrong_type", "neg[1]"),
     ({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0, 2.0]}, "length_mismatch", "pos_scores"),
@@ -124,7 +124,8 @@ def test_malformed_json_and_json_array(tmp_path):
 
 
 def test_non_utf8_is_a_validation_error_with_line(tmp_path):
-    bad = json.dumps({"query": "caf\u00e9", "pos": ["p"], "neg": ["n"]}, ensure_ascii=False).encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
+    bad = json.dumps({"query": "caf\u00e9", "pos": ["p"], "neg": ["n"]}, ensure_ascii=False).encode("utf-8")
+    bad = bad.replace(b"\xc3\xa9", b"\xe9")  # latin-1 byte
     path = write_jsonl(tmp_path / "latin1.jsonl", [GOOD, GOOD, bad])
     error = only_error(validate_file(path))
     assert (error.kind, error.line) == ("encoding", 3)
@@ -171,7 +172,8 @@ def test_no_negatives_error_or_corpus_sampling(tmp_path):
     ]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     report = validate_file(path, sample_negatives_from_corpus=False)
-    assert {(e.kind, e.line, e.field) for e in report.errors} == {("no_negatives", 1, "neg"), ("no_negatives", 2, "neg")}
+    got = {(e.kind, e.line, e.field) for e in report.errors}
+    assert got == {("no_negatives", 1, "neg"), ("no_negatives", 2, "neg")}
 
     report = validate_file(path)
     assert report.ok and report.fixes["negatives_sampled_from_corpus"] == 2
@@ -194,13 +196,17 @@ def test_no_text_to_draw_negatives_from(tmp_path):
     assert (error.kind, error.line, error.field) == ("no_corpus_negatives", 1, "neg")
 
 
-def test_negative_equal_to_positive_is_dropped_with_its_score(tmp_path):
-    record = {"query": "q", "pos": ["p"], "neg": ["p", "n1"], "pos_scores": [5.0], "neg_scores": [9.0, 1.0]}
+def test_empty_texts_and_negatives_equal_to_positives_dropped_with_scores(tmp_path):
+    record = {"query": "q", "pos": ["", "p"], "neg": ["p", " ", "n1"]}
+    record.update(pos_scores=[3.0, 5.0], neg_scores=[9.0, 8.0, 1.0])
     other = dict(GOOD, pos_scores=[1.0], neg_scores=[0.0])
     path = write_jsonl(tmp_path / "dup.jsonl", [record, other])
     report = validate_file(path)
-    assert report.ok and report.fixes["negative_equal_to_positive_dropped"] == 1
-    ds = M3TrainDataset(path, train_group_size=3, knowledge_distillation=True, sample_negatives_from_corpus=False)
+    assert report.ok
+    assert report.fixes == Counter({"negative_equal_to_positive_dropped": 1, "empty_text_dropped": 2})
+    ds = M3TrainDataset(
+        path, train_group_size=3, knowledge_distillation=True, sample_negatives_from_corpus=False
+    )
     item = ds[0]
     assert item["passages"] == ["p", "n1", "n1"] and item["teacher_scores"] == [5.0, 1.0, 1.0]
 
@@ -209,7 +215,8 @@ def test_knowledge_distillation_requires_scores(tmp_path):
     path = write_jsonl(tmp_path / "kd.jsonl", [GOOD])
     assert validate_file(path).ok
     report = validate_file(path, knowledge_distillation=True)
-    assert {(e.kind, e.field) for e in report.errors} == {("missing_field", "pos_scores"), ("missing_field", "neg_scores")}
+    got = {(e.kind, e.field) for e in report.errors}
+    assert got == {("missing_field", "pos_scores"), ("missing_field", "neg_scores")}
 
 
 def test_truncation_counts_exact_with_tokenizer(tmp_path, tokenizer):
@@ -249,7 +256,8 @@ def test_truncation_estimated_without_tokenizer(tmp_path, tokenizer):
         "A theory of flutter for aircraft wings, including compressibility effects.",
     ]
     for s in sentences:  # the heuristic is within 30% of WordPiece on English
-        assert abs(approx_num_tokens(s) - len(tokenizer(s)["input_ids"])) <= 0.3 * len(tokenizer(s)["input_ids"])
+        exact = len(tokenizer(s)["input_ids"])
+        assert abs(approx_num_tokens(s) - exact) <= 0.3 * exact
     long = " ".join(sentences * 20)
     path = write_jsonl(tmp_path / "t.jsonl", [{"query": long, "pos": [long, "short"], "neg": ["n"]}, GOOD])
     report = validate_file(path)
@@ -305,16 +313,19 @@ def fe_reference_groups(path: Path, cache: Path, group_size: int, epochs, seed: 
         """
     )
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)}
-    result = subprocess.run([str(FE_PYTHON), "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    command = [str(FE_PYTHON), "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow  # a subprocess in the reference venv: 7 s on quiet cores, mostly importing FlagEmbedding
 @pytest.mark.skipif(not FE_PYTHON.exists(), reason="FlagEmbedding reference venv not installed")
 def test_group_sampling_matches_flagembedding(tmp_path):
     """Same draws as FlagEmbedding's AbsEmbedderTrainDataset.__getitem__ given the same RNG state:
     positive choice, negatives (with repetition when too few), teacher scores, both instructions."""
-    path = write_jsonl(tmp_path / "train.jsonl", scored_records(12, n_pos=3, neg_counts=(1, 2, 7, 12), prompt=True))
+    records = scored_records(12, n_pos=3, neg_counts=(1, 2, 7, 12), prompt=True)
+    path = write_jsonl(tmp_path / "train.jsonl", records)
     args = dict(
         knowledge_distillation=True,
         query_instruction_for_retrieval="Represent: ",
@@ -428,7 +439,8 @@ def test_hf_datasets_input(tmp_path):
     bad = datasets.Dataset.from_list([GOOD, {"query": "", "pos": ["p"], "neg": ["n"]}])
     error = only_error(validate_data(bad))
     assert (error.source, error.line, error.field) == ("<datasets.Dataset #0>", 2, "query")
-    kd = M3TrainDataset(datasets.Dataset.from_list(scored_records(4)), train_group_size=3, knowledge_distillation=True)
+    kd_data = datasets.Dataset.from_list(scored_records(4))
+    kd = M3TrainDataset(kd_data, train_group_size=3, knowledge_distillation=True)
     assert kd[1]["teacher_scores"] == [score_of(p) for p in kd[1]["passages"]]
 
 
@@ -486,7 +498,8 @@ def test_collator_on_dataset_items(tmp_path, tokenizer):
     assert batch["passage"]["input_ids"].shape[0] == 6 and batch["teacher_scores"].shape == (2, 3)
     assert batch["teacher_scores"][0, 0] == score_of(ds[4]["passages"][0])
     first_passage = tokenizer.decode(batch["passage"]["input_ids"][3], skip_special_tokens=True)
-    assert first_passage == tokenizer.decode(tokenizer(ds[1]["passages"][0])["input_ids"], skip_special_tokens=True)
+    expected = tokenizer.decode(tokenizer(ds[1]["passages"][0])["input_ids"], skip_special_tokens=True)
+    assert first_passage == expected
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,7 +513,9 @@ class FakeDataset:
         self.dataset_sizes = list(sizes)
         self.no_in_batch_neg = list(flags or [False] * len(sizes))
         n = sum(sizes)
-        self.lengths = list(lengths) if lengths is not None else [random.Random(i).randint(1, 100) for i in range(n)]
+        if lengths is None:
+            lengths = [random.Random(i).randint(1, 100) for i in range(n)]
+        self.lengths = list(lengths)
         self.epoch = None
 
     def __len__(self):
@@ -525,7 +540,9 @@ def global_batches(batches, num_replicas):
 @pytest.mark.parametrize("group_by_length", [True, False])
 def test_sampler_covers_every_index_once(group_by_length):
     ds = FakeDataset([23, 7, 40], flags=[False, True, False])
-    sampler = M3BatchSampler(ds, batch_size=3, num_replicas=2, group_by_length=group_by_length, mega_batch_size=2)
+    sampler = M3BatchSampler(
+        ds, batch_size=3, num_replicas=2, group_by_length=group_by_length, mega_batch_size=2
+    )
     batches = list(sampler)
     assert len(batches) == len(sampler) and len(batches) % 2 == 0
     assert all(len(b) == 3 for b in batches)
@@ -547,7 +564,8 @@ def test_sampler_same_dataset_batches():
     datasets_per_batch = [{ds.dataset_of(i) for i in gb} for gb in mixed]
     assert all(s == {1} or 1 not in s for s in datasets_per_batch)  # flagged dataset never mixed
     assert any(len(s) > 1 for s in datasets_per_batch)  # the others are
-    same = global_batches(list(M3BatchSampler(ds, batch_size=2, num_replicas=2, same_dataset_within_batch=True)), 2)
+    sampler = M3BatchSampler(ds, batch_size=2, num_replicas=2, same_dataset_within_batch=True)
+    same = global_batches(list(sampler), 2)
     assert all(len({ds.dataset_of(i) for i in gb}) == 1 for gb in same)
     assert Counter(ds.dataset_of(gb[0]) for gb in same) == Counter({0: 3, 1: 3, 2: 8})
 
@@ -556,7 +574,8 @@ def test_sampler_deterministic_per_epoch_and_sets_dataset_epoch():
     ds = FakeDataset([50, 31])
     a = M3BatchSampler(ds, batch_size=4, num_replicas=2, seed=3)
     first = list(a)
-    assert ds.epoch == 0 and first == list(a) == list(M3BatchSampler(ds, batch_size=4, num_replicas=2, seed=3))
+    assert ds.epoch == 0 and first == list(a)
+    assert first == list(M3BatchSampler(ds, batch_size=4, num_replicas=2, seed=3))
     a.set_epoch(1)
     assert ds.epoch == 1
     second = list(a)
@@ -565,6 +584,26 @@ def test_sampler_deterministic_per_epoch_and_sets_dataset_epoch():
     b.set_epoch(1)
     assert list(b) == second
     assert list(M3BatchSampler(ds, batch_size=4, num_replicas=2, seed=4)) != first
+
+
+def as_list(items):
+    return items
+
+
+def test_epoch_reaches_dataloader_workers(tmp_path):
+    """The sampler sets the dataset's epoch before a (non-persistent) worker gets its copy."""
+    path = write_jsonl(tmp_path / "w.jsonl", scored_records(12, neg_counts=(20,)))
+    ds = M3TrainDataset(path, train_group_size=4)
+    sampler = M3BatchSampler(ds, batch_size=4)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=as_list, num_workers=1)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        from_workers = [item for batch in loader for item in batch]
+        order = [i for batch in sampler for i in batch]
+        ds.set_epoch(epoch)
+        assert from_workers == [ds[i] for i in order]
+    ds.set_epoch(0)
+    assert from_workers != [ds[i] for i in order]
 
 
 def test_sampler_sharded_by_accelerate():
@@ -606,15 +645,14 @@ def test_length_grouping_reduces_padding(tmp_path, tokenizer):
     records = []
     for i in range(192):
         scale = rng.choice([4, 10, 25, 60, 110])  # records of very different typical passage lengths
-        records.append(
-            {"query": f"q{i}", "pos": [text(scale + rng.randint(0, 4))], "neg": [text(scale + rng.randint(0, 4))]}
-        )
+        pos, neg = text(scale + rng.randint(0, 4)), text(scale + rng.randint(0, 4))
+        records.append({"query": f"q{i}", "pos": [pos], "neg": [neg]})
     path = write_jsonl(tmp_path / "len.jsonl", records)
     ds = M3TrainDataset(path, train_group_size=2, tokenizer=tokenizer, passage_max_len=128)
     collate = M3Collator(tokenizer, passage_max_len=128)
 
     def mean_padding(group_by_length):
-        sampler = M3BatchSampler(ds, batch_size=8, num_replicas=1, group_by_length=group_by_length, mega_batch_size=8)
+        sampler = M3BatchSampler(ds, batch_size=8, group_by_length=group_by_length, mega_batch_size=8)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
         fractions = [padding_fraction(batch["passage"]["attention_mask"]) for batch in loader]
         assert len(fractions) == 24

@@ -45,7 +45,8 @@ class M3Collator:
             raise ValueError("cannot collate an empty batch")
         group_sizes = {len(f["passages"]) for f in features}
         if len(group_sizes) != 1:
-            raise ValueError(f"all items of a batch need the same number of passages, got {sorted(group_sizes)}")
+            sizes = sorted(group_sizes)
+            raise ValueError(f"all items of a batch need the same number of passages, got {sizes}")
         flags = {bool(f.get("no_in_batch_neg", False)) for f in features}
         if len(flags) != 1:
             raise ValueError(

@@ -11,6 +11,8 @@ A training record is one JSON object per line::
 Every record of every file is checked and *all* problems are collected (not only the first), each
 naming the file, the 1-based line and the field. Documented fixes are applied and counted instead:
 
+- an empty (or whitespace-only) passage is dropped (with its score); a record left without positives
+  is an error;
 - a negative identical to one of the record's positives is dropped (with its score);
 - a record without negatives gets negatives drawn from the other records of its dataset at sampling time
   (when ``sample_negatives_from_corpus=True``; otherwise it is an error);
@@ -46,7 +48,6 @@ MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 EMPTY_QUERY = "empty_query"
 EMPTY_POS = "empty_pos"
-EMPTY_TEXT = "empty_text"
 LENGTH_MISMATCH = "length_mismatch"
 BAD_SCORE = "bad_score"
 NO_NEGATIVES = "no_negatives"
@@ -58,6 +59,7 @@ TRUNCATED_PASSAGE = "truncated_passage"
 EMPTY_FILE = "empty_file"
 NO_TEACHER_SCORES = "no_teacher_scores"
 # fix kinds
+EMPTY_TEXT_DROPPED = "empty_text_dropped"
 NEG_EQUALS_POS_DROPPED = "negative_equal_to_positive_dropped"
 NEGATIVES_FROM_CORPUS = "negatives_sampled_from_corpus"
 BLANK_LINE_SKIPPED = "blank_line_skipped"
@@ -107,7 +109,9 @@ class LoadedSource:
 class DataValidationError(ValueError):
     """Raised when training data has problems; lists them as ``file:line: field 'f': message``."""
 
-    def __init__(self, issues: Sequence[Issue], total: Optional[int] = None, max_shown: int = MAX_ISSUES_SHOWN):
+    def __init__(
+        self, issues: Sequence[Issue], total: Optional[int] = None, max_shown: int = MAX_ISSUES_SHOWN
+    ):
         self.issues = list(issues)
         total = len(self.issues) if total is None else total
         shown = [f"  {issue}" for issue in self.issues[:max_shown]]
@@ -248,7 +252,8 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
                 dir_flag = NO_IN_BATCH_NEG_MARK in os.path.basename(os.path.normpath(path))
                 names = sorted(n for n in os.listdir(path) if n.endswith(DATA_FILE_SUFFIXES))
                 if not names:
-                    report.add_error(Issue(NO_DATA_FILES, path, None, None, "directory has no .json/.jsonl files"))
+                    msg = "directory has no .json/.jsonl files"
+                    report.add_error(Issue(NO_DATA_FILES, path, None, None, msg))
                 for n in names:
                     flag = dir_flag or NO_IN_BATCH_NEG_MARK in n
                     sources.append(_Source(os.path.join(path, n), flag, path=os.path.join(path, n)))
@@ -260,7 +265,8 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
             name = f"<datasets.Dataset #{k}>"
             sources.append(_Source(name, False, dataset=item))
         else:
-            raise TypeError(f"training data input #{k} must be a path or a datasets.Dataset, got {type(item)!r}")
+            what = f"training data input #{k}"
+            raise TypeError(f"{what} must be a path or a datasets.Dataset, got {type(item)!r}")
     return sources
 
 
@@ -289,7 +295,8 @@ def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
             try:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as e:
-                yield lineno, None, Issue(MALFORMED_JSON, path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")
+                msg = f"malformed JSON: {e.msg} (column {e.colno})"
+                yield lineno, None, Issue(MALFORMED_JSON, path, lineno, None, msg)
 
 
 def _iter_dataset_rows(dataset: Any) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
@@ -326,7 +333,7 @@ class _Options:
 
 
 def _check_texts(obj: dict, name: str, issue: Any) -> Optional[List[str]]:
-    """``obj[name]`` must be a list of non-empty strings; report problems through ``issue(kind, field, msg)``."""
+    """``obj[name]`` must be a list of strings; report problems through ``issue(kind, field, msg)``."""
     value = obj[name]
     if not isinstance(value, (list, tuple)):
         issue(WRONG_TYPE, name, f"expected an array of strings, got {_json_type(value)}")
@@ -336,13 +343,24 @@ def _check_texts(obj: dict, name: str, issue: Any) -> Optional[List[str]]:
         if not isinstance(text, str):
             issue(WRONG_TYPE, f"{name}[{j}]", f"expected a string, got {_json_type(text)}")
             good = False
-        elif not text.strip():
-            issue(EMPTY_TEXT, f"{name}[{j}]", "empty text")
-            good = False
     return list(value) if good else None
 
 
-def _check_scores(obj: dict, name: str, n: Optional[int], texts_field: str, issue: Any) -> Optional[List[float]]:
+def _keep_where(
+    texts: List[str], scores: Optional[List[float]], keep: Any
+) -> Tuple[List[str], Optional[List[float]], int]:
+    """Texts (and their scores) for which ``keep(text)`` holds, and how many were dropped."""
+    kept = [j for j, text in enumerate(texts) if keep(text)]
+    if len(kept) == len(texts):
+        return texts, scores, 0
+    kept_scores = None if scores is None else [scores[j] for j in kept]
+    return [texts[j] for j in kept], kept_scores, len(texts) - len(kept)
+
+
+def _check_scores(
+    obj: dict, name: str, n: Optional[int], texts_field: str, issue: Any
+) -> Optional[List[float]]:
+    """``obj[name]`` must be a list of ``n`` finite numbers."""
     value = obj[name]
     if not isinstance(value, (list, tuple)):
         issue(WRONG_TYPE, name, f"expected an array of numbers, got {_json_type(value)}")
@@ -415,14 +433,18 @@ def _check_record(
             report.add_error(e)
         return None
 
-    # fix: a negative equal to a positive would be a false negative
+    # fixes: drop empty passages; a negative equal to a positive would be a false negative
+    fixes: Counter = Counter()
+    pos, pos_scores, fixes[EMPTY_TEXT_DROPPED] = _keep_where(pos, pos_scores, str.strip)
+    neg, neg_scores, n_empty_neg = _keep_where(neg, neg_scores, str.strip)
+    fixes[EMPTY_TEXT_DROPPED] += n_empty_neg
+    if not pos:
+        report.add_error(Issue(EMPTY_POS, source, line, "pos", "every positive passage is empty"))
+        return None
     positives = set(pos)
-    keep = [j for j, text in enumerate(neg) if text not in positives]
-    if len(keep) < len(neg):
-        report.fixes[NEG_EQUALS_POS_DROPPED] += len(neg) - len(keep)
-        neg = [neg[j] for j in keep]
-        if neg_scores is not None:
-            neg_scores = [neg_scores[j] for j in keep]
+    neg, neg_scores, fixes[NEG_EQUALS_POS_DROPPED] = _keep_where(
+        neg, neg_scores, lambda t: t not in positives
+    )
 
     needs_negatives = opts.train_group_size is None or opts.train_group_size > 1
     if not neg and needs_negatives:
@@ -430,10 +452,11 @@ def _check_record(
             msg = "no negatives (set sample_negatives_from_corpus=True to draw them from other records)"
             report.add_error(Issue(NO_NEGATIVES, source, line, "neg", msg))
             return None
-        report.fixes[NEGATIVES_FROM_CORPUS] += 1
+        fixes[NEGATIVES_FROM_CORPUS] += 1
         if opts.knowledge_distillation:
             msg = "negatives drawn from the corpus have no teacher scores: this record's group gets none"
             report.add_warning(Issue(NO_TEACHER_SCORES, source, line, "neg", msg))
+    report.fixes.update(+fixes)
     if not opts.knowledge_distillation:
         pos_scores = neg_scores = None
     return Record(query, pos, neg, pos_scores, neg_scores, prompt if prompt else None, line)
