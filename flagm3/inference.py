@@ -1,0 +1,481 @@
+"""Inference with an M3 model: a drop-in for FlagEmbedding 1.4.2's ``BGEM3FlagModel``.
+
+:class:`M3Embedder` encodes texts into dense vectors, lexical weights and ColBERT vectors with the same
+meaning and numbers as ``BGEM3FlagModel`` (``encode``, ``encode_queries``, ``encode_corpus``,
+``compute_score`` and the scoring helpers), and streams length-sorted batches of raw head outputs through
+:meth:`M3Embedder.iter_outputs` for evaluation. All scores come from :mod:`flagm3.scoring`.
+
+Vectorised lexical scoring: :func:`lexical_matrix` turns lexical weights into a ``scipy.sparse`` matrix
+``[N, vocab]`` and :func:`compute_lexical_matching_scores` scores queries x corpus with one sparse product.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from itertools import chain
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .modeling_m3 import M3Model, resolve_checkpoint
+from .scoring import (
+    HEADS,
+    PooledLexical,
+    colbert_scores,
+    colbert_scores_paired,
+    dense_scores_paired,
+    hybrid_scores,
+    pool_lexical,
+    sparse_scores_paired,
+)
+
+logger = logging.getLogger(__name__)
+
+LexicalWeights = Dict[str, float]
+LexicalInput = Union[PooledLexical, Sequence[Mapping[str, float]], scipy.sparse.spmatrix]
+SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+_TOKENIZE_CHUNK = 4096  # texts tokenised per call before length sorting
+
+
+# ------------------------------------------------------------------------------------ lexical matrices
+def lexical_matrix(
+    lexical: LexicalInput, num_columns: Optional[int] = None, dtype: Any = np.float32
+) -> scipy.sparse.csr_matrix:
+    """Lexical weights as a sparse ``[N, num_columns]`` matrix (row ``i``: weight of each token id in text ``i``).
+
+    ``lexical``: a :class:`~flagm3.scoring.PooledLexical` (from :func:`~flagm3.scoring.pool_lexical`), a
+    list of ``{str(token_id): weight}`` dicts (``encode(...)["lexical_weights"]``) or a sparse matrix.
+    ``num_columns`` defaults to the largest token id + 1 (pass the vocabulary size to fix it).
+    """
+    if scipy.sparse.issparse(lexical):
+        matrix = scipy.sparse.csr_matrix(lexical, dtype=dtype)
+        if num_columns is not None and num_columns != matrix.shape[1]:
+            if num_columns < matrix.shape[1] and matrix.nnz and matrix.indices.max() >= num_columns:
+                raise ValueError(f"token id {matrix.indices.max()} does not fit num_columns={num_columns}")
+            matrix.resize(matrix.shape[0], num_columns)
+        return matrix
+    if isinstance(lexical, PooledLexical):
+        rows = lexical.rows.detach().cpu().numpy()
+        cols = lexical.token_ids.detach().cpu().numpy()
+        data = lexical.weights.detach().float().cpu().numpy()
+        num_rows = lexical.num_rows
+    else:
+        rows, cols, data = _dicts_to_coordinates(lexical)
+        num_rows = len(lexical)
+    needed = int(cols.max()) + 1 if cols.size else 0
+    if num_columns is None:
+        num_columns = needed
+    elif needed > num_columns:
+        raise ValueError(f"token id {needed - 1} does not fit num_columns={num_columns}")
+    return scipy.sparse.csr_matrix((data.astype(dtype), (rows, cols)), shape=(num_rows, num_columns))
+
+
+def _dicts_to_coordinates(dicts: Sequence[Mapping[str, float]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices, token ids and weights of a list of ``{str(token_id): weight}`` dicts."""
+    counts = np.fromiter((len(d) for d in dicts), dtype=np.int64, count=len(dicts))
+    total = int(counts.sum())
+    try:
+        cols = np.fromiter(map(int, chain.from_iterable(dicts)), dtype=np.int64, count=total)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "lexical weights must be dicts keyed by token id (str(int), as encode() returns them), "
+            f"not by token text: {err}"
+        ) from err
+    data = np.fromiter(chain.from_iterable(d.values() for d in dicts), dtype=np.float64, count=total)
+    rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
+    return rows, cols, data
+
+
+def compute_lexical_matching_scores(queries_lexical: LexicalInput, corpus_lexical: LexicalInput) -> np.ndarray:
+    """``sum_t w_q(t) * w_p(t)`` for every query and passage, by one sparse matrix product: ``[Q, P]``.
+
+    Each side is anything :func:`lexical_matrix` takes; their column counts are aligned.
+    """
+    q = lexical_matrix(queries_lexical)
+    p = lexical_matrix(corpus_lexical)
+    columns = max(q.shape[1], p.shape[1])
+    q, p = lexical_matrix(q, columns), lexical_matrix(p, columns)
+    return np.asarray((q @ p.T).toarray())
+
+
+def _lexical_dicts(pooled: PooledLexical) -> List[LexicalWeights]:
+    """One ``{str(token_id): weight}`` dict per text (keys in token-id order) from pooled weights."""
+    rows = pooled.rows.numpy()
+    counts = np.bincount(rows, minlength=pooled.num_rows)
+    splits = np.cumsum(counts)[:-1]
+    ids = np.split(pooled.token_ids.numpy(), splits)
+    weights = np.split(pooled.weights.numpy(), splits)
+    return [dict(zip(map(str, i.tolist()), w.tolist())) for i, w in zip(ids, weights)]
+
+
+# ------------------------------------------------------------------------------------------- embedder
+def _resolve_device(devices: Any, model: Optional[M3Model]) -> torch.device:
+    """First device of FlagEmbedding's ``devices`` argument; ``None``: the model's device, else CPU."""
+    if devices is None:
+        return next(model.parameters()).device if model is not None else torch.device("cpu")
+    if isinstance(devices, (list, tuple)):
+        if not devices:
+            raise ValueError("devices is an empty list")
+        if len(devices) > 1:
+            logger.warning("M3Embedder runs on one device; using %s of %s", devices[0], devices)
+        devices = devices[0]
+    if isinstance(devices, int):
+        devices = f"cuda:{devices}"
+    return torch.device(devices)
+
+
+class M3Embedder:
+    """Dense, lexical and ColBERT encoding with an :class:`~flagm3.M3Model` (``BGEM3FlagModel`` drop-in).
+
+    Args (as ``BGEM3FlagModel``, same order):
+        model_name_or_path: a local directory or hub id loaded with :meth:`M3Model.from_pretrained`
+            (flagm3 checkpoints and the BGE-M3 layout), or an ``M3Model`` instance (then pass ``tokenizer``).
+        normalize_embeddings, pooling_method: ``None`` keeps the checkpoint's setting; with a path they
+            override it; with a model instance they must agree with its config.
+        use_fp16, use_bf16: compute under ``torch.autocast``. As FlagEmbedding, fp16 is ignored on CPU
+            (fp32 there); bf16 is honoured on CPU too. Outputs are float32 in every case.
+        query_instruction_for_retrieval, query_instruction_format: prefix for ``encode_queries``.
+        devices: a device (``"cuda:0"``, ``0``, ``"cpu"``) or a list whose first entry is used. Default:
+            CPU, or the device of a given model instance.
+        trust_remote_code, cache_dir: passed to the model and tokenizer loaders.
+        colbert_dim: accepted for compatibility; must match the checkpoint's ColBERT size when set.
+        batch_size, query_max_length, passage_max_length, return_dense, return_sparse,
+            return_colbert_vecs: defaults of the encode methods.
+        truncate_dim: keep the first ``truncate_dim`` dense/ColBERT dimensions (renormalised).
+        tokenizer: the tokenizer (required with a model instance; loaded from the path otherwise).
+        passage_instruction_for_retrieval, passage_instruction_format: prefix for ``encode_corpus``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Union[str, M3Model],
+        normalize_embeddings: Optional[bool] = None,
+        use_fp16: bool = True,
+        use_bf16: bool = False,
+        query_instruction_for_retrieval: Optional[str] = None,
+        query_instruction_format: str = "{}{}",
+        devices: Optional[Union[str, int, List[str], List[int]]] = None,
+        pooling_method: Optional[str] = None,
+        trust_remote_code: bool = False,
+        cache_dir: Optional[str] = None,
+        colbert_dim: int = -1,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        truncate_dim: Optional[int] = None,
+        *,
+        tokenizer: Any = None,
+        passage_instruction_for_retrieval: Optional[str] = None,
+        passage_instruction_format: str = "{}{}",
+        convert_to_numpy: bool = True,
+    ) -> None:
+        if isinstance(model_name_or_path, M3Model):
+            if tokenizer is None:
+                raise ValueError("M3Embedder(model, tokenizer=...): a model instance needs its tokenizer")
+            model = model_name_or_path
+            for name, wanted, actual in (
+                ("normalize_embeddings", normalize_embeddings, model.config.normalize_embeddings),
+                ("pooling_method", pooling_method, model.config.pooling),
+            ):
+                if wanted is not None and wanted != actual:
+                    raise ValueError(
+                        f"{name}={wanted!r} but the given model's config has {actual!r}: change the config or "
+                        f"leave {name} unset"
+                    )
+            self.model_name_or_path = getattr(model.config, "_name_or_path", "")
+        else:
+            path = resolve_checkpoint(str(model_name_or_path), {"cache_dir": cache_dir})
+            overrides: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if normalize_embeddings is not None:
+                overrides["normalize_embeddings"] = normalize_embeddings
+            if pooling_method is not None:
+                overrides["pooling"] = pooling_method
+            model = M3Model.from_pretrained(path, **overrides)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model_name_or_path = str(model_name_or_path)
+        if colbert_dim > 0 and colbert_dim != model.config.colbert_output_dim:
+            raise ValueError(
+                f"colbert_dim={colbert_dim} but the model's ColBERT head gives {model.config.colbert_output_dim}"
+            )
+        self.device = _resolve_device(devices, model if isinstance(model_name_or_path, M3Model) else None)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.normalize_embeddings = bool(model.config.normalize_embeddings)
+        self.pooling_method = model.config.pooling
+        self.use_fp16, self.use_bf16 = use_fp16, use_bf16
+        self.query_instruction_for_retrieval = query_instruction_for_retrieval
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
+        self.passage_instruction_format = passage_instruction_format
+        self.batch_size = batch_size
+        self.query_max_length, self.passage_max_length = query_max_length, passage_max_length
+        self.return_dense, self.return_sparse = return_dense, return_sparse
+        self.return_colbert_vecs = return_colbert_vecs
+        self.truncate_dim = truncate_dim
+        self.convert_to_numpy = convert_to_numpy  # accepted for compatibility: outputs are always numpy
+
+    # ------------------------------------------------------------------------------------ internals
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """Autocast dtype: bf16 when asked, fp16 when asked and not on CPU, else ``None`` (fp32)."""
+        if self.use_bf16:
+            return torch.bfloat16
+        if self.use_fp16 and self.device.type != "cpu":
+            return torch.float16
+        return None
+
+    def _tokenize(self, texts: Sequence[str], max_length: int, **kwargs: Any) -> Dict[str, List[List[int]]]:
+        """Truncated, unpadded token features: ``{"input_ids": [ids per text], "attention_mask": ..., ...}``."""
+        features: Dict[str, List[List[int]]] = {}
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            enc = self.tokenizer(list(texts[start : start + _TOKENIZE_CHUNK]), truncation=True,
+                                 max_length=max_length, **kwargs)
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if key in enc:
+                    features.setdefault(key, []).extend(enc[key])
+        return features
+
+    def _forward(self, features: Dict[str, List[List[int]]], indices: Sequence[int],
+                 heads: Sequence[str]) -> Dict[str, Tensor]:
+        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs."""
+        batch = self.tokenizer.pad({k: [v[i] for i in indices] for k, v in features.items()},
+                                   padding=True, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        dtype = self.compute_dtype
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            amp = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+            with torch.inference_mode(), amp:
+                out = self.model(**inputs, heads=heads)
+        finally:
+            self.model.train(was_training)
+        # clone outside inference mode: callers get ordinary tensors
+        result: Dict[str, Tensor] = {}
+        if out.dense is not None:
+            result["dense"] = self._truncate(out.dense.float()).cpu().clone()
+        if out.sparse is not None:
+            result["sparse_ids"] = inputs["input_ids"].cpu().clone()
+            result["sparse_weights"] = out.sparse.float().cpu().clone()
+        if out.colbert is not None:
+            result["colbert"] = self._truncate(out.colbert.float()).cpu().clone()
+            result["colbert_mask"] = out.colbert_mask.cpu().clone()
+        return result
+
+    def _truncate(self, vecs: Tensor) -> Tensor:
+        if self.truncate_dim is None:
+            return vecs
+        vecs = vecs[..., : self.truncate_dim]
+        return F.normalize(vecs, dim=-1) if self.normalize_embeddings else vecs
+
+    @staticmethod
+    def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+        """Indices grouped into batches, longest texts first (stable for ties)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+    # ------------------------------------------------------------------------------------ streaming
+    def iter_outputs(
+        self,
+        texts: Sequence[str],
+        max_length: int,
+        batch_size: Optional[int] = None,
+        heads: Sequence[str] = HEADS,
+        show_progress: bool = True,
+        **tokenizer_kwargs: Any,
+    ) -> Iterator[Tuple[List[int], Dict[str, Tensor]]]:
+        """Encode ``texts`` in length-sorted batches (longest first), yielding ``(indices, outputs)``.
+
+        ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, keys
+        of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
+        ``sparse_weights`` [b, L] float32 (zero at padding and ignored ids); ``colbert`` [b, L-1, D] float32
+        (zero at padding) and ``colbert_mask`` [b, L-1] int64 (1 for real tokens after CLS).
+        """
+        unknown = set(heads) - set(HEADS)
+        if unknown or not heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {tuple(heads)}")
+        features = self._tokenize(texts, max_length, **tokenizer_kwargs)
+        lengths = [len(ids) for ids in features.get("input_ids", [])]
+        batches = self._length_sorted_batches(lengths, batch_size or self.batch_size)
+        bar = tqdm(batches, desc="Inference Embeddings", disable=not show_progress or len(batches) <= 1)
+        for indices in bar:
+            yield indices, self._forward(features, indices, tuple(heads))
+
+    # ------------------------------------------------------------------------------------- encoding
+    @staticmethod
+    def _with_instruction(sentences: Union[str, List[str]], instruction: Optional[str],
+                          instruction_format: str) -> Union[str, List[str]]:
+        if instruction is None:
+            return sentences
+        fmt = instruction_format.replace("\\n", "\n")
+        if isinstance(sentences, str):
+            return fmt.format(instruction, sentences)
+        return [fmt.format(instruction, s) for s in sentences]
+
+    def encode(
+        self,
+        sentences: Union[List[str], str],
+        batch_size: Optional[int] = None,
+        max_length: Optional[int] = None,
+        return_dense: Optional[bool] = None,
+        return_sparse: Optional[bool] = None,
+        return_colbert_vecs: Optional[bool] = None,
+        instruction: Optional[str] = None,
+        instruction_format: str = "{}{}",
+        convert_to_numpy: Optional[bool] = None,
+        show_progress: bool = True,
+        **tokenizer_kwargs: Any,
+    ) -> Dict[str, Any]:
+        """Encode texts (passage length by default) as ``BGEM3FlagModel.encode``.
+
+        Returns ``{"dense_vecs": [N, H] float32 array, "lexical_weights": [{str(token_id): weight}],
+        "colbert_vecs": [[n_tokens - 1, D] arrays]}`` in input order (``None`` for outputs not asked for);
+        a single string gives a single vector / dict / array.
+        """
+        batch_size = batch_size or self.batch_size
+        max_length = max_length or self.passage_max_length
+        want = {
+            "dense": self.return_dense if return_dense is None else return_dense,
+            "sparse": self.return_sparse if return_sparse is None else return_sparse,
+            "colbert": self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs,
+        }
+        heads = tuple(h for h in HEADS if want[h])
+        if not heads:
+            raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
+        sentences = self._with_instruction(sentences, instruction, instruction_format)
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        n = len(texts)
+        dim = self.truncate_dim or self.model.config.encoder_hidden_size
+        dense = np.zeros((n, dim), dtype=np.float32) if want["dense"] else None
+        lexical: Optional[List[Any]] = [None] * n if want["sparse"] else None
+        colbert: Optional[List[Any]] = [None] * n if want["colbert"] else None
+        for indices, out in self.iter_outputs(texts, max_length, batch_size, heads,
+                                              show_progress=show_progress and n >= batch_size,
+                                              **tokenizer_kwargs):
+            if dense is not None:
+                dense[indices] = out["dense"].numpy()
+            if lexical is not None:
+                for i, lw in zip(indices, _lexical_dicts(pool_lexical(out["sparse_ids"], out["sparse_weights"]))):
+                    lexical[i] = lw
+            if colbert is not None:
+                vecs, lengths = out["colbert"].numpy(), out["colbert_mask"].sum(1).tolist()
+                for row, (i, length) in enumerate(zip(indices, lengths)):
+                    colbert[i] = vecs[row, :length].copy()
+        result = {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
+        if single:
+            result = {k: None if v is None else v[0] for k, v in result.items()}
+        return result
+
+    def encode_queries(self, queries: Union[List[str], str], batch_size: Optional[int] = None,
+                       max_length: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+        """:meth:`encode` at ``query_max_length`` with the query instruction."""
+        return self.encode(queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
+                           instruction=self.query_instruction_for_retrieval,
+                           instruction_format=self.query_instruction_format, **kwargs)
+
+    def encode_corpus(self, corpus: Union[List[str], str], batch_size: Optional[int] = None,
+                      max_length: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+        """:meth:`encode` at ``passage_max_length`` with the passage instruction."""
+        return self.encode(corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
+                           instruction=self.passage_instruction_for_retrieval,
+                           instruction_format=self.passage_instruction_format, **kwargs)
+
+    # -------------------------------------------------------------------------------------- scoring
+    def convert_id_to_token(self, lexical_weights: Union[LexicalWeights, List[LexicalWeights]]) -> Any:
+        """Replace token ids by decoded tokens: a dict gives a dict, a list gives a list."""
+        single = isinstance(lexical_weights, Mapping)
+        items = [lexical_weights] if single else lexical_weights
+        converted = [{self.tokenizer.decode([int(i)]): w for i, w in item.items()} for item in items]
+        return converted[0] if single else converted
+
+    def compute_lexical_matching_score(
+        self,
+        lexical_weights_1: Union[LexicalWeights, List[LexicalWeights]],
+        lexical_weights_2: Union[LexicalWeights, List[LexicalWeights]],
+    ) -> Union[float, np.ndarray]:
+        """Lexical score of two dicts (a float) or of two lists of dicts (``[len1, len2]`` array)."""
+        if isinstance(lexical_weights_1, Mapping) and isinstance(lexical_weights_2, Mapping):
+            return float(compute_lexical_matching_scores([lexical_weights_1], [lexical_weights_2])[0, 0])
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return compute_lexical_matching_scores(lexical_weights_1, lexical_weights_2)
+        raise ValueError("The input format of lexical_weights is not correct: give two dicts or two lists of dicts.")
+
+    def colbert_score(self, q_reps: Union[np.ndarray, Tensor], p_reps: Union[np.ndarray, Tensor]) -> Tensor:
+        """ColBERT score of one query ``[Lq, D]`` and one passage ``[Lp, D]`` (0-dim tensor)."""
+        q, p = torch.as_tensor(q_reps), torch.as_tensor(p_reps)
+        q_mask, p_mask = q.new_ones(1, q.shape[0]), p.new_ones(1, p.shape[0])
+        return colbert_scores(q[None], q_mask, p[None], p_mask)[0, 0]
+
+    def compute_score(
+        self,
+        sentence_pairs: Union[List[Tuple[str, str]], Tuple[str, str]],
+        batch_size: Optional[int] = None,
+        max_query_length: Optional[int] = None,
+        max_passage_length: Optional[int] = None,
+        weights_for_different_modes: Optional[List[float]] = None,
+        show_progress: bool = True,
+        **tokenizer_kwargs: Any,
+    ) -> Union[Dict[str, List[float]], Dict[str, float], List]:
+        """Scores of ``(query, passage)`` pairs: ``dense``, ``sparse``, ``colbert`` and the weighted means
+        ``sparse+dense = (w0 d + w1 s) / (w0 + w1)``, ``colbert+sparse+dense = (w0 d + w1 s + w2 c) / sum(w)``
+        with ``weights_for_different_modes = [w0, w1, w2]`` (default ``[1, 1, 1]``).
+
+        Unlike ``BGEM3FlagModel.compute_score``, passage padding never takes part in ColBERT's MaxSim, so a
+        pair's score does not depend on the other pairs of its batch (it equals :meth:`colbert_score`).
+        """
+        if isinstance(sentence_pairs, list) and not sentence_pairs:
+            return []
+        single = isinstance(sentence_pairs[0], str)
+        pairs = [sentence_pairs] if single else list(sentence_pairs)
+        weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
+        if len(weights) != 3:
+            raise ValueError(f"weights_for_different_modes needs 3 weights (dense, sparse, colbert), got {weights}")
+        q_feats = self._tokenize([p[0] for p in pairs], max_query_length or self.query_max_length,
+                                 **tokenizer_kwargs)
+        p_feats = self._tokenize([p[1] for p in pairs], max_passage_length or self.passage_max_length,
+                                 **tokenizer_kwargs)
+        batches = self._length_sorted_batches([len(x) for x in p_feats["input_ids"]], batch_size or self.batch_size)
+        scores = {h: torch.zeros(len(pairs), dtype=torch.float32) for h in HEADS}
+        for indices in tqdm(batches, desc="Compute Scores", disable=not show_progress or len(batches) <= 1):
+            q, p = self._forward(q_feats, indices, HEADS), self._forward(p_feats, indices, HEADS)
+            idx = torch.tensor(indices)
+            scores["dense"][idx] = dense_scores_paired(q["dense"], p["dense"])
+            scores["sparse"][idx] = sparse_scores_paired(
+                q["sparse_ids"], q["sparse_weights"], p["sparse_ids"], p["sparse_weights"]
+            )
+            scores["colbert"][idx] = colbert_scores_paired(q["colbert"], q["colbert_mask"], p["colbert"],
+                                                           p["colbert_mask"])
+        named = dict(zip(("dense", "sparse", "colbert"), weights))
+        result = {
+            "colbert": scores["colbert"],
+            "sparse": scores["sparse"],
+            "dense": scores["dense"],
+            "sparse+dense": _weighted_mean(scores, {k: named[k] for k in ("dense", "sparse")}),
+            "colbert+sparse+dense": _weighted_mean(scores, named),
+        }
+        lists = {k: v.tolist() for k, v in result.items()}
+        return {k: v[0] for k, v in lists.items()} if single else lists
+
+
+def _weighted_mean(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """:func:`hybrid_scores` normalised by the weights; NaN (as FlagEmbedding's 0/0) when all weights are 0."""
+    if all(w == 0 for w in weights.values()):
+        return torch.full_like(next(iter(scores.values())), float("nan"))
+    return hybrid_scores(scores, weights, normalize=True)
+
+
+BGEM3FlagModel = M3Embedder  # FlagEmbedding's name, for drop-in use
