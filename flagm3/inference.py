@@ -380,18 +380,34 @@ class M3Embedder:
             result = {k: None if v is None else v[0] for k, v in result.items()}
         return result
 
-    def encode_queries(self, queries: Union[List[str], str], batch_size: Optional[int] = None,
-                       max_length: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+    def encode_queries(
+        self,
+        queries: Union[List[str], str],
+        batch_size: Optional[int] = None,
+        max_length: Optional[int] = None,
+        return_dense: Optional[bool] = None,
+        return_sparse: Optional[bool] = None,
+        return_colbert_vecs: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Dict[str, Any]:
         """:meth:`encode` at ``query_max_length`` with the query instruction."""
-        return self.encode(queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
-                           instruction=self.query_instruction_for_retrieval,
+        return self.encode(queries, batch_size, max_length or self.query_max_length, return_dense, return_sparse,
+                           return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
                            instruction_format=self.query_instruction_format, **kwargs)
 
-    def encode_corpus(self, corpus: Union[List[str], str], batch_size: Optional[int] = None,
-                      max_length: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+    def encode_corpus(
+        self,
+        corpus: Union[List[str], str],
+        batch_size: Optional[int] = None,
+        max_length: Optional[int] = None,
+        return_dense: Optional[bool] = None,
+        return_sparse: Optional[bool] = None,
+        return_colbert_vecs: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Dict[str, Any]:
         """:meth:`encode` at ``passage_max_length`` with the passage instruction."""
-        return self.encode(corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
-                           instruction=self.passage_instruction_for_retrieval,
+        return self.encode(corpus, batch_size, max_length or self.passage_max_length, return_dense, return_sparse,
+                           return_colbert_vecs, instruction=self.passage_instruction_for_retrieval,
                            instruction_format=self.passage_instruction_format, **kwargs)
 
     # -------------------------------------------------------------------------------------- scoring
