@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
@@ -68,6 +69,11 @@ class M3PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if module is getattr(self, "sparse_linear", None) or module is getattr(self, "colbert_linear", None):
             module.reset_parameters()  # torch's default Linear init, as BGE-M3's fresh heads
+        elif module is self and hasattr(self, "sparse_ignore_ids"):
+            # A non-persistent buffer is not in the checkpoint: from_pretrained (meta-device init) leaves it
+            # uninitialised unless it is rebuilt here from the config.
+            ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long)
+            init.copy_(self.sparse_ignore_ids, ids)
 
 
 class M3Model(M3PreTrainedModel):
@@ -161,6 +167,8 @@ class M3Model(M3PreTrainedModel):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(encoder_name_or_path)
         encoder = AutoModel.from_pretrained(encoder_name_or_path, **encoder_kwargs)
+        # Read it first: PretrainedConfig.__init__ resets the attention implementation of its sub-configs.
+        attn = getattr(encoder.config, "_attn_implementation", None)
         config = M3Config(
             backbone_config=encoder.config,
             colbert_dim=colbert_dim,
@@ -168,8 +176,8 @@ class M3Model(M3PreTrainedModel):
             normalize_embeddings=normalize_embeddings,
             sparse_ignore_token_ids=sparse_ignore_ids_from_tokenizer(tokenizer),
         )
-        if getattr(encoder.config, "_attn_implementation", None):
-            config._attn_implementation = encoder.config._attn_implementation
+        if attn:
+            config._attn_implementation = attn
         model = cls(config)
         model.encoder = encoder
         return model.to(encoder.dtype)
