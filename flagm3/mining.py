@@ -1,0 +1,325 @@
+"""Hard-negative mining (``flagm3 mine``), as FlagEmbedding's ``hn_mine`` with an M3 model.
+
+Each training line ``{"query": str, "pos": [str], "neg": [str], ...}`` gets ``neg`` replaced by
+``negative_number`` passages drawn at random from the ranks ``[start, end)`` (0-based) of the query's ranking
+over a candidate pool; positives and exact copies of the query are never drawn. Other fields are kept.
+
+Ranking: dense inner product (faiss ``IndexFlatIP`` when faiss is importable, else torch top-k: the same
+documents either way), or the hybrid ``w_d * dense + w_s * sparse`` of :mod:`flagm3.scoring` when
+``use_hybrid`` (torch; lexical scores by a sparse matrix product of pooled weights).
+
+Fewer than ``negative_number`` candidates in the rank window (a small pool, many positives): with
+``fill_random`` (default, as ``hn_mine``) the rest is drawn at random from the pool outside the top ``end``
+ranks (easier negatives, never from the ranks above ``start``); without it, or when the pool is exhausted, the
+line keeps fewer negatives. The summary counts both cases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import scipy.sparse
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .evaluation import read_jsonl, with_instruction
+from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
+
+logger = logging.getLogger(__name__)
+
+_SCORE_BLOCK_ELEMENTS = 1 << 24  # entries of one [queries, pool] score block in the torch search
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_training_data(path: Union[str, os.PathLike]) -> list[dict]:
+    """Training lines ``{"query": str, "pos": [str], "neg": [str] (optional), ...}``; errors name file and line."""
+    records = []
+    for lineno, record in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        if not isinstance(record.get("query"), str):
+            raise ValueError(f"{where}: field 'query' must be a string")
+        for name in ("pos", "neg"):
+            value = record.get(name, [] if name == "neg" else None)
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"{where}: field {name!r} must be a list of strings")
+        if not record["pos"]:
+            raise ValueError(f"{where}: field 'pos' is empty")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no training lines")
+    return records
+
+
+def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
+    """Candidate passages: JSONL lines ``{"text": str}`` or JSON strings."""
+    texts = []
+    for lineno, record in read_jsonl(path):
+        text = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected {{\"text\": str}} or a JSON string")
+        texts.append(text)
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int], sparse: bool,
+            desc: str, show_progress: bool) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
+    """Dense vectors ``[N, H]`` and, with ``sparse``, pooled lexical weights as a CSR ``[N, vocab]``."""
+    from .inference import lexical_matrix
+
+    heads = ("dense", "sparse") if sparse else ("dense",)
+    dense: Optional[Tensor] = None
+    rows, ids, weights = [], [], []
+    logger.info("%s: encoding %d texts", desc, len(texts))
+    for indices, out in embedder.iter_outputs(texts, max_length=max_length, batch_size=batch_size, heads=heads,
+                                              show_progress=show_progress):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if dense is None:
+            dense = torch.zeros(len(texts), out["dense"].shape[-1])
+        dense[index] = out["dense"].float()
+        if sparse:
+            pooled = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
+            rows.append(index[pooled.rows])
+            ids.append(pooled.token_ids)
+            weights.append(pooled.weights)
+    lexical = None
+    if sparse:
+        pooled = PooledLexical(torch.cat(rows), torch.cat(ids), torch.cat(weights), len(texts))
+        lexical = lexical_matrix(pooled, num_columns=len(embedder.tokenizer))
+    return dense, lexical
+
+
+def _lexical_block(q_lex: scipy.sparse.csr_matrix, p_lex: scipy.sparse.csr_matrix) -> Tensor:
+    """All-pairs lexical scores ``sum_t w_q(t) * w_p(t)`` (one sparse product): ``[Q, P]``."""
+    from .inference import compute_lexical_matching_scores
+
+    return torch.from_numpy(compute_lexical_matching_scores(q_lex, p_lex)).float()
+
+
+# ------------------------------------------------------------------------------------------------ search
+def search(
+    q_dense: Tensor,
+    p_dense: Tensor,
+    k: int,
+    q_lex: Optional[scipy.sparse.csr_matrix] = None,
+    p_lex: Optional[scipy.sparse.csr_matrix] = None,
+    weights: Sequence[float] = (1.0, 0.3),
+    use_faiss: Optional[bool] = None,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> tuple[Tensor, str]:
+    """Indices ``[Q, k]`` of the best passages per query, best first, and the backend used.
+
+    Dense inner product (``q_dense`` [Q, H], ``p_dense`` [P, H]), or the hybrid
+    ``weights[0] * dense + weights[1] * sparse`` when ``q_lex``/``p_lex`` (CSR ``[Q|P, vocab]``) are given.
+    """
+    hybrid = q_lex is not None
+    if use_faiss is None:
+        use_faiss = not hybrid and faiss_available()
+    if use_faiss and hybrid:
+        raise ValueError("faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid")
+    k = min(k, p_dense.shape[0])
+    if use_faiss:
+        import faiss
+
+        index = faiss.IndexFlatIP(p_dense.shape[1])
+        index.add(np.ascontiguousarray(p_dense.numpy(), dtype=np.float32))
+    step = max(1, min(batch_size, _SCORE_BLOCK_ELEMENTS // max(1, p_dense.shape[0])))
+    found = []
+    for start in tqdm(range(0, q_dense.shape[0], step), desc="Search", disable=not show_progress):
+        q = q_dense[start : start + step]
+        if use_faiss:
+            _, idx = index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
+            found.append(torch.from_numpy(idx).long())
+            continue
+        scores = {"dense": dense_scores(q, p_dense)}
+        if hybrid:
+            scores["sparse"] = _lexical_block(q_lex[start : start + step], p_lex)
+        total = hybrid_scores(scores, {"dense": weights[0], "sparse": weights[1] if hybrid else 0.0})
+        found.append(torch.topk(total, k, dim=1).indices)
+    return torch.cat(found) if found else torch.empty(0, k, dtype=torch.long), "faiss" if use_faiss else "torch"
+
+
+def query_scores(q_dense: Tensor, p_dense: Tensor, q_row: int, p_rows: Sequence[int],
+                 q_lex: Optional[scipy.sparse.csr_matrix] = None, p_lex: Optional[scipy.sparse.csr_matrix] = None,
+                 weights: Sequence[float] = (1.0, 0.3)) -> Tensor:
+    """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``."""
+    scores = {"dense": dense_scores(q_dense[q_row : q_row + 1], p_dense[list(p_rows)])[0]}
+    if q_lex is not None:
+        scores["sparse"] = _lexical_block(q_lex[q_row : q_row + 1], p_lex[list(p_rows)])[0]
+    return hybrid_scores(scores, {"dense": weights[0], "sparse": weights[1] if q_lex is not None else 0.0})
+
+
+# ------------------------------------------------------------------------------------------------ mining
+def _parse_range(range_for_sampling: Union[str, Sequence[int]]) -> tuple[int, int]:
+    if isinstance(range_for_sampling, str):
+        range_for_sampling = [int(x) for x in range_for_sampling.split("-")]
+    start, end = (int(x) for x in range_for_sampling)
+    if not 0 <= start < end:
+        raise ValueError(f"range_for_sampling must be (start, end) with 0 <= start < end, got {range_for_sampling}")
+    return start, end
+
+
+def _draw(
+    rng: random.Random,
+    ranked: list[int],
+    texts: list[str],
+    query: str,
+    positives: set[str],
+    start: int,
+    end: int,
+    number: int,
+    fill_random: bool,
+    pool_size: int,
+) -> tuple[list[int], bool]:
+    """Pool indices of the negatives of one query, and whether random fill was used."""
+    allowed = lambda j: texts[j] not in positives and texts[j] != query  # noqa: E731
+    window = sorted(j for j in ranked[start:end] if allowed(j))  # a set: independent of the order of ties
+    if len(window) >= number:
+        return rng.sample(window, number), False
+    chosen = window
+    if not fill_random:
+        return chosen, False
+    blocked = set(ranked[:end])
+    need = number - len(chosen)
+    if pool_size - len(blocked) <= 4 * need:  # small pool: enumerate what is left
+        options = [j for j in range(pool_size) if j not in blocked and allowed(j)]
+        extra = rng.sample(options, min(need, len(options)))
+        return chosen + extra, bool(extra)
+    extra: list[int] = []
+    for _ in range(100 * need):  # most of the pool is available: rejection sampling
+        j = rng.randrange(pool_size)
+        if j not in blocked and allowed(j):
+            blocked.add(j)
+            extra.append(j)
+            if len(extra) == need:
+                break
+    return chosen + extra, bool(extra)
+
+
+def mine_hard_negatives(
+    embedder: Any,
+    input_jsonl: Union[str, os.PathLike],
+    output_jsonl: Union[str, os.PathLike],
+    candidate_pool: Optional[Union[str, os.PathLike, Sequence[str]]] = None,
+    range_for_sampling: Union[str, Sequence[int]] = (10, 100),
+    negative_number: int = 15,
+    use_hybrid: bool = False,
+    hybrid_weights: Sequence[float] = (1.0, 0.3),
+    seed: int = 42,
+    teacher_scores: bool = False,
+    fill_random: bool = True,
+    query_instruction_for_retrieval: Optional[str] = None,
+    query_instruction_format: Optional[str] = None,
+    query_max_length: Optional[int] = None,
+    passage_max_length: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    search_batch_size: int = 256,
+    use_faiss: Optional[bool] = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Mine hard negatives for a training JSONL with ``embedder`` (an ``M3Embedder``); returns a summary.
+
+    ``candidate_pool``: a JSONL of ``{"text": ...}`` lines or JSON strings, or a list of texts; default the union
+    of every ``pos`` and ``neg`` passage of the input. Duplicate passages are merged. ``range_for_sampling``:
+    0-based ranks ``(start, end)`` (or ``"start-end"``) to draw from. ``use_hybrid``: rank by
+    ``hybrid_weights[0] * dense + hybrid_weights[1] * sparse``. ``teacher_scores``: also write ``pos_scores``
+    and ``neg_scores``, the mining score of each passage with the query (without it, stale input
+    ``pos_scores``/``neg_scores`` are dropped). Queries get the query instruction (default: the embedder's);
+    lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
+    """
+    start, end = _parse_range(range_for_sampling)
+    if negative_number < 1:
+        raise ValueError(f"negative_number must be >= 1, got {negative_number}")
+    if use_faiss and use_hybrid:
+        raise ValueError("faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid")
+    if use_faiss and not faiss_available():
+        raise ImportError("use_faiss=True but faiss is not importable (pip install faiss-cpu)")
+    records = read_training_data(input_jsonl)
+    if candidate_pool is None:
+        pool = [t for r in records for t in r["pos"] + r.get("neg", [])]
+    elif isinstance(candidate_pool, (str, os.PathLike)):
+        pool = read_candidate_pool(candidate_pool)
+    else:
+        pool = list(candidate_pool)
+    pool = list(dict.fromkeys(pool))
+    if not pool:
+        raise ValueError("the candidate pool is empty")
+    if end > len(pool):
+        logger.warning("range_for_sampling end %d exceeds the pool of %d passages", end, len(pool))
+
+    # positives outside the pool are encoded too (for teacher scores) but never searched
+    in_pool = set(pool)
+    texts = pool + ([t for t in dict.fromkeys(p for r in records for p in r["pos"]) if t not in in_pool]
+                    if teacher_scores else [])
+    row_of = {t: i for i, t in enumerate(texts)}
+    queries = list(dict.fromkeys(r["query"] for r in records))
+    query_of = {q: i for i, q in enumerate(queries)}
+    instruction = query_instruction_for_retrieval or getattr(embedder, "query_instruction_for_retrieval", None)
+    fmt = query_instruction_format or getattr(embedder, "query_instruction_format", "{}{}")
+    instructed = [fmt.replace("\\n", "\n").format(instruction, q) for q in queries] if instruction else queries
+    q_max = query_max_length or getattr(embedder, "query_max_length", 512)
+    p_max = passage_max_length or getattr(embedder, "passage_max_length", 512)
+    p_dense, p_lex = _encode(embedder, with_instruction(embedder, texts, "passage"), p_max, batch_size, use_hybrid,
+                             "candidates", show_progress)
+    q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, use_hybrid, "queries", show_progress)
+    weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
+    searched_lex = p_lex[: len(pool)] if use_hybrid else None
+    ranked, backend = search(q_dense, p_dense[: len(pool)], end, q_lex, searched_lex, weights, use_faiss,
+                             search_batch_size, show_progress)
+    ranked_lists = ranked.tolist()
+
+    rng = random.Random(seed)
+    filled = short = total = 0
+    os.makedirs(os.path.dirname(os.path.abspath(output_jsonl)), exist_ok=True)
+    with open(output_jsonl, "w", encoding="utf-8") as f:
+        for record in tqdm(records, desc="Sampling negatives", disable=not show_progress):
+            qi = query_of[record["query"]]
+            chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start, end,
+                                      negative_number, fill_random, len(pool))
+            out = dict(record)
+            out["neg"] = [pool[j] for j in chosen]
+            filled += used_fill
+            short += len(chosen) < negative_number
+            total += len(chosen)
+            if teacher_scores:
+                p_rows = [row_of[t] for t in record["pos"]] + chosen
+                scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights)
+                out["pos_scores"] = scores[: len(record["pos"])].tolist()
+                out["neg_scores"] = scores[len(record["pos"]) :].tolist()
+            else:
+                out.pop("pos_scores", None)
+                out.pop("neg_scores", None)
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    summary = {
+        "lines": len(records),
+        "queries": len(queries),
+        "candidate_pool": len(pool),
+        "range_for_sampling": [start, end],
+        "negative_number": negative_number,
+        "scoring": "dense+sparse" if use_hybrid else "dense",
+        "backend": backend,
+        "negatives": total,
+        "lines_filled_randomly": filled,
+        "lines_short": short,
+        "teacher_scores": teacher_scores,
+        "output": os.fspath(output_jsonl),
+    }
+    logger.info("hard-negative mining: %s", summary)
+    return summary
