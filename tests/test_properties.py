@@ -14,7 +14,7 @@ from flagm3.scoring import (
     sparse_scores_paired,
 )
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 sizes = st.integers(min_value=1, max_value=5)
 lengths = st.integers(min_value=1, max_value=8)
