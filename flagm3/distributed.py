@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .modeling_m3 import M3Output
 
@@ -19,16 +20,78 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def setup_process_group(args: Any) -> None:
+    """Start the process group of ``TrainingArguments`` now, DeepSpeed's communication layer included.
+
+    Call it before loading the model: under ZeRO-3 ``from_pretrained`` partitions the weights while loading,
+    which needs the world size. (On CPU the Trainer starts only torch's gloo group; DeepSpeed then reads a
+    world size of 1 and rejects the batch sizes.)
+    """
+    _ = args.device  # TrainingArguments starts torch.distributed (and accelerate's state) on first use
+    if getattr(args, "deepspeed", None) and dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+def zero3_enabled() -> bool:
+    """True while a Trainer's DeepSpeed ZeRO-3 config is active (``from_pretrained`` then partitions weights)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+@contextmanager
+def full_weights_on_load(args: Any) -> Iterator[None]:
+    """Load models whole on every rank even under ZeRO-3; DeepSpeed partitions them when the Trainer starts.
+
+    For models assembled from parts (``M3Model.from_encoder`` builds and initialises an encoder, then swaps in
+    the pretrained one), which ``deepspeed.zero.Init`` would partition mid-construction.
+    """
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is None or not zero3_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_config)
+
+
+def keep_used_weight_conversions(model: nn.Module) -> None:
+    """Save with the model's own parameter names after a ZeRO-3 ``from_pretrained``.
+
+    transformers' ZeRO-3 loader remembers every key-renaming rule, used or not (the legacy ``LayerNorm.gamma``
+    -> ``weight`` ones included), and ``save_pretrained`` reverses them all: the checkpoint would name
+    LayerNorm weights ``gamma``/``beta``. Keep only the rules that matched a checkpoint key, as the
+    non-DeepSpeed loader does.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: False)()]
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` [n, ...] from all ranks along dim 0; gradients flow back to the owning rank.
 
-    Uses ``torch.distributed.nn.functional.all_gather`` (its backward sums every rank's gradient for each
-    slice), so a loss over local queries against all passages trains every passage exactly once. Shapes must
-    agree on every rank beyond dim 0 (see :func:`pad_to_common_length`).
+    The backward of the gather sums every rank's gradient for each slice (a reduce-scatter), so a loss over
+    local queries against all passages trains every passage by every rank's loss. With DDP averaging the
+    gradients, the update is the gradient of the mean of the ranks' losses: the loss of one process holding
+    the whole global batch. Shapes must agree on every rank beyond dim 0 (see :func:`pad_to_common_length`).
     """
-    from torch.distributed.nn.functional import all_gather
+    t = t.contiguous()
+    try:  # functional collectives with autograd; torch.distributed.nn's all_gather is deprecated in newer torch
+        from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
+    except ImportError:
+        from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+        return torch.cat(all_gather(t), dim=0)
+    return wait_tensor(all_gather_single_autograd(t, 0, dist.group.WORLD))
 
 
 def gather_without_grad(t: Tensor) -> Tensor:

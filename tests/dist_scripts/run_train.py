@@ -1,0 +1,119 @@
+"""Run ``flagm3`` training from test code, in this process or under ``torchrun``/DeepSpeed, and record it.
+
+Usage: ``python run_train.py RESULT_DIR [flagm3 train arguments ...] [:: RESULT_DIR2 arguments ...]`` (also
+under ``torchrun``; several runs separated by ``::`` share one launch). For each run every rank
+writes ``RESULT_DIR/rank<r>.json``: the world size, the log history, and the query token ids of each batch it
+trained on; rank 0 also writes ``RESULT_DIR/grads.pt`` (the gradients every parameter had before the first
+optimizer step, after DDP averaged them; not under DeepSpeed, whose gradients live in partitions) and
+``RESULT_DIR/params.pt`` (the parameters after training, gathered from their partitions under ZeRO-3).
+The model is saved with ``trainer.save_model()`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+
+def _skip_deepspeed_op_builds() -> None:
+    """DeepSpeed compiles its shared-memory communication op on first use (30 s): not needed on CPU tests."""
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except ImportError:
+        pass
+
+
+class GradientRecorder(TrainerCallback):
+    """Keep a CPU copy of every gradient just before the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: Optional[dict[str, torch.Tensor]] = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs: Any):
+        if self.grads is None and model is not None:
+            from flagm3.trainer import unwrap_m3
+
+            self.grads = {
+                name: p.grad.detach().float().cpu().clone()
+                for name, p in unwrap_m3(model).named_parameters()
+                if p.grad is not None
+            }
+
+
+def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU fp32 copies of all parameters, gathered from their ZeRO-3 partitions where partitioned."""
+    from flagm3.distributed import zero3_enabled
+
+    if not zero3_enabled():
+        return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+
+def run(result_dir: str, argv: Sequence[str]) -> dict:
+    """Build the trainer from ``argv``, train, save, and write this rank's record; return it."""
+    from flagm3.train import build_trainer, parse_args
+    from flagm3.trainer import unwrap_m3
+
+    _skip_deepspeed_op_builds()
+    model_args, data_args, training_args = parse_args(argv)
+    trainer = build_trainer(model_args, data_args, training_args)
+    recorder = GradientRecorder()
+    trainer.add_callback(recorder)
+
+    batches: list[list[list[int]]] = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args: Any, **kwargs: Any):
+        batches.append(inputs["query"]["input_ids"].tolist())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    trainer.save_model()
+
+    rank = trainer.args.process_index
+    record = {
+        "rank": rank,
+        "world_size": trainer.args.world_size,
+        "log_history": trainer.state.log_history,
+        "global_step": trainer.state.global_step,
+        "batches": batches,
+    }
+    out = Path(result_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    params = trained_parameters(unwrap_m3(trainer.model))  # collective under ZeRO-3: every rank
+    if rank == 0:
+        if recorder.grads is not None:
+            torch.save(recorder.grads, out / "grads.pt")
+        torch.save(params, out / "params.pt")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return record
+
+
+def split_runs(argv: Sequence[str]) -> list[list[str]]:
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "::":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    return [r for r in runs if r]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for run_argv in split_runs(sys.argv[1:]):
+        run(run_argv[0], run_argv[1:])
