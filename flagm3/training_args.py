@@ -105,6 +105,14 @@ class M3TrainingArguments(TrainingArguments):
     self_distill_weights: Optional[str] = field(default=None, metadata={"help": "e.g. 'dense=1,sparse=0.1'."})
     head_temperatures: Optional[str] = field(default=None, metadata={"help": "e.g. 'sparse=1.0'."})
     head_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the heads."})
+    sparse_init: str = field(
+        default="auto",
+        metadata={
+            "help": "Fresh sparse head: 'idf' fits it to the training passages' IDF, 'none' keeps the random "
+            "init, 'auto' does 'idf' when starting from a plain encoder.",
+            "choices": ["auto", "idf", "none"],
+        },
+    )
     save_bge_m3_layout: bool = field(
         default=False, metadata={"help": "Also write the original BGE-M3 layout to <output_dir>/bge-m3."}
     )

@@ -117,6 +117,10 @@ class M3TrainDataset(Dataset):
             return list(range(n))
         return sorted(random.Random(f"flagm3.subsample:{seed}:{src.name}").sample(range(n), limit))
 
+    def passage_texts(self) -> List[str]:
+        """Every distinct passage (positives and negatives) of the loaded records, in first-seen order."""
+        return list(dict.fromkeys(t for r in self._records for t in (*r.pos, *r.neg)))
+
     def __len__(self) -> int:
         return len(self._records)
 
