@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from typing import Optional, Sequence
 
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from .data import M3TrainDataset
+from .distributed import full_weights_on_load, keep_used_weight_conversions, setup_process_group
 from .modeling_m3 import M3Model, checkpoint_layout, resolve_checkpoint
+from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
 
@@ -31,17 +34,49 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def load_model(model_args: M3ModelArguments, training_args: M3TrainingArguments, tokenizer) -> M3Model:
-    """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads)."""
+def load_model(
+    model_args: M3ModelArguments,
+    training_args: M3TrainingArguments,
+    tokenizer,
+    corpus: Optional[Sequence[str]] = None,
+    corpus_max_length: int = 256,
+) -> M3Model:
+    """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads).
+
+    A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages) when ``sparse_init`` asks.
+    """
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     path = resolve_checkpoint(model_args.model_name_or_path, dict(hub))
     encoder_kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         encoder_kwargs["attn_implementation"] = model_args.attn_implementation
     layout = checkpoint_layout(path)
+    # Under ZeRO-3 a flagm3 checkpoint loads partitioned; models assembled from an encoder load whole and are
+    # partitioned when DeepSpeed starts.
+    with full_weights_on_load(training_args) if layout != "flagm3" else nullcontext():
+        model = _load_layout(path, layout, model_args, training_args, tokenizer, encoder_kwargs)
+    keep_used_weight_conversions(model)
+    if corpus and _wants_idf_init(training_args, layout):
+        init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
+    model.config.pooling = training_args.sentence_pooling_method
+    model.config.normalize_embeddings = training_args.normalize_embeddings
+    if model_args.use_lora:
+        model = add_lora(model, model_args)
+    return model
+
+
+def _wants_idf_init(training_args: M3TrainingArguments, layout: str) -> bool:
+    """``idf``: always; ``auto``: for a fresh sparse head that will be trained; ``none``: never."""
+    if training_args.sparse_init == "idf":
+        return True
+    heads = training_args.loss_config().heads
+    return training_args.sparse_init == "auto" and layout == "encoder" and "sparse" in heads
+
+
+def _load_layout(path: str, layout: str, model_args, training_args, tokenizer, encoder_kwargs: dict) -> M3Model:
     if layout == "encoder":
         logger.info("%s is a plain encoder: starting with fresh sparse and ColBERT heads", path)
-        model = M3Model.from_encoder(
+        return M3Model.from_encoder(
             path,
             tokenizer=tokenizer,
             colbert_dim=model_args.colbert_dim,
@@ -49,16 +84,10 @@ def load_model(model_args: M3ModelArguments, training_args: M3TrainingArguments,
             normalize_embeddings=training_args.normalize_embeddings,
             **encoder_kwargs,
         )
-    elif layout == "bge-m3":
-        model = M3Model.from_bge_m3(path, tokenizer=tokenizer, **encoder_kwargs)
-    else:
-        kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-        model = M3Model.from_pretrained(path, **kwargs)
-    model.config.pooling = training_args.sentence_pooling_method
-    model.config.normalize_embeddings = training_args.normalize_embeddings
-    if model_args.use_lora:
-        model = add_lora(model, model_args)
-    return model
+    if layout == "bge-m3":
+        return M3Model.from_bge_m3(path, tokenizer=tokenizer, **encoder_kwargs)
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    return M3Model.from_pretrained(path, **kwargs)
 
 
 def add_lora(model: M3Model, model_args: M3ModelArguments):
@@ -119,9 +148,12 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
         cache_dir=model_args.cache_dir,
         token=model_args.token,
     )
+    setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
-    model = load_model(model_args, training_args, tokenizer)
     dataset = build_dataset(data_args, training_args, tokenizer)
+    model = load_model(
+        model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
+    )
     evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
     extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate
     return M3Trainer(
