@@ -177,6 +177,20 @@ def evaluate_run(
 
 
 # --------------------------------------------------------------------------------------------- retrieval
+def top_k_positions(scores: Tensor, k: int) -> Tensor:
+    """Column positions ``[R, min(k, C)]`` of the ``k`` best scores per row of ``scores`` [R, C], best first;
+    among equal scores the leftmost column wins (a stable sort's order, at the cost of a partial top-k)."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return torch.empty(scores.shape[0], 0, dtype=torch.long)
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    above, equal = scores > kth, scores == kth
+    take = above | (equal & (equal.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    positions = take.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: column order within a row
+    order = torch.argsort(scores.gather(1, positions), dim=1, descending=True, stable=True)
+    return positions.gather(1, order)
+
+
 class RunningTopK:
     """The ``k`` best (score, column index) per row over column blocks seen one at a time.
 
@@ -192,14 +206,25 @@ class RunningTopK:
 
     def update(self, scores: Tensor, indices: Tensor, extras: Optional[Mapping[str, Tensor]] = None) -> None:
         """``scores`` [R, c] for columns ``indices`` ([c] shared by all rows, or [R, c])."""
-        all_indices = torch.cat([self.indices, indices.expand(scores.shape[0], -1)], dim=1)
-        all_scores = torch.cat([self.scores, scores.float()], dim=1)
-        by_index = torch.argsort(all_indices, dim=1, stable=True)
-        by_score = torch.argsort(all_scores.gather(1, by_index), dim=1, descending=True, stable=True)
-        keep = by_index.gather(1, by_score[:, : self.k])
-        self.scores, self.indices = all_scores.gather(1, keep), all_indices.gather(1, keep)
-        for name in self.extras:
-            self.extras[name] = torch.cat([self.extras[name], extras[name].float()], dim=1).gather(1, keep)
+        blocks = {"": scores.float(), **{name: extras[name].float() for name in self.extras}}
+        if indices.dim() == 1:  # put the new columns in index order: a cheap 1-D sort
+            order = torch.argsort(indices)
+            indices, blocks = indices[order], {name: b[:, order] for name, b in blocks.items()}
+        rows = scores.shape[0]
+        all_indices = torch.cat([self.indices, indices.expand(rows, -1)], dim=1)
+        kept = {"": self.scores, **self.extras}
+        merged = {name: torch.cat([kept[name], b], dim=1) for name, b in blocks.items()}
+        in_index_order = indices.dim() == 1 and (
+            self.indices.numel() == 0 or int(indices[0]) > int(self.indices.max())
+        )  # kept entries (ties already by index) all precede the new ones, which are sorted
+        if not in_index_order:
+            order = torch.argsort(all_indices, dim=1, stable=True)
+            all_indices = all_indices.gather(1, order)
+            merged = {name: m.gather(1, order) for name, m in merged.items()}
+        keep = top_k_positions(merged[""], self.k)
+        self.indices = all_indices.gather(1, keep)
+        self.scores = merged.pop("").gather(1, keep)
+        self.extras = {name: m.gather(1, keep) for name, m in merged.items()}
 
     def to_run(self, row_ids: Sequence[str], column_ids: Sequence[str], k: Optional[int] = None) -> Run:
         """``{row id: {column id: score}}`` in ranked order, at most ``k`` entries per row."""
@@ -543,7 +568,8 @@ class M3RetrievalEvaluator:
     Returns flat keys ``"<ranking>_<metric>"`` (``"dense_ndcg@10"``, ``"all_ndcg@10"``, ...), which the trainer
     logs with the ``eval_`` prefix (``metric_for_best_model="eval_all_ndcg@10"``). Give ``data_dir`` (BEIR layout,
     ``split``) or ``corpus``/``queries``/``qrels``; ``max_corpus_size``/``max_queries`` evaluate on a seeded
-    subset (all judged documents kept). ``model`` may be wrapped (DDP ``.module``, PEFT ``get_base_model()``);
+    subset (all judged documents kept). ``main_metric`` (the key to select checkpoints on) defaults to
+    ``"all_ndcg@10"``, or the nDCG of the widest ranking computed. ``model`` may be wrapped (DDP ``.module``, PEFT ``get_base_model()``);
     it is encoded in eval mode (fp32 unless ``use_fp16``/``use_bf16``: autocast, weights untouched) and its
     previous train/eval mode is restored.
     """
@@ -563,7 +589,7 @@ class M3RetrievalEvaluator:
         max_query_length: int = 512,
         max_passage_length: int = 512,
         batch_size: int = 32,
-        main_metric: str = "all_ndcg@10",
+        main_metric: Optional[str] = None,
         max_corpus_size: Optional[int] = None,
         max_queries: Optional[int] = None,
         seed: int = 0,
@@ -585,6 +611,9 @@ class M3RetrievalEvaluator:
         self.heads, self.hybrids = _check_rankings(heads, hybrids)
         k_values = sorted(set(k_values))
         self.keys = [f"{r}_{m}@{k}" for r in self.heads + self.hybrids for m in metrics for k in k_values]
+        if main_metric is None:  # nDCG@10 of the widest hybrid computed, else of the first head
+            ranking = self.hybrids[-1] if self.hybrids else self.heads[0]
+            main_metric = f"{ranking}_{metrics[0]}@{10 if 10 in k_values else k_values[-1]}"
         if main_metric not in self.keys:
             raise ValueError(f"main_metric {main_metric!r} is not among the evaluator's keys {self.keys}")
         self.main_metric = main_metric
@@ -598,6 +627,11 @@ class M3RetrievalEvaluator:
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
         )
+
+    @classmethod
+    def from_beir(cls, data_dir: Union[str, os.PathLike], split: str = "dev", **kwargs: Any) -> M3RetrievalEvaluator:
+        """An evaluator on the ``split`` of a BEIR-layout directory (other arguments as the constructor)."""
+        return cls(data_dir=data_dir, split=split, **kwargs)
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
         from .inference import M3Embedder

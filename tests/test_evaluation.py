@@ -13,6 +13,7 @@ from flagm3 import M3Model
 from flagm3.evaluation import (
     RANKINGS,
     M3RetrievalEvaluator,
+    RunningTopK,
     evaluate_retrieval,
     evaluate_run,
     flatten_results,
@@ -134,6 +135,29 @@ def test_load_beir_errors_name_file_and_line(tmp_path, corrupt, message):
 
 
 # --------------------------------------------------------------------------------------------- retrieval
+@pytest.mark.parametrize("seed", range(4))
+def test_running_top_k_equals_stable_sort_over_chunks(seed):
+    """Many ties (integer scores): the merged top-k is the stable sort of the whole row, however chunked."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = 6, 80
+    scores = torch.randint(0, 6, (rows, cols), generator=g).float()
+    for k, chunk in ((1, 7), (10, 13), (30, 80), (100, 1)):
+        expected = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+        shared = RunningTopK(rows, k, extras=("neg",))  # contiguous chunks, columns shuffled within each
+        per_row = RunningTopK(rows, k)  # any columns per row
+        perm = torch.randperm(cols, generator=g)
+        for start in range(0, cols, chunk):
+            idx = torch.arange(start, min(cols, start + chunk))
+            idx = idx[torch.randperm(idx.numel(), generator=g)]
+            shared.update(scores[:, idx], idx, extras={"neg": -scores[:, idx]})
+            mixed = perm[start : start + chunk].expand(rows, -1)
+            per_row.update(scores.gather(1, mixed), mixed)
+        for keeper in (shared, per_row):
+            assert torch.equal(keeper.indices, expected)
+            assert torch.equal(keeper.scores, scores.gather(1, expected))
+        assert torch.equal(shared.extras["neg"], -shared.scores)
+
+
 DOCS = SENTENCES + [" ".join(reversed(s.split()[:6])) for s in SENTENCES] + [
     "wing flutter at supersonic speed", "heat and pressure on thin shells", "turbulence in a slipstream"
 ]
@@ -287,6 +311,27 @@ def test_evaluator_flat_keys_values_and_train_mode(embedder, collection, tiny_to
     assert flat == pytest.approx(flatten_results(direct), abs=1e-9)
     with pytest.raises(ValueError, match="main_metric"):
         M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",), main_metric="all_ndcg@10")
+    dense_only = M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",), k_values=(5,))
+    assert dense_only.main_metric == "dense_ndcg@5" and evaluator.main_metric == "all_ndcg@10"
+
+
+def test_evaluator_accepts_a_peft_wrapped_model(embedder, collection, tiny_tokenizer, tmp_path):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    corpus, queries, qrels = collection
+    args = dict(k_values=(10,), max_query_length=64, max_passage_length=64)
+    root = write_beir(tmp_path / "beir", [{"_id": d, "text": t} for d, t in corpus.items()],
+                      [{"_id": q, "text": t} for q, t in queries.items()],
+                      [(q, d, g) for q, j in qrels.items() for d, g in j.items()], split="dev")
+    evaluator = M3RetrievalEvaluator.from_beir(root, split="dev", **args)
+    wrapped = peft.get_peft_model(copy.deepcopy(embedder.model),
+                                  peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=True))
+    wrapped.train()
+    flat = evaluator(wrapped, tiny_tokenizer)
+    assert wrapped.training
+    # fresh LoRA adapters are zero: the scores are the plain model's
+    assert flat == pytest.approx(evaluator(embedder.model, tiny_tokenizer), abs=1e-6)
 
 
 def test_subsample_keeps_judged_documents(collection):
