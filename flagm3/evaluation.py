@@ -1,12 +1,14 @@
 """Retrieval evaluation: BEIR loading, trec_eval metrics, corpus retrieval with every M3 head and hybrid.
 
-* :func:`load_beir` reads a BEIR-layout collection (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+* :func:`load_beir` reads a BEIR-layout collection (``corpus.jsonl``, ``queries.jsonl``,
+  ``qrels/<split>.tsv``).
 * :func:`evaluate_run` computes nDCG@k, Recall@k, MRR@k and MAP@k with trec_eval's definitions (the numbers of
   ``pytrec_eval`` ``ndcg_cut``, ``recall``, ``recip_rank`` on the top k and ``map_cut``).
 * :func:`retrieve` / :func:`evaluate_retrieval` encode the queries once, stream the corpus through
   ``M3Embedder.iter_outputs`` in chunks and keep a running top-k per ranking: memory is bounded by
   ``[Q, corpus_chunk_size]`` score blocks and ``[Q, k]`` top-k tensors, never all ColBERT vectors at once.
-* :class:`M3RetrievalEvaluator` is what the trainer calls during training; :func:`run_eval` is ``flagm3 eval``.
+* :class:`M3RetrievalEvaluator` is what the trainer calls during training; :func:`run_eval` is
+  ``flagm3 eval``.
 
 Every score comes from :mod:`flagm3.scoring`.
 """
@@ -50,7 +52,7 @@ Qrels = dict[str, dict[str, int]]  # query id -> document id -> graded relevance
 
 # ------------------------------------------------------------------------------------------------ loading
 def read_jsonl(path: Union[str, os.PathLike]) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` for each non-blank line; a malformed line raises naming file and line."""
+    """``(line number, parsed JSON)`` per non-blank line; a malformed line raises naming file and line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -58,7 +60,9 @@ def read_jsonl(path: Union[str, os.PathLike]) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from err
 
 
 def _field(path: Any, lineno: int, record: Any, name: str, required: bool = True) -> str:
@@ -83,8 +87,10 @@ def load_qrels(path: Union[str, os.PathLike]) -> Qrels:
                 continue
             cols = line.rstrip("\n\r").split("\t")
             if len(cols) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), "
-                                 f"found {len(cols)}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), "
+                    f"found {len(cols)}"
+                )
             try:
                 score = int(float(cols[2]))
             except ValueError as err:
@@ -95,7 +101,9 @@ def load_qrels(path: Union[str, os.PathLike]) -> Qrels:
     return dict(qrels)
 
 
-def load_beir(data_dir: Union[str, os.PathLike], split: str = "test") -> tuple[dict[str, str], dict[str, str], Qrels]:
+def load_beir(
+    data_dir: Union[str, os.PathLike], split: str = "test"
+) -> tuple[dict[str, str], dict[str, str], Qrels]:
     """Read a BEIR-layout collection: ``(corpus, queries, qrels)``.
 
     Passage text is ``(title + " " + text).strip()``; only the queries judged in ``qrels/<split>.tsv`` are
@@ -122,8 +130,10 @@ def load_beir(data_dir: Union[str, os.PathLike], split: str = "test") -> tuple[d
     }
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:
-        raise ValueError(f"{files['qrels']}: {len(missing)} judged queries are not in {files['queries.jsonl']} "
-                         f"(first: {missing[:5]})")
+        raise ValueError(
+            f"{files['qrels']}: {len(missing)} judged queries are not in {files['queries.jsonl']} "
+            f"(first: {missing[:5]})"
+        )
     unknown_docs = {did for judged in qrels.values() for did in judged if did not in corpus}
     if unknown_docs:
         logger.warning("%s: %d judged documents are not in the corpus", files["qrels"], len(unknown_docs))
@@ -137,7 +147,9 @@ def rank_documents(scores: Mapping[str, float]) -> list[str]:
     return [doc for doc, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
 
-def query_metrics(ranked: Sequence[str], judged: Mapping[str, int], k_values: Iterable[int]) -> dict[str, float]:
+def query_metrics(
+    ranked: Sequence[str], judged: Mapping[str, int], k_values: Iterable[int]
+) -> dict[str, float]:
     """trec_eval metrics of one ranking against graded judgements (relevant: grade >= 1; nDCG gain: grade)."""
     grades = [judged.get(doc, 0) for doc in ranked]
     num_relevant = sum(1 for g in judged.values() if g >= 1)
@@ -152,7 +164,8 @@ def query_metrics(ranked: Sequence[str], judged: Mapping[str, int], k_values: It
         out[f"ndcg@{k}"] = dcg / idcg if idcg > 0 else 0.0
         out[f"recall@{k}"] = len(hits) / num_relevant if num_relevant else 0.0
         out[f"mrr@{k}"] = 1.0 / (hits[0] + 1) if hits else 0.0
-        out[f"map@{k}"] = sum((n + 1) / (i + 1) for n, i in enumerate(hits)) / num_relevant if num_relevant else 0.0
+        precision_sum = sum((n + 1) / (i + 1) for n, i in enumerate(hits))
+        out[f"map@{k}"] = precision_sum / num_relevant if num_relevant else 0.0
     return out
 
 
@@ -166,7 +179,9 @@ def evaluate_run(
     k_values, metrics = sorted(set(k_values)), list(metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown or not k_values or min(k_values) < 1:
-        raise ValueError(f"metrics must be among {METRICS} (got {metrics}) and k_values positive (got {k_values})")
+        raise ValueError(
+            f"metrics must be among {METRICS} (got {metrics}) and k_values positive (got {k_values})"
+        )
     names = [f"{m}@{k}" for m in metrics for k in k_values]
     totals = dict.fromkeys(names, 0.0)
     for qid, judged in qrels.items():
@@ -250,7 +265,8 @@ class _EncodedQueries:
         self.batches: list[tuple[Tensor, dict[str, Tensor]]] = []
         pooled: list[PooledLexical] = []
         for indices, out in embedder.iter_outputs(
-            texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads), show_progress=show_progress
+            texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads),
+            show_progress=show_progress,
         ):
             rows = torch.as_tensor(indices, dtype=torch.long)
             if "dense" in heads:
@@ -261,10 +277,11 @@ class _EncodedQueries:
                 p = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
                 pooled.append(PooledLexical(rows[p.rows], p.token_ids, p.weights, self.num))
             if "colbert" in heads:
-                self.batches.append((rows, {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}))
+                colbert = {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}
+                self.batches.append((rows, colbert))
         if "sparse" in heads:
-            self.lexical = lexical_matrix(PooledLexical(*(torch.cat(parts) for parts in list(zip(*pooled))[:3]),
-                                                        self.num))
+            rows, ids, weights = (torch.cat([p[f] for p in pooled]) for f in range(3))
+            self.lexical = lexical_matrix(PooledLexical(rows, ids, weights, self.num))
 
     def per_batch(self, fn: Any, num_cols: int) -> Tensor:
         """``[Q, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the query batches."""
@@ -274,7 +291,9 @@ class _EncodedQueries:
         return full
 
 
-def _head_scores(queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Iterable[str]) -> dict[str, Tensor]:
+def _head_scores(
+    queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Iterable[str]
+) -> dict[str, Tensor]:
     """``[Q, b]`` score of each head for one batch of passage outputs (lexical: one sparse matrix product)."""
     from .inference import compute_lexical_matching_scores
 
@@ -283,7 +302,8 @@ def _head_scores(queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Ite
         scores["dense"] = dense_scores(queries.dense, out["dense"].float())
     if "sparse" in heads:
         passages = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
-        scores["sparse"] = torch.from_numpy(compute_lexical_matching_scores(queries.lexical, passages)).float()
+        lexical = compute_lexical_matching_scores(queries.lexical, passages)
+        scores["sparse"] = torch.from_numpy(lexical).float()
     if "colbert" in heads:
         p_vecs, p_mask = out["colbert"].float(), out["colbert_mask"]
         scores["colbert"] = queries.per_batch(
@@ -292,12 +312,15 @@ def _head_scores(queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Ite
     return scores
 
 
-def _with_hybrids(scores: dict[str, Tensor], hybrids: Iterable[str], weights: Mapping[str, float]) -> dict[str, Tensor]:
+def _with_hybrids(
+    scores: dict[str, Tensor], hybrids: Iterable[str], weights: Mapping[str, float]
+) -> dict[str, Tensor]:
     """Head scores plus every hybrid of ``hybrids`` whose heads are all present."""
     out = dict(scores)
     for name in hybrids:
         if all(h in scores for h in HYBRIDS[name]):
-            out[name] = hybrid_scores({h: scores[h] for h in HYBRIDS[name]}, {h: weights[h] for h in HYBRIDS[name]})
+            parts = HYBRIDS[name]
+            out[name] = hybrid_scores({h: scores[h] for h in parts}, {h: weights[h] for h in parts})
     return out
 
 
@@ -309,18 +332,28 @@ def _hybrid_weights(weights: Union[Sequence[float], Mapping[str, float]]) -> dic
     return dict(zip(HEADS, map(float, weights)))
 
 
-def with_instruction(embedder: Any, texts: Iterable[str], side: str = "query") -> list[str]:
-    """Texts prefixed with the embedder's ``<side>_instruction_for_retrieval`` (as its ``encode_queries`` /
-    ``encode_corpus`` do): ``<side>_instruction_format.format(instruction, text)``; unchanged without one."""
+def with_instruction(
+    embedder: Any,
+    texts: Iterable[str],
+    side: str = "query",
+    instruction: Optional[str] = None,
+    instruction_format: Optional[str] = None,
+) -> list[str]:
+    """Texts prefixed with an instruction, as the embedder's ``encode_queries``/``encode_corpus`` do:
+    ``instruction_format.format(instruction, text)``; both default to the embedder's
+    ``<side>_instruction_for_retrieval``/``<side>_instruction_format``. Unchanged without an instruction."""
     texts = list(texts)
-    instruction = getattr(embedder, f"{side}_instruction_for_retrieval", None)
+    instruction = instruction or getattr(embedder, f"{side}_instruction_for_retrieval", None)
     if not instruction:
         return texts
-    fmt = getattr(embedder, f"{side}_instruction_format", "{}{}").replace("\\n", "\n")
+    fmt = instruction_format or getattr(embedder, f"{side}_instruction_format", "{}{}")
+    fmt = fmt.replace("\\n", "\n")
     return [fmt.format(instruction, t) for t in texts]
 
 
-def _check_rankings(heads: Sequence[str], hybrids: Optional[Sequence[str]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _check_rankings(
+    heads: Sequence[str], hybrids: Optional[Sequence[str]]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if isinstance(heads, str) or not heads or not set(heads) <= set(HEADS):
         raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads!r}")
     heads = tuple(h for h in HEADS if h in set(heads))
@@ -346,8 +379,8 @@ def _colbert_on_candidates(
 ) -> Tensor:
     """ColBERT scores ``[Q, d]`` of each query with its candidate documents ``candidates`` [Q, d].
 
-    Only the union of the candidates is encoded, ``chunk_size`` documents per ``iter_outputs`` call; each query
-    is scored against its own candidates only (paired MaxSim), so the cost is ``Q * d`` pairs.
+    Only the union of the candidates is encoded, ``chunk_size`` documents per ``iter_outputs`` call; each
+    query is scored against its own candidates only (paired MaxSim), so the cost is ``Q * d`` pairs.
     """
     result = torch.full(candidates.shape, float("nan"))
     union = torch.unique(candidates)
@@ -355,8 +388,8 @@ def _colbert_on_candidates(
     for start in range(0, union.numel(), chunk_size):
         chunk = union[start : start + chunk_size]
         for local, out in embedder.iter_outputs(
-            [texts[i] for i in chunk.tolist()], max_length=max_length, batch_size=batch_size, heads=("colbert",),
-            show_progress=False,
+            [texts[i] for i in chunk.tolist()], max_length=max_length, batch_size=batch_size,
+            heads=("colbert",), show_progress=False,
         ):
             docs = chunk[torch.as_tensor(local, dtype=torch.long)]
             position[docs] = torch.arange(docs.numel())
@@ -395,15 +428,16 @@ def retrieve(
 ) -> dict[str, Run]:
     """Rank ``corpus`` for every query with each head of ``heads`` and each hybrid: ``{ranking: run}``.
 
-    ``embedder`` is an ``M3Embedder`` (``iter_outputs``); its query/passage instructions, if any, are applied
-    as ``encode_queries``/``encode_corpus`` do. The corpus is encoded ``corpus_chunk_size`` documents per ``iter_outputs`` call; score blocks
-    ``[Q, corpus_chunk_size]`` are merged into a running top-``top_k`` per ranking. Hybrids (``"dense+sparse"``,
-    ``"all"``; default: those whose heads are computed) are weighted sums ``w_d*dense + w_s*sparse + w_c*colbert``
-    with ``hybrid_weights`` (default 1 : 0.3 : 1).
+    ``embedder`` is an ``M3Embedder`` (``iter_outputs``); its query/passage instructions, if any, are
+    applied as ``encode_queries``/``encode_corpus`` do. The corpus is encoded ``corpus_chunk_size``
+    documents per ``iter_outputs`` call; score blocks ``[Q, corpus_chunk_size]`` are merged into a running
+    top-``top_k`` per ranking. Hybrids (``"dense+sparse"``, ``"all"``; default: those whose heads are
+    computed) are weighted sums ``w_d*dense + w_s*sparse + w_c*colbert`` with ``hybrid_weights`` (default
+    1 : 0.3 : 1).
 
     ``colbert_mode="full"`` scores ColBERT against the whole corpus; ``"rerank"`` scores it only on the top
-    ``rerank_depth`` documents of ``rerank_source`` (default ``"dense+sparse"``, else ``"dense"``), which gives
-    the ``"colbert"`` and ``"all"`` rankings of those candidates (a second encoding pass over them).
+    ``rerank_depth`` documents of ``rerank_source`` (default ``"dense+sparse"``, else ``"dense"``), which
+    gives the ``"colbert"`` and ``"all"`` rankings of those candidates (a second encoding pass over them).
     """
     heads, hybrids = _check_rankings(heads, hybrids)
     weights = _hybrid_weights(hybrid_weights)
@@ -413,12 +447,15 @@ def retrieve(
     first_heads = tuple(h for h in heads if not (rerank and h == "colbert"))
     first_rankings = first_heads + tuple(n for n in hybrids if set(HYBRIDS[n]) <= set(first_heads))
     if rerank:
-        rerank_source = rerank_source or ("dense+sparse" if "dense+sparse" in first_rankings else first_rankings[0])
+        default_source = "dense+sparse" if "dense+sparse" in first_rankings else first_rankings[0]
+        rerank_source = rerank_source or default_source
         if rerank_source not in first_rankings:
-            raise ValueError(f"rerank_source {rerank_source!r} must be one of the first-pass rankings {first_rankings}")
+            raise ValueError(
+                f"rerank_source {rerank_source!r} must be one of the first-pass rankings {first_rankings}"
+            )
         if rerank_depth < top_k:
-            logger.warning("rerank_depth %d < top_k %d: ColBERT rankings hold %d documents", rerank_depth, top_k,
-                           rerank_depth)
+            logger.warning("rerank_depth %d < top_k %d: ColBERT rankings hold %d documents",
+                           rerank_depth, top_k, rerank_depth)
 
     qids, doc_ids = list(queries), list(corpus)
     if not qids or not doc_ids:
@@ -439,7 +476,8 @@ def retrieve(
             texts[start : start + corpus_chunk_size], max_length=max_passage_length, batch_size=batch_size,
             heads=first_heads, show_progress=False,
         ):
-            for name, block in _with_hybrids(_head_scores(encoded, out, first_heads), hybrids, weights).items():
+            scores = _with_hybrids(_head_scores(encoded, out, first_heads), hybrids, weights)
+            for name, block in scores.items():
                 blocks[name].append(block)
             columns.append(torch.as_tensor(local, dtype=torch.long) + start)
             progress.update(len(local))
@@ -498,9 +536,10 @@ def evaluate_retrieval(
     judged_queries = {qid: queries[qid] for qid in qrels}
     runs = retrieve(
         embedder, corpus, judged_queries, heads=heads, hybrids=hybrids, hybrid_weights=hybrid_weights,
-        top_k=top_k or max(k_values), max_query_length=max_query_length, max_passage_length=max_passage_length,
-        batch_size=batch_size, corpus_chunk_size=corpus_chunk_size, colbert_mode=colbert_mode,
-        rerank_depth=rerank_depth, rerank_source=rerank_source, show_progress=show_progress,
+        top_k=top_k or max(k_values), max_query_length=max_query_length,
+        max_passage_length=max_passage_length, batch_size=batch_size, corpus_chunk_size=corpus_chunk_size,
+        colbert_mode=colbert_mode, rerank_depth=rerank_depth, rerank_source=rerank_source,
+        show_progress=show_progress,
     )
     results = {name: evaluate_run(run, qrels, k_values, metrics) for name, run in runs.items()}
     return (results, runs) if return_runs else results
@@ -522,15 +561,17 @@ def format_results_table(results: Mapping[str, Mapping[str, float]], digits: int
     rows = [[name] + [f"{values[m]:.{digits}f}" if m in values else "-" for m in metrics]
             for name, values in results.items()]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header] + rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def flatten_results(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """``{"dense": {"ndcg@10": x}}`` -> ``{"dense_ndcg@10": x}``."""
-    return {f"{ranking}_{metric}": value for ranking, values in results.items() for metric, value in values.items()}
+    return {f"{name}_{metric}": value for name, values in results.items() for metric, value in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------- subsets
@@ -542,8 +583,8 @@ def subsample(
     max_queries: Optional[int] = None,
     seed: int = 0,
 ) -> tuple[dict[str, str], dict[str, str], Qrels]:
-    """A smaller collection for quick evaluations: ``max_queries`` judged queries drawn at random, and a corpus
-    of every document judged for them plus random others up to ``max_corpus_size`` (corpus order kept)."""
+    """A smaller collection for quick evaluations: ``max_queries`` judged queries drawn at random, and a
+    corpus of every document judged for them plus random others up to ``max_corpus_size`` (order kept)."""
     rng = random.Random(seed)
     qids = [qid for qid in queries if qid in qrels]
     if max_queries is not None and len(qids) > max_queries:
@@ -565,13 +606,13 @@ def subsample(
 class M3RetrievalEvaluator:
     """Retrieval metrics of a model under training, for ``M3Trainer``: ``evaluator(model, tokenizer)``.
 
-    Returns flat keys ``"<ranking>_<metric>"`` (``"dense_ndcg@10"``, ``"all_ndcg@10"``, ...), which the trainer
-    logs with the ``eval_`` prefix (``metric_for_best_model="eval_all_ndcg@10"``). Give ``data_dir`` (BEIR layout,
-    ``split``) or ``corpus``/``queries``/``qrels``; ``max_corpus_size``/``max_queries`` evaluate on a seeded
-    subset (all judged documents kept). ``main_metric`` (the key to select checkpoints on) defaults to
-    ``"all_ndcg@10"``, or the nDCG of the widest ranking computed. ``model`` may be wrapped (DDP ``.module``, PEFT ``get_base_model()``);
-    it is encoded in eval mode (fp32 unless ``use_fp16``/``use_bf16``: autocast, weights untouched) and its
-    previous train/eval mode is restored.
+    Returns flat keys ``"<ranking>_<metric>"`` (``"dense_ndcg@10"``, ``"all_ndcg@10"``, ...), which the
+    trainer logs with the ``eval_`` prefix (``metric_for_best_model="eval_all_ndcg@10"``). Give ``data_dir``
+    (BEIR layout, ``split``) or ``corpus``/``queries``/``qrels``; ``max_corpus_size``/``max_queries``
+    evaluate on a seeded subset (all judged documents kept). ``main_metric`` (the key to select checkpoints
+    on) defaults to ``"all_ndcg@10"``, or the nDCG of the widest ranking computed. ``model`` may be wrapped
+    (DDP ``.module``, PEFT ``get_base_model()``); it is encoded in eval mode (fp32 unless
+    ``use_fp16``/``use_bf16``: autocast, weights untouched) and its previous train/eval mode is restored.
     """
 
     def __init__(
@@ -607,7 +648,8 @@ class M3RetrievalEvaluator:
             corpus, queries, qrels = load_beir(data_dir, split)
         elif corpus is None or queries is None or qrels is None:
             raise ValueError("M3RetrievalEvaluator needs data_dir, or all of corpus, queries and qrels")
-        self.corpus, self.queries, self.qrels = subsample(corpus, queries, qrels, max_corpus_size, max_queries, seed)
+        subset = subsample(corpus, queries, qrels, max_corpus_size, max_queries, seed)
+        self.corpus, self.queries, self.qrels = subset
         self.heads, self.hybrids = _check_rankings(heads, hybrids)
         k_values = sorted(set(k_values))
         self.keys = [f"{r}_{m}@{k}" for r in self.heads + self.hybrids for m in metrics for k in k_values]
@@ -620,7 +662,8 @@ class M3RetrievalEvaluator:
         self.options = dict(
             heads=self.heads, hybrids=self.hybrids, hybrid_weights=hybrid_weights, k_values=tuple(k_values),
             metrics=tuple(metrics), max_query_length=max_query_length, max_passage_length=max_passage_length,
-            batch_size=batch_size, colbert_mode=colbert_mode, rerank_depth=rerank_depth, show_progress=show_progress,
+            batch_size=batch_size, colbert_mode=colbert_mode, rerank_depth=rerank_depth,
+            show_progress=show_progress,
         )
         self.embedder_options = dict(
             batch_size=batch_size, use_fp16=use_fp16, use_bf16=use_bf16,
@@ -629,7 +672,9 @@ class M3RetrievalEvaluator:
         )
 
     @classmethod
-    def from_beir(cls, data_dir: Union[str, os.PathLike], split: str = "dev", **kwargs: Any) -> M3RetrievalEvaluator:
+    def from_beir(
+        cls, data_dir: Union[str, os.PathLike], split: str = "dev", **kwargs: Any
+    ) -> M3RetrievalEvaluator:
         """An evaluator on the ``split`` of a BEIR-layout directory (other arguments as the constructor)."""
         return cls(data_dir=data_dir, split=split, **kwargs)
 

@@ -34,6 +34,7 @@ from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
 logger = logging.getLogger(__name__)
 
 _SCORE_BLOCK_ELEMENTS = 1 << 24  # entries of one [queries, pool] score block in the torch search
+_FAISS_DENSE_ONLY = "faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid"
 
 
 def faiss_available() -> bool:
@@ -46,7 +47,9 @@ def faiss_available() -> bool:
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_training_data(path: Union[str, os.PathLike]) -> list[dict]:
-    """Training lines ``{"query": str, "pos": [str], "neg": [str] (optional), ...}``; errors name file and line."""
+    """Training lines ``{"query": str, "pos": [str], "neg": [str] (optional), ...}``.
+
+    A malformed line raises naming the file and line."""
     records = []
     for lineno, record in read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -87,8 +90,9 @@ def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Option
     dense: Optional[Tensor] = None
     rows, ids, weights = [], [], []
     logger.info("%s: encoding %d texts", desc, len(texts))
-    for indices, out in embedder.iter_outputs(texts, max_length=max_length, batch_size=batch_size, heads=heads,
-                                              show_progress=show_progress):
+    for indices, out in embedder.iter_outputs(
+        texts, max_length=max_length, batch_size=batch_size, heads=heads, show_progress=show_progress
+    ):
         index = torch.as_tensor(indices, dtype=torch.long)
         if dense is None:
             dense = torch.zeros(len(texts), out["dense"].shape[-1])
@@ -133,7 +137,7 @@ def search(
     if use_faiss is None:
         use_faiss = not hybrid and faiss_available()
     if use_faiss and hybrid:
-        raise ValueError("faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid")
+        raise ValueError(_FAISS_DENSE_ONLY)
     k = min(k, p_dense.shape[0])
     if use_faiss:
         import faiss
@@ -153,12 +157,19 @@ def search(
             scores["sparse"] = _lexical_block(q_lex[start : start + step], p_lex)
         total = hybrid_scores(scores, {"dense": weights[0], "sparse": weights[1] if hybrid else 0.0})
         found.append(torch.topk(total, k, dim=1).indices)
-    return torch.cat(found) if found else torch.empty(0, k, dtype=torch.long), "faiss" if use_faiss else "torch"
+    ranked = torch.cat(found) if found else torch.empty(0, k, dtype=torch.long)
+    return ranked, "faiss" if use_faiss else "torch"
 
 
-def query_scores(q_dense: Tensor, p_dense: Tensor, q_row: int, p_rows: Sequence[int],
-                 q_lex: Optional[scipy.sparse.csr_matrix] = None, p_lex: Optional[scipy.sparse.csr_matrix] = None,
-                 weights: Sequence[float] = (1.0, 0.3)) -> Tensor:
+def query_scores(
+    q_dense: Tensor,
+    p_dense: Tensor,
+    q_row: int,
+    p_rows: Sequence[int],
+    q_lex: Optional[scipy.sparse.csr_matrix] = None,
+    p_lex: Optional[scipy.sparse.csr_matrix] = None,
+    weights: Sequence[float] = (1.0, 0.3),
+) -> Tensor:
     """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``."""
     scores = {"dense": dense_scores(q_dense[q_row : q_row + 1], p_dense[list(p_rows)])[0]}
     if q_lex is not None:
@@ -172,7 +183,9 @@ def _parse_range(range_for_sampling: Union[str, Sequence[int]]) -> tuple[int, in
         range_for_sampling = [int(x) for x in range_for_sampling.split("-")]
     start, end = (int(x) for x in range_for_sampling)
     if not 0 <= start < end:
-        raise ValueError(f"range_for_sampling must be (start, end) with 0 <= start < end, got {range_for_sampling}")
+        raise ValueError(
+            f"range_for_sampling must be (start, end) with 0 <= start < end, got {range_for_sampling}"
+        )
     return start, end
 
 
@@ -236,19 +249,19 @@ def mine_hard_negatives(
 ) -> dict[str, Any]:
     """Mine hard negatives for a training JSONL with ``embedder`` (an ``M3Embedder``); returns a summary.
 
-    ``candidate_pool``: a JSONL of ``{"text": ...}`` lines or JSON strings, or a list of texts; default the union
-    of every ``pos`` and ``neg`` passage of the input. Duplicate passages are merged. ``range_for_sampling``:
-    0-based ranks ``(start, end)`` (or ``"start-end"``) to draw from. ``use_hybrid``: rank by
-    ``hybrid_weights[0] * dense + hybrid_weights[1] * sparse``. ``teacher_scores``: also write ``pos_scores``
-    and ``neg_scores``, the mining score of each passage with the query (without it, stale input
-    ``pos_scores``/``neg_scores`` are dropped). Queries get the query instruction (default: the embedder's);
-    lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
+    ``candidate_pool``: a JSONL of ``{"text": ...}`` lines or JSON strings, or a list of texts; default the
+    union of every ``pos`` and ``neg`` passage of the input. Duplicate passages are merged.
+    ``range_for_sampling``: 0-based ranks ``(start, end)`` (or ``"start-end"``) to draw from. ``use_hybrid``:
+    rank by ``hybrid_weights[0] * dense + hybrid_weights[1] * sparse``. ``teacher_scores``: also write
+    ``pos_scores`` and ``neg_scores``, the mining score of each passage with the query (without it, stale
+    input ``pos_scores``/``neg_scores`` are dropped). Queries get the query instruction (default: the
+    embedder's); lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
     """
     start, end = _parse_range(range_for_sampling)
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")
     if use_faiss and use_hybrid:
-        raise ValueError("faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid")
+        raise ValueError(_FAISS_DENSE_ONLY)
     if use_faiss and not faiss_available():
         raise ImportError("use_faiss=True but faiss is not importable (pip install faiss-cpu)")
     records = read_training_data(input_jsonl)
@@ -271,13 +284,12 @@ def mine_hard_negatives(
     row_of = {t: i for i, t in enumerate(texts)}
     queries = list(dict.fromkeys(r["query"] for r in records))
     query_of = {q: i for i, q in enumerate(queries)}
-    instruction = query_instruction_for_retrieval or getattr(embedder, "query_instruction_for_retrieval", None)
-    fmt = query_instruction_format or getattr(embedder, "query_instruction_format", "{}{}")
-    instructed = [fmt.replace("\\n", "\n").format(instruction, q) for q in queries] if instruction else queries
+    instructed = with_instruction(embedder, queries, "query", query_instruction_for_retrieval,
+                                  query_instruction_format)
     q_max = query_max_length or getattr(embedder, "query_max_length", 512)
     p_max = passage_max_length or getattr(embedder, "passage_max_length", 512)
-    p_dense, p_lex = _encode(embedder, with_instruction(embedder, texts, "passage"), p_max, batch_size, use_hybrid,
-                             "candidates", show_progress)
+    passages = with_instruction(embedder, texts, "passage")
+    p_dense, p_lex = _encode(embedder, passages, p_max, batch_size, use_hybrid, "candidates", show_progress)
     q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, use_hybrid, "queries", show_progress)
     weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
     searched_lex = p_lex[: len(pool)] if use_hybrid else None
@@ -291,8 +303,8 @@ def mine_hard_negatives(
     with open(output_jsonl, "w", encoding="utf-8") as f:
         for record in tqdm(records, desc="Sampling negatives", disable=not show_progress):
             qi = query_of[record["query"]]
-            chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start, end,
-                                      negative_number, fill_random, len(pool))
+            chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start,
+                                      end, negative_number, fill_random, len(pool))
             out = dict(record)
             out["neg"] = [pool[j] for j in chosen]
             filled += used_fill

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from conftest import SENTENCES
+from transformers import AutoTokenizer
 
 from flagm3 import M3Model
 from flagm3.evaluation import (
@@ -64,7 +65,8 @@ def test_metrics_match_pytrec_eval(seed):
         assert ours[f"map@{k}"] == pytest.approx(ref[f"map_cut_{k}"], abs=1e-6)
         # MRR@k is trec_eval's recip_rank of the run cut to its top k (no ties here)
         top_k = {q: dict(sorted(r.items(), key=lambda x: -x[1])[:k]) for q, r in run.items()}
-        assert ours[f"mrr@{k}"] == pytest.approx(trec_means(qrels, top_k, {"recip_rank"})["recip_rank"], abs=1e-6)
+        recip_rank = trec_means(qrels, top_k, {"recip_rank"})["recip_rank"]
+        assert ours[f"mrr@{k}"] == pytest.approx(recip_rank, abs=1e-6)
 
 
 def test_metrics_follow_trec_eval_tie_order():
@@ -101,7 +103,8 @@ def write_beir(root, corpus, queries, qrels_rows, split="test", header=True):
 def test_load_beir_title_text_and_judged_queries(tmp_path):
     corpus = [{"_id": "1", "title": "Wing", "text": "lift at high angles "}, {"_id": 2, "text": "drag"},
               {"_id": "3", "title": "Shells", "text": ""}]
-    queries = [{"_id": "q1", "text": "lift"}, {"_id": "q2", "text": "unjudged"}, {"_id": "q3", "text": "drag"}]
+    queries = [{"_id": "q1", "text": "lift"}, {"_id": "q2", "text": "unjudged"},
+               {"_id": "q3", "text": "drag"}]
     root = write_beir(tmp_path / "c", corpus, queries, [("q1", "1", 2), ("q3", "2", 1), ("q3", "3", 0)])
     c, q, r = load_beir(root, "test")
     assert c == {"1": "Wing lift at high angles", "2": "drag", "3": "Shells"}
@@ -114,7 +117,7 @@ def test_load_beir_title_text_and_judged_queries(tmp_path):
 @pytest.mark.parametrize(
     "corrupt, message",
     [
-        (lambda root: (root / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n{"_id": "2", "text": \n'),
+        (lambda root: (root / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n{"_id": "2", "text":\n'),
          r"corpus\.jsonl:2: not valid JSON"),
         (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n\n{"text": "b"}\n'),
          r"queries\.jsonl:3: missing field '_id'"),
@@ -128,7 +131,8 @@ def test_load_beir_title_text_and_judged_queries(tmp_path):
     ],
 )
 def test_load_beir_errors_name_file_and_line(tmp_path, corrupt, message):
-    root = write_beir(tmp_path / "c", [{"_id": "1", "text": "a"}], [{"_id": "q1", "text": "a"}], [("q1", "1", 1)])
+    root = write_beir(tmp_path / "c", [{"_id": "1", "text": "a"}], [{"_id": "q1", "text": "a"}],
+                      [("q1", "1", 1)])
     corrupt(root)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_beir(root, "test")
@@ -198,7 +202,7 @@ def collection():
 
 def encode_all(embedder, texts, max_length=64):
     """Every output of ``texts`` in one padded batch, rows in input order."""
-    [(indices, out)] = list(embedder.iter_outputs(texts, max_length, batch_size=len(texts), show_progress=False))
+    [(indices, out)] = embedder.iter_outputs(texts, max_length, batch_size=len(texts), show_progress=False)
     order = torch.argsort(torch.tensor(indices))
     return {key: value[order] for key, value in out.items()}
 
@@ -310,8 +314,10 @@ def test_evaluator_flat_keys_values_and_train_mode(embedder, collection, tiny_to
                                 max_passage_length=64, show_progress=False)
     assert flat == pytest.approx(flatten_results(direct), abs=1e-9)
     with pytest.raises(ValueError, match="main_metric"):
-        M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",), main_metric="all_ndcg@10")
-    dense_only = M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",), k_values=(5,))
+        M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",),
+                             main_metric="all_ndcg@10")
+    dense_only = M3RetrievalEvaluator(corpus=corpus, queries=queries, qrels=qrels, heads=("dense",),
+                                      k_values=(5,))
     assert dense_only.main_metric == "dense_ndcg@5" and evaluator.main_metric == "all_ndcg@10"
 
 
@@ -325,8 +331,8 @@ def test_evaluator_accepts_a_peft_wrapped_model(embedder, collection, tiny_token
                       [{"_id": q, "text": t} for q, t in queries.items()],
                       [(q, d, g) for q, j in qrels.items() for d, g in j.items()], split="dev")
     evaluator = M3RetrievalEvaluator.from_beir(root, split="dev", **args)
-    wrapped = peft.get_peft_model(copy.deepcopy(embedder.model),
-                                  peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=True))
+    lora = peft.LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=True)
+    wrapped = peft.get_peft_model(copy.deepcopy(embedder.model), lora)
     wrapped.train()
     flat = evaluator(wrapped, tiny_tokenizer)
     assert wrapped.training
@@ -336,7 +342,8 @@ def test_evaluator_accepts_a_peft_wrapped_model(embedder, collection, tiny_token
 
 def test_subsample_keeps_judged_documents(collection):
     corpus, queries, qrels = collection
-    small_corpus, small_queries, small_qrels = subsample(corpus, queries, qrels, max_corpus_size=12, max_queries=3)
+    small = subsample(corpus, queries, qrels, max_corpus_size=12, max_queries=3)
+    small_corpus, small_queries, small_qrels = small
     assert len(small_queries) == 3 and set(small_qrels) == set(small_queries)
     judged = {d for j in small_qrels.values() for d in j}
     assert judged <= set(small_corpus) and len(small_corpus) == 12
@@ -364,7 +371,8 @@ def test_run_eval_prints_table_and_writes_json(tmp_path, embedder, tiny_tokenize
     assert printed.splitlines()[-len(RANKINGS):][0].startswith("dense ")
     assert format_results_table(results) in printed
     header = format_results_table(results).splitlines()[0].split()
-    assert header == ["ranking", "ndcg@1", "ndcg@10", "recall@1", "recall@10", "mrr@1", "mrr@10", "map@1", "map@10"]
+    assert header == ["ranking", "ndcg@1", "ndcg@10", "recall@1", "recall@10", "mrr@1", "mrr@10", "map@1",
+                      "map@10"]
 
 
 # --------------------------------------------------------------------------------------------- real data
@@ -374,8 +382,8 @@ def test_cranfield_subset_dense_minilm(cranfield_dir, minilm_dir):
     and dense retrieval is far better than a random ranking."""
     corpus, queries, qrels = subsample(*load_beir(cranfield_dir, "test"), max_corpus_size=200, max_queries=20)
     model = M3Model.from_encoder(str(minilm_dir)).eval()
-    emb = M3Embedder(model, tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(str(minilm_dir)),
-                     use_fp16=False, batch_size=32)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
+    emb = M3Embedder(model, tokenizer=tokenizer, use_fp16=False, batch_size=32)
     results, runs = evaluate_retrieval(emb, corpus, queries, qrels, heads=("dense",), k_values=(10, 100),
                                        max_query_length=32, max_passage_length=64, show_progress=False,
                                        return_runs=True)

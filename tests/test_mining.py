@@ -48,7 +48,8 @@ def embedder(tiny_encoder_dir, tiny_tokenizer):
 def data(tmp_path):
     """Training lines (one with extra fields, one whose query text is also in the pool) and a pool file."""
     records = [
-        {"query": q, "pos": [POOL[i], POOL[i + 10]], "neg": [POOL[i + 1]], "id": i} for i, q in enumerate(QUERIES)
+        {"query": q, "pos": [POOL[i], POOL[i + 10]], "neg": [POOL[i + 1]], "id": i}
+        for i, q in enumerate(QUERIES)
     ]
     records[1]["pos_scores"] = [0.5, 0.4]  # stale teacher scores of an older model
     train = tmp_path / "train.jsonl"
@@ -60,7 +61,7 @@ def data(tmp_path):
 
 
 def encode_all(embedder, texts, max_length):
-    [(indices, out)] = list(embedder.iter_outputs(texts, max_length, batch_size=len(texts), show_progress=False))
+    [(indices, out)] = embedder.iter_outputs(texts, max_length, batch_size=len(texts), show_progress=False)
     order = torch.argsort(torch.tensor(indices))
     return {key: value[order] for key, value in out.items()}
 
@@ -90,7 +91,8 @@ def test_negatives_come_from_the_rank_window_without_positives_or_query(embedder
     mined = read(out)
     assert len(mined) == len(records)
     assert summary["candidate_pool"] == len(pool) and summary["lines_short"] == 0
-    assert summary["scoring"] == ("dense+sparse" if hybrid else "dense") and summary["negatives"] == 5 * len(records)
+    assert summary["scoring"] == ("dense+sparse" if hybrid else "dense")
+    assert summary["negatives"] == 5 * len(records)
     for row, (record, line) in enumerate(zip(records, mined)):
         window = {pool[j] for j in ranking[row, 2:12].tolist()} - set(record["pos"]) - {record["query"]}
         assert len(line["neg"]) == 5 and len(set(line["neg"])) == 5
@@ -121,8 +123,9 @@ def test_faiss_and_torch_search_agree(embedder, data, tmp_path):
     outputs = []
     for use_faiss in (True, False):
         out = tmp_path / f"faiss_{use_faiss}.jsonl"
-        summary = mine_hard_negatives(embedder, train, out, candidate_pool=pool_file, range_for_sampling=(3, 20),
-                                      negative_number=6, use_faiss=use_faiss, seed=3, show_progress=False)
+        summary = mine_hard_negatives(embedder, train, out, candidate_pool=pool_file,
+                                      range_for_sampling=(3, 20), negative_number=6, use_faiss=use_faiss,
+                                      seed=3, show_progress=False)
         assert summary["backend"] == ("faiss" if use_faiss else "torch")
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1]
@@ -179,4 +182,5 @@ def test_malformed_input_names_file_and_line(embedder, tmp_path):
     with pytest.raises(ValueError, match=r"pool\.jsonl:2: expected"):
         mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", candidate_pool=pool, show_progress=False)
     with pytest.raises(ValueError, match="range_for_sampling"):
-        mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", range_for_sampling=(5, 5), show_progress=False)
+        mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", range_for_sampling=(5, 5),
+                            show_progress=False)
