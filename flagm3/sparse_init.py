@@ -35,7 +35,7 @@ def init_sparse_head_from_idf(
     tokenizer: Any,
     corpus: Sequence[str],
     max_length: int = 256,
-    max_texts: int = 2000,
+    max_texts: int = 256,
     ridge: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
