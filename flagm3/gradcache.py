@@ -39,12 +39,15 @@ class RandomState:
 
 
 def _chunks(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    """Split a tokenised batch into chunks, each trimmed to its own longest text."""
+    """Split a tokenised batch into chunks of ``size`` texts, each without the trailing columns that are padding
+    in all of its texts. Only trailing columns go (right padding), so positions never shift; a left-padded
+    chunk keeps every column."""
     total = features["input_ids"].shape[0]
     out = []
     for start in range(0, total, size):
         chunk = {k: v[start : start + size] for k, v in features.items()}
-        length = int(chunk["attention_mask"].sum(1).max())
+        attended = chunk["attention_mask"].bool().any(0).nonzero()
+        length = int(attended.max()) + 1 if attended.numel() else 1
         out.append({k: v[:, :length] for k, v in chunk.items()})
     return out
 
@@ -75,17 +78,18 @@ def _concat(outputs: list[M3Output], full_mask: Tensor) -> M3Output:
     )
 
 
-def _surrogate(out: M3Output, cached: M3Output) -> Tensor:
-    """``sum(rep * grad)`` over the heads, whose gradient w.r.t. the parameters is the cached chain rule."""
-    total = out.dense.new_zeros(()) if out.dense is not None else None
+def _surrogate(out: M3Output, cached: M3Output) -> Tensor | None:
+    """``sum(rep * grad)`` over the heads, whose gradient w.r.t. the parameters is the cached chain rule.
+
+    ``None`` when no head received a gradient (nothing to back-propagate)."""
+    terms = []
     for name in ("dense", "sparse", "colbert"):
         rep, leaf = getattr(out, name), getattr(cached, name)
         if rep is None or leaf is None or leaf.grad is None:
             continue
         grad = leaf.grad[:, : rep.shape[1]] if name != "dense" else leaf.grad
-        term = (rep * grad).sum()
-        total = term if total is None else total + term
-    return total
+        terms.append((rep * grad.to(rep.dtype)).sum())
+    return torch.stack(terms).sum() if terms else None
 
 
 def cached_gradient_step(trainer: M3Trainer, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -124,7 +128,9 @@ def cached_gradient_step(trainer: M3Trainer, model: nn.Module, inputs: dict[str,
                 sparse=_slice_leaf(leaf.sparse, start, size),
                 colbert=_slice_leaf(leaf.colbert, start, size),
             )
-            trainer.accelerator.backward(_surrogate(chunk_out, sliced))
+            surrogate = _surrogate(chunk_out, sliced)
+            if surrogate is not None:
+                trainer.accelerator.backward(surrogate)
     return out.loss.detach() * scale
 
 
