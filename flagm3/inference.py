@@ -235,9 +235,19 @@ class M3Embedder:
             return torch.float16
         return None
 
+    @property
+    def max_model_length(self) -> int:
+        """Longest input the model takes: the tokenizer's limit, else the encoder's position table."""
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if limit is not None and limit < 1_000_000:
+            return int(limit)
+        backbone = self.model.config.backbone_config
+        return int(getattr(backbone, "max_position_embeddings", 1_000_000))
+
     def _tokenize(self, texts: Sequence[str], max_length: int, **kwargs: Any) -> Dict[str, List[List[int]]]:
         """Truncated, unpadded token features: ``{"input_ids": [ids per text], "attention_mask": ..., ...}``."""
         features: Dict[str, List[List[int]]] = {}
+        max_length = min(max_length, self.max_model_length)
         for start in range(0, len(texts), _TOKENIZE_CHUNK):
             enc = self.tokenizer(list(texts[start : start + _TOKENIZE_CHUNK]), truncation=True,
                                  max_length=max_length, **kwargs)
