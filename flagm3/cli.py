@@ -37,6 +37,14 @@ def _eval(args: argparse.Namespace) -> None:
         max_passage_length=args.max_passage_length,
         hybrid_weights=tuple(args.weights),
         use_fp16=args.fp16,
+        heads=tuple(args.heads),
+        k_values=tuple(args.k_values),
+        colbert_mode=args.colbert_mode,
+        rerank_depth=args.rerank_depth,
+        max_corpus_size=args.max_corpus_size,
+        max_queries=args.max_queries,
+        query_instruction_for_retrieval=args.query_instruction,
+        devices=args.device,
     )
 
 
@@ -57,6 +65,9 @@ def _mine(args: argparse.Namespace) -> None:
         use_hybrid=args.hybrid,
         seed=args.seed,
         teacher_scores=args.teacher_scores,
+        hybrid_weights=tuple(args.hybrid_weights),
+        fill_random=not args.no_fill_random,
+        use_faiss=False if args.no_faiss else None,
     )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -109,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-passage-length", type=int, default=512)
     p.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.3, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"))
     p.add_argument("--fp16", action="store_true")
+    p.add_argument("--heads", nargs="+", default=["dense", "sparse", "colbert"], choices=["dense", "sparse", "colbert"])
+    p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full",
+                   help="score the whole corpus, or rerank the top of the dense+sparse ranking")
+    p.add_argument("--rerank-depth", type=int, default=100)
+    p.add_argument("--max-corpus-size", type=int, help="subsample the corpus (judged documents are kept)")
+    p.add_argument("--max-queries", type=int)
+    p.add_argument("--query-instruction")
+    p.add_argument("--device", help="e.g. cuda:0 (default: the first GPU, else CPU)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("mine", help="mine hard negatives for a training JSONL")
@@ -119,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"))
     p.add_argument("--negative-number", type=int, default=15)
     p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
+    p.add_argument("--hybrid-weights", type=float, nargs=2, default=[1.0, 0.3], metavar=("DENSE", "SPARSE"))
     p.add_argument("--teacher-scores", action="store_true", help="write pos_scores/neg_scores")
+    p.add_argument("--no-fill-random", action="store_true",
+                   help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
+    p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")
     p.add_argument("--query-instruction")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-query-length", type=int, default=64)
