@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from .checkpointing import AtomicCheckpointMixin
 from .data import M3BatchSampler, M3Collator, M3TrainDataset, padding_fraction
 from .distributed import gather_passages, world
 from .losses import M3Loss, M3LossOutput
@@ -69,8 +70,10 @@ def _float_output(out: M3Output) -> M3Output:
                     colbert_mask=out.colbert_mask)
 
 
-class M3Trainer(Trainer):
-    """Trainer for :class:`flagm3.M3Model` on (query, group of passages) batches from ``flagm3.data``."""
+class M3Trainer(AtomicCheckpointMixin, Trainer):
+    """Trainer for :class:`flagm3.M3Model` on (query, group of passages) batches from ``flagm3.data``.
+
+    Checkpoints are written atomically (see :mod:`flagm3.checkpointing`)."""
 
     loss_class: type[M3Loss] = M3Loss
     collator_class: type[M3Collator] = M3Collator

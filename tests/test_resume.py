@@ -1,0 +1,262 @@
+"""Atomic checkpoints and exact resumption.
+
+A tiny BERT with dropout on trains for two epochs of 4 steps (7 records, batch 2, groups of 3 with sampled
+negatives; some records draw theirs from the corpus), saving every 2 steps. The uninterrupted run's per-step
+losses are the reference: a run killed (SIGKILL) in the middle of writing checkpoint-6 must leave
+checkpoint-4 intact, and resuming from the last checkpoint must reproduce steps 5-8 exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SENTENCES, tiny_bert_config, train_tokenizer
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from flagm3.checkpointing import (
+    IncompleteCheckpointError,
+    clean_staging,
+    last_checkpoint,
+    publish_checkpoint,
+    staging_path,
+)
+
+STEPS = 8  # 2 epochs x 4 steps
+SAVE_STEPS = 2
+
+
+def make_dropout_encoder(directory: Path) -> Path:
+    """A tiny random BERT with dropout on (so resuming must restore the RNG state)."""
+    from transformers import BertModel
+
+    tokenizer = train_tokenizer(directory)
+    torch.manual_seed(0)
+    config = tiny_bert_config(len(tokenizer), hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    BertModel(config).save_pretrained(str(directory))
+    return directory
+
+
+def write_train_jsonl(path: Path, n: int = 7) -> Path:
+    """``n`` records; every third has no negatives (drawn from the corpus), the others 2-4 to sample from."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            record = {"query": SENTENCES[i % 10].split(" of ")[0], "pos": [SENTENCES[(i + 1) % 10]]}
+            if i % 3:
+                record["neg"] = [SENTENCES[(i + k) % 10] for k in range(2, 3 + i % 3 + 1)]
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def train_argv(encoder: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(encoder), "--train_data", str(data), "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "2", "--train_group_size", "3", "--num_train_epochs", "2",
+        "--query_max_len", "16", "--passage_max_len", "16", "--learning_rate", "1e-3", "--seed", "7",
+        "--logging_steps", "1", "--save_steps", str(SAVE_STEPS), "--use_cpu", "True", "--report_to", "none",
+        "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+
+
+class LossRecorder(TrainerCallback):
+    """Per-step losses logged by this process (not the log history restored from a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+
+def run_training(argv: list[str]):
+    """Train in this process; returns the trainer and its per-step losses."""
+    from flagm3.train import build_trainer, parse_args
+
+    model_args, data_args, training_args = parse_args(argv)
+    trainer = build_trainer(model_args, data_args, training_args)
+    recorder = LossRecorder()
+    trainer.add_callback(recorder)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    return trainer, recorder.losses
+
+
+# A separate process: records losses to LOSSES, and with CRASH_STEP > 0 kills itself (SIGKILL, as the OOM killer
+# or a preempted node would) in the middle of saving that step's checkpoint, after the model and optimizer are
+# written and before the RNG and trainer states are.
+DRIVER = r"""
+import json, os, signal, sys
+from transformers import TrainerCallback
+from flagm3.train import build_trainer, parse_args
+from flagm3.trainer import M3Trainer
+
+losses, crash_step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+write_optimizer = M3Trainer._save_optimizer_and_scheduler
+
+def dying_save(self, output_dir):
+    write_optimizer(self, output_dir)
+    if self.state.global_step == crash_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+class Record(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            with open(losses, "a") as f:
+                f.write(json.dumps([state.global_step, logs["loss"]]) + "\n")
+
+M3Trainer._save_optimizer_and_scheduler = dying_save
+model_args, data_args, training_args = parse_args(argv)
+trainer = build_trainer(model_args, data_args, training_args)
+trainer.add_callback(Record())
+trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+"""
+
+
+def run_process(losses: Path, crash_step: int, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", DRIVER, str(losses), str(crash_step), *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_losses(file: Path) -> dict[int, float]:
+    return {step: loss for step, loss in map(json.loads, file.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread (the subprocesses get OMP_NUM_THREADS=1): the same numerics in and out of process,
+    and on a busy 2-core machine 30x faster than two threads contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return make_dropout_encoder(root / "encoder"), write_train_jsonl(root / "train.jsonl"), root
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted run: trainer, per-step losses, output directory (checkpoints 2, 4, 6, 8)."""
+    encoder, data, root = setup
+    out = root / "reference"
+    trainer, losses = run_training(train_argv(encoder, data, out))
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return trainer, losses, out
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], steps: range) -> None:
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], abs=1e-6, rel=0), f"step {step}"
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_finishes_exactly(setup, reference):
+    encoder, data, root = setup
+    _, want, _ = reference
+    out = root / "killed"
+    crashed = run_process(root / "crashed.jsonl", 6, train_argv(encoder, data, out))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert_same_losses(read_losses(root / "crashed.jsonl"), want, range(1, 7))  # same numbers in any process
+
+    # The interrupted save is only a staging directory: no checkpoint-6, checkpoint-4 complete and loadable.
+    names = sorted(os.listdir(out))
+    assert names == ["checkpoint-2", "checkpoint-4", "tmp-checkpoint-6"]
+    assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(out / "tmp-checkpoint-6"))
+    assert "trainer_state.json" not in os.listdir(out / "tmp-checkpoint-6")
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")  # transformers' own lookup
+    assert last_checkpoint(str(out)) == str(out / "checkpoint-4")
+    from flagm3 import M3Model
+
+    M3Model.from_pretrained(str(out / "checkpoint-4"))
+
+    # This (another) process resumes from the last complete checkpoint, at the epoch boundary, and reproduces
+    # steps 5-8; the staging directory is gone.
+    trainer, got = run_training(train_argv(encoder, data, out, "--resume_from_checkpoint", "last"))
+    assert_same_losses(got, want, range(5, STEPS + 1))
+    assert sorted(os.listdir(out)) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    ref = load_file(str(root / "reference" / f"checkpoint-{STEPS}" / "model.safetensors"))
+    got_params = load_file(str(out / f"checkpoint-{STEPS}" / "model.safetensors"))
+    assert max((ref[k] - got_params[k]).abs().max().item() for k in ref) < 1e-6
+
+
+def test_resume_in_second_epoch_reproduces_every_later_step(setup, reference):
+    """Mid-epoch resume in epoch 2: batch order, sampled negatives and dropout all continue as uninterrupted."""
+    encoder, data, root = setup
+    _, want, ref_out = reference
+    checkpoint = ref_out / "checkpoint-6"
+    trainer, got = run_training(train_argv(encoder, data, root / "resumed-6", "--resume_from_checkpoint", str(checkpoint)))
+    assert_same_losses(got, want, range(7, STEPS + 1))
+    final = load_file(str(ref_out / f"checkpoint-{STEPS}" / "model.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    assert max((params[k].detach() - final[k]).abs().max().item() for k in final) < 1e-6
+
+
+def test_staged_checkpoint_has_exactly_the_files_of_transformers_save(setup, reference, tmp_path):
+    """The staged save writes what ``Trainer._save_checkpoint`` writes (a guard against transformers drift)."""
+    trainer, _, _ = reference
+    output_dir = trainer.args.output_dir
+    try:
+        trainer.args.output_dir = str(tmp_path / "ours")
+        trainer._save_checkpoint(trainer.model, None)
+        trainer.args.output_dir = str(tmp_path / "theirs")
+        Trainer._save_checkpoint(trainer, trainer.model, None)
+    finally:
+        trainer.args.output_dir = output_dir
+    ours, theirs = (tmp_path / d / f"checkpoint-{trainer.state.global_step}" for d in ("ours", "theirs"))
+    assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+    assert os.listdir(tmp_path / "ours") == [ours.name]
+    for name in ("trainer_state.json", "config.json"):
+        assert (ours / name).read_text() == (theirs / name).read_text()
+
+
+def test_resume_resolution_and_cleanup(tmp_path):
+    """'last' skips incomplete directories; staging directories are removed; a replaced checkpoint comes back."""
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (run / "tmp-checkpoint-8").mkdir()
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-6")  # transformers would pick the broken one
+    assert last_checkpoint(str(run)) == str(run / "checkpoint-4")
+
+    # interrupted while replacing checkpoint-4 by a new checkpoint-4: the old one is put back
+    os.rename(run / "checkpoint-4", run / "tmp-checkpoint-4-replaced")
+    (run / "tmp-checkpoint-4").mkdir()
+    removed = clean_staging(str(run))
+    assert sorted(Path(p).name for p in removed) == ["tmp-checkpoint-4", "tmp-checkpoint-8"]
+    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert last_checkpoint(str(run)) == str(run / "checkpoint-4")
+
+    # publishing over an existing checkpoint of the same step replaces it whole
+    staging = Path(staging_path(str(run / "checkpoint-4")))
+    staging.mkdir()
+    (staging / "trainer_state.json").write_text(json.dumps({"global_step": 4, "new": True}))
+    publish_checkpoint(str(staging), str(run / "checkpoint-4"))
+    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["new"] is True
+    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_resume_from_incomplete_or_missing_checkpoint_is_a_clear_error(setup, tmp_path):
+    from flagm3.train import build_trainer, parse_args
+
+    encoder, data, _ = setup
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)  # written by a non-atomic save that died
+    trainer = build_trainer(*parse_args(train_argv(encoder, data, out)))
+    with pytest.raises(IncompleteCheckpointError, match=r"checkpoint-5: has no readable trainer_state.json"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-5"))
+    with pytest.raises(IncompleteCheckpointError, match=r"'last'.*no complete checkpoint-N directory in"):
+        trainer.train(resume_from_checkpoint="last")
