@@ -133,14 +133,39 @@ def publish_checkpoint(staging: str, final: str) -> None:
         shutil.rmtree(replaced)
 
 
+def set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on every sampler and batch sampler inside ``loader``'s wrappers.
+
+    Resuming mid-epoch, the Trainer wraps the loader with accelerate's ``skip_first_batches``; with several
+    processes the batch sampler then sits one wrapper deeper (skip -> shard -> sampler) than where the
+    Trainer calls ``set_epoch``, and the resumed epoch would replay epoch 0's order.
+    """
+    seen: set[int] = set()
+    stack = [getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+        stack += [getattr(obj, "batch_sampler", None), getattr(obj, "sampler", None)]
+
+
 class AtomicCheckpointMixin:
     """Mixin for a ``transformers.Trainer`` subclass (put it first): atomic ``checkpoint-N`` directories,
-    staging directories cleaned when training starts, and ``resume_from_checkpoint`` resolved to the last
-    *complete* checkpoint (``True`` or the strings ``"last"``/``"latest"``/``"true"``)."""
+    staging directories cleaned when training starts, ``resume_from_checkpoint`` resolved to the last
+    *complete* checkpoint (``True`` or the strings ``"last"``/``"latest"``/``"true"``), and the sampler's
+    epoch set before every epoch (see :func:`set_sampler_epoch`)."""
 
     def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any):
         resume_from_checkpoint = self.resolve_resume_checkpoint(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        if kwargs.get("train_dataloader") is not None and kwargs.get("epoch") is not None:
+            set_sampler_epoch(kwargs["train_dataloader"], kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def resolve_resume_checkpoint(self, resume: Any) -> Optional[str]:
         """Clean interrupted saves in ``output_dir``, then turn ``resume`` into a complete checkpoint path."""

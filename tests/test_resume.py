@@ -260,3 +260,61 @@ def test_resume_from_incomplete_or_missing_checkpoint_is_a_clear_error(setup, tm
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-5"))
     with pytest.raises(IncompleteCheckpointError, match=r"'last'.*no complete checkpoint-N directory in"):
         trainer.train(resume_from_checkpoint="last")
+
+
+# Under torchrun: every rank trains (two ranks x batch 2, checkpoint every step), then resumes from checkpoint-3
+# of that run into another directory; each rank writes its logged losses of both runs.
+TWO_RANK_DRIVER = r"""
+import json, sys
+from transformers import TrainerCallback
+from flagm3.train import build_trainer, parse_args
+
+class Record(TrainerCallback):
+    def __init__(self):
+        self.losses = {}
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+result, argv = sys.argv[1], sys.argv[2:]
+runs = {}
+for name, extra in (("full", []), ("resumed", ["--resume_from_checkpoint", "CHECKPOINT"])):
+    args = [a.replace("OUT", name) for a in argv] + extra
+    args = [a.replace("CHECKPOINT", args[args.index("--output_dir") + 1].replace(name, "full") + "/checkpoint-3")
+            for a in args]
+    model_args, data_args, training_args = parse_args(args)
+    trainer = build_trainer(model_args, data_args, training_args)
+    record = Record()
+    trainer.add_callback(record)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    runs[name] = record.losses
+with open(f"{result}/rank{trainer.args.process_index}.json", "w") as f:
+    json.dump(runs, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_write_complete_checkpoints_and_resume_exactly(setup, tmp_path):
+    """Every rank's files (its RNG state) are in the renamed checkpoint; resuming on two ranks continues exactly."""
+    import shutil
+
+    encoder, data, _ = setup
+    driver = tmp_path / "driver.py"
+    driver.write_text(TWO_RANK_DRIVER)
+    argv = train_argv(encoder, data, tmp_path / "OUT", "--save_steps", "1")
+    torchrun = shutil.which("torchrun") or "torchrun"
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path), *argv]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    # 7 records, global batch 4: 2 steps per epoch, 4 in all, a checkpoint after each
+    full = tmp_path / "full"
+    assert sorted(n for n in os.listdir(full) if "checkpoint" in n) == [f"checkpoint-{s}" for s in range(1, 5)]
+    for step in range(1, 5):
+        files = set(os.listdir(full / f"checkpoint-{step}"))
+        assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "model.safetensors"} <= files
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in records:
+        assert sorted(record["full"]) == ["1", "2", "3", "4"] and sorted(record["resumed"]) == ["4"]
+        assert record["resumed"]["4"] == pytest.approx(record["full"]["4"], abs=1e-6, rel=0)
