@@ -211,7 +211,8 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------ training step
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One step, with cached gradients when ``sub_batch_size`` is set, and non-finite steps skipped."""
+        """One micro-batch, with cached gradients when ``sub_batch_size`` is set. A non-finite loss or gradient
+        in any micro-batch skips the whole optimizer step (see :meth:`_drop_skipped_step`)."""
         if self.args.sub_batch_size:
             if self.is_deepspeed_enabled:
                 raise ValueError("sub_batch_size (cached-gradient training) does not run under DeepSpeed.")
@@ -223,6 +224,7 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         else:
             loss = self._guarded_step(model, inputs, num_items_in_batch)
         self._check_gradients(model)
+        self._drop_skipped_step(model)
         return loss
 
     def _guarded_step(self, model, inputs, num_items_in_batch) -> Tensor:
@@ -232,7 +234,8 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if not self.all_finite(loss):
             self._skip_step(f"loss {float(loss.detach())}")
-            return torch.zeros((), device=loss.device)
+            if self._loss_scaler() is None:  # with fp16 loss scaling, backward runs and the GradScaler skips
+                return torch.zeros((), device=loss.device)
         loss = loss / self.current_gradient_accumulation_steps
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
         self.accelerator.backward(loss, **kwargs)
@@ -246,29 +249,58 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         return bad.item() == 0
 
     def _check_gradients(self, model: nn.Module) -> None:
-        if self.is_deepspeed_enabled:
-            return  # gradients live in DeepSpeed's partitions
+        # DeepSpeed: gradients live in its partitions. fp16 loss scaling: the GradScaler skips inf/NaN steps.
+        # A step already skipped loses its gradients anyway. (Each condition is the same on every process.)
+        if self.is_deepspeed_enabled or self._loss_scaler() is not None or self._step_skipped():
+            return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads and not self.all_finite(torch.stack([g.detach().float().abs().max() for g in grads])):
             bad = [n for n, p in unwrap_m3(model).named_parameters()
                    if p.grad is not None and not torch.isfinite(p.grad).all()]
-            model.zero_grad(set_to_none=True)
-            self._skip_step(f"gradient of {', '.join(bad[:3]) or 'a parameter'}")
-        elif grads:
-            self._bad_steps = 0
+            bad.sort(key=lambda n: not n.startswith(HEAD_MODULES))  # the heads first: nearest to the loss
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            self._skip_step(f"gradient of {', '.join(bad[:3]) or 'a parameter on another process'}{more}")
 
     def _skip_step(self, what: str) -> None:
-        self._bad_steps += 1
+        """Mark the current optimizer step as skipped, warn, and stop after too many consecutive ones."""
+        step = self.state.global_step + 1  # the step being computed, numbered as the logs number it
+        if self._skipped_step != step:
+            consecutive = self._skipped_step is not None and self._skipped_step == step - 1
+            self._bad_steps = self._bad_steps + 1 if consecutive else 1
+            self._skipped_step = step
         heads = [k for k, v in self._last_logs.items() if not math.isfinite(v)] if self._last_logs else []
         logger.warning(
             "step %d: non-finite %s%s; step skipped (%d in a row)",
-            self.state.global_step, what, f" (terms: {', '.join(heads)})" if heads else "", self._bad_steps,
+            step, what, f" (terms: {', '.join(heads)})" if heads else "", self._bad_steps,
         )
         if self._bad_steps >= self.args.max_consecutive_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self._bad_steps} consecutive steps with a non-finite {what} at step {self.state.global_step}; "
+                f"{self._bad_steps} consecutive steps with a non-finite {what} at step {step}; "
                 f"last per-term losses: {self._last_logs}. Lower the learning rate, check the data, or use bf16."
             )
+
+    _skipped_step: Optional[int] = None  # the last step (1-based) marked as skipped
+
+    def _step_skipped(self) -> bool:
+        return self._skipped_step == self.state.global_step + 1
+
+    def _loss_scaler(self):
+        return getattr(self.accelerator, "scaler", None)
+
+    def _drop_skipped_step(self, model: nn.Module) -> None:
+        """After every micro-batch: if the step is skipped, drop its gradients (``None``: the optimizer leaves
+        those parameters and their Adam moments untouched) and flag the step as skipped, as accelerate flags an
+        fp16 overflow, so the Trainer does not advance the learning-rate schedule either.
+
+        Under DeepSpeed only the non-finite micro-batch's backward is skipped; with fp16 loss scaling the
+        GradScaler skips the step (its backward ran on the non-finite loss)."""
+        if self.is_deepspeed_enabled or self._loss_scaler() is not None:
+            return
+        skipped = self._step_skipped()
+        if skipped:
+            model.zero_grad(set_to_none=True)
+        if hasattr(self.optimizer, "_is_overflow"):  # accelerate's AcceleratedOptimizer.step_was_skipped
+            self.optimizer._is_overflow = skipped
 
     # ---------------------------------------------------------------------------------- logging
     _last_logs: dict[str, float] = {}
