@@ -180,6 +180,7 @@ class M3Model(M3PreTrainedModel):
             config._attn_implementation = attn
         model = cls(config)
         model.encoder = encoder
+        check_tokenizer_fits(model, tokenizer, encoder_name_or_path)
         return model.to(encoder.dtype)
 
     @classmethod
@@ -201,8 +202,12 @@ class M3Model(M3PreTrainedModel):
                 "M3Model.from_encoder(path), or `flagm3 train --model_name_or_path` which does so."
             )
         kwargs["output_loading_info"] = True
-        model, info = super().from_pretrained(path, *args, **kwargs)
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        # Load with mismatches allowed only to list them: transformers' own error names neither file nor field.
+        model, info = super().from_pretrained(path, *args, ignore_mismatched_sizes=True, **kwargs)
+        if info.get("mismatched_keys") and not allow_mismatch:
+            raise CheckpointError(_mismatch_message(path, model.config, info["mismatched_keys"]))
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
         if problems:
             raise CheckpointError(f"{path}: weights do not match an M3 model of this config: {problems}")
         return model
@@ -241,6 +246,49 @@ class M3Model(M3PreTrainedModel):
 
 
 # --------------------------------------------------------------------------------- checkpoint helpers
+def check_tokenizer_fits(model: nn.Module, tokenizer: Any, model_source: Any = None) -> None:
+    """Refuse a tokenizer whose ids go beyond the encoder's embedding matrix (a crash when such a token
+    first appears, possibly hours into training); the message names the tokenizer and the model."""
+    if tokenizer is None or not hasattr(tokenizer, "__len__"):
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return
+    tok_source = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    model_source = model_source or getattr(model.config, "_name_or_path", "") or "the model"
+    raise CheckpointError(
+        f"{tok_source}: the tokenizer has {len(tokenizer)} tokens but the encoder's embedding matrix in "
+        f"{model_source} has {rows} rows (vocab_size in its config.json): ids >= {rows} fail with 'index out of "
+        "range' when such a token appears. Use the model's own tokenizer, or grow the embeddings first "
+        "(model.resize_token_embeddings(len(tokenizer)))."
+    )
+
+
+def _weights_file(path: str) -> str:
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return path
+
+
+def _mismatch_message(path: str, config: M3Config, mismatched: Iterable) -> str:
+    """Which tensors of the weights file disagree with config.json, and the config field to blame."""
+    mismatched = sorted(mismatched)
+    shapes = "; ".join(f"{key} is {tuple(ckpt)} in the file, config.json implies {tuple(want)}"
+                       for key, ckpt, want in mismatched)
+    hints = []
+    for key, ckpt, _ in mismatched:
+        if key == "colbert_linear.weight":
+            hints.append(f"config.json has colbert_dim={config.colbert_dim} (ColBERT size "
+                         f"{config.colbert_output_dim}) but the weights hold a ColBERT head of size {ckpt[0]}")
+        elif key.endswith("word_embeddings.weight"):
+            hints.append(f"backbone_config.vocab_size={config.backbone_config.vocab_size} in config.json but the "
+                         f"embedding matrix has {ckpt[0]} rows")
+    hint = (": " + "; ".join(hints)) if hints else ""
+    return (f"{_weights_file(path)}: weights do not match {os.path.join(path, 'config.json')}{hint} ({shapes}). "
+            "Fix the config (or re-save the model) so that both describe the same model.")
+
+
 def _read_config(path: str) -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from .data import M3TrainDataset
 from .distributed import full_weights_on_load, keep_used_weight_conversions, setup_process_group
-from .modeling_m3 import M3Model, checkpoint_layout, resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
@@ -56,6 +56,7 @@ def load_model(
     with full_weights_on_load(training_args) if layout != "flagm3" else nullcontext():
         model = _load_layout(path, layout, model_args, training_args, tokenizer, encoder_kwargs)
     keep_used_weight_conversions(model)
+    check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
     if corpus and _wants_idf_init(training_args, layout):
         init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
     model.config.pooling = training_args.sentence_pooling_method
