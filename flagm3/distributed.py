@@ -34,6 +34,23 @@ def setup_process_group(args: Any) -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
+def check_deepspeed_config(args: Any) -> None:
+    """Refuse settings that a DeepSpeed config would silently override.
+
+    With an ``"optimizer"`` section DeepSpeed builds the optimizer from a flat parameter list, so the heads'
+    own learning rate (``--head_learning_rate``) would be ignored.
+    """
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is None or getattr(args, "head_learning_rate", None) is None:
+        return
+    if "optimizer" in hf_config.config:
+        raise ValueError(
+            f"{args.deepspeed}: --head_learning_rate needs the Trainer's optimizer, but this DeepSpeed config has an "
+            '"optimizer" section; remove it (the Trainer then builds AdamW from --learning_rate, --weight_decay, '
+            "--adam_beta1/2, --adam_epsilon) or drop --head_learning_rate."
+        )
+
+
 def zero3_enabled() -> bool:
     """True while a Trainer's DeepSpeed ZeRO-3 config is active (``from_pretrained`` then partitions weights)."""
     try:

@@ -15,7 +15,12 @@ from typing import Optional, Sequence
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from .data import M3TrainDataset
-from .distributed import full_weights_on_load, keep_used_weight_conversions, setup_process_group
+from .distributed import (
+    check_deepspeed_config,
+    full_weights_on_load,
+    keep_used_weight_conversions,
+    setup_process_group,
+)
 from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
@@ -149,6 +154,7 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
         cache_dir=model_args.cache_dir,
         token=model_args.token,
     )
+    check_deepspeed_config(training_args)
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)

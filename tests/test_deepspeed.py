@@ -147,3 +147,24 @@ def test_zero3_from_a_plain_encoder(deepspeed_runs, tiny_encoder_dir):
     saved, trained = reloaded(root / "out_zero3_encoder"), tensors(root / "zero3_encoder", "params")
     for name in trained:
         torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_head_learning_rate_is_refused_with_a_deepspeed_optimizer():
+    """A DeepSpeed "optimizer" section builds the optimizer from a flat parameter list: the heads' learning
+    rate would be silently ignored, so build_trainer refuses the combination."""
+    from types import SimpleNamespace
+
+    from flagm3.distributed import check_deepspeed_config
+
+    with_optimizer = {**json.loads((CONFIGS / "ds_stage2.json").read_text()),
+                      "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}
+
+    def args(config, head_lr):
+        return SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config=config), head_learning_rate=head_lr,
+                               deepspeed="ds.json")
+
+    with pytest.raises(ValueError, match="head_learning_rate.*optimizer"):
+        check_deepspeed_config(args(with_optimizer, 1e-3))
+    check_deepspeed_config(args(with_optimizer, None))
+    check_deepspeed_config(args(json.loads((CONFIGS / "ds_stage2.json").read_text()), 1e-3))
+    check_deepspeed_config(SimpleNamespace(hf_deepspeed_config=None, head_learning_rate=1e-3))

@@ -12,9 +12,15 @@ One ``torchrun --nproc_per_node=2`` launch runs three trainings (see ``dist_scri
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+import sys
+
 import pytest
 import torch
 from dist_scripts.common import (
+    REPO,
     launch,
     losses,
     ranks,
@@ -24,6 +30,8 @@ from dist_scripts.common import (
     unpadded,
     write_train_data,
 )
+
+from flagm3 import M3Model
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +116,49 @@ def test_uneven_data_gives_every_rank_the_same_steps(two_rank_runs, run, steps_p
                     for q in unpadded(b)}
             assert len(seen) == 5
     assert all(torch.isfinite(torch.tensor(losses(rank0))))
+
+
+# ------------------------------------------------------------------------------------- launch scripts
+LAUNCH = REPO / "examples" / "launch"
+
+
+def script_command(script: str, env: dict, *extra: str) -> list[str]:
+    """The command a launch script runs (its ``DRY_RUN=1`` output), split like the shell would."""
+    out = subprocess.run(["bash", str(LAUNCH / script), *extra], env={**os.environ, **env, "DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return shlex.split(out)
+
+
+@pytest.mark.parametrize("script", ["train_single.sh", "train_torchrun.sh", "train_deepspeed.sh"])
+def test_launch_scripts_pass_arguments_flagm3_accepts(script, tmp_path):
+    from flagm3.train import parse_args
+
+    env = {"MODEL": str(tmp_path / "model"), "TRAIN_DATA": str(tmp_path / "data.jsonl"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "PRECISION_ARGS": "--use_cpu True", "NPROC": "3"}
+    command = script_command(script, env, "--max_steps", "7")
+    module = command.index("flagm3.train")
+    assert command[module - 1] == "-m"
+    model_args, data_args, training_args = parse_args(command[module + 1 :])
+    assert model_args.model_name_or_path == env["MODEL"] and data_args.train_data == [env["TRAIN_DATA"]]
+    assert training_args.output_dir == env["OUTPUT_DIR"] and training_args.use_cpu
+    assert training_args.max_steps == 7  # extra arguments come last and win
+    assert training_args.unified_finetuning and training_args.use_self_distill
+    if script == "train_single.sh":
+        assert command[0].startswith("python") and not training_args.negatives_cross_device
+    else:
+        assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "3"]
+        assert training_args.negatives_cross_device
+    if script == "train_deepspeed.sh":
+        assert training_args.deepspeed == str(REPO / "deepspeed_configs" / "ds_stage2.json")
+
+
+def test_train_single_script_trains_and_saves(tmp_path, tiny_encoder_dir):
+    data = write_train_data(tmp_path / "four.jsonl", 4)
+    env = {**os.environ, "MODEL": str(tiny_encoder_dir), "TRAIN_DATA": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
+           "PRECISION_ARGS": "--use_cpu True", "MAX_STEPS": "1", "GROUP_SIZE": "3", "QUERY_MAX_LEN": "16",
+           "PASSAGE_MAX_LEN": "32", "PYTHON": sys.executable, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(["bash", str(LAUNCH / "train_single.sh"), "--disable_tqdm", "True"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    model = M3Model.from_pretrained(str(tmp_path / "out"))
+    assert model.colbert_linear.weight.shape[1] == 32

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -79,17 +79,25 @@ def launch(runs: Sequence[Sequence[str]], nproc: int = 2, timeout: int = 300, en
         tail = (err.stdout or b"")[-3000:] if isinstance(err.stdout, bytes) else (err.stdout or "")[-3000:]
         raise AssertionError(f"torchrun did not finish in {timeout} s (hang?):\n{tail}") from err
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+        output = proc.stdout + proc.stderr
+        first_error = output.find("Traceback")
+        shown = output[first_error : first_error + 6000] if first_error >= 0 else output[-6000:]
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{shown}")
 
 
-def run_in_process(result_dir: Path, args: Sequence[str]) -> dict:
-    """One process, no launcher: ``run_train.run`` in this interpreter."""
+def train_in_process(result_dir: Path, args: Sequence[str]) -> tuple[Any, dict]:
+    """One process, no launcher: ``run_train.train`` in this interpreter; the trainer and this run's record."""
     sys.path.insert(0, str(HERE))
     try:
         import run_train
     finally:
         sys.path.remove(str(HERE))
-    return run_train.run(str(result_dir), [str(a) for a in args])
+    return run_train.train(str(result_dir), [str(a) for a in args])
+
+
+def run_in_process(result_dir: Path, args: Sequence[str]) -> dict:
+    """:func:`train_in_process`, keeping only the record."""
+    return train_in_process(result_dir, args)[1]
 
 
 def ranks(result_dir: Path) -> list[dict]:

@@ -62,6 +62,11 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run(result_dir: str, argv: Sequence[str]) -> dict:
     """Build the trainer from ``argv``, train, save, and write this rank's record; return it."""
+    return train(result_dir, argv)[1]
+
+
+def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
+    """:func:`run`, returning the trained ``M3Trainer`` too."""
     from flagm3.train import build_trainer, parse_args
     from flagm3.trainer import unwrap_m3
 
@@ -89,6 +94,8 @@ def run(result_dir: str, argv: Sequence[str]) -> dict:
         "log_history": trainer.state.log_history,
         "global_step": trainer.state.global_step,
         "batches": batches,
+        "attn_implementation": unwrap_m3(trainer.model).encoder.config._attn_implementation,
+        "gradient_checkpointing": bool(unwrap_m3(trainer.model).encoder.is_gradient_checkpointing),
     }
     out = Path(result_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,7 @@ def run(result_dir: str, argv: Sequence[str]) -> dict:
         torch.save(params, out / "params.pt")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return record
+    return trainer, record
 
 
 def split_runs(argv: Sequence[str]) -> list[list[str]]:
