@@ -171,9 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
+        from .data import DataValidationError
         from .train import main as train_main
 
-        train_main(argv[1:])
+        try:
+            train_main(argv[1:])
+        except DataValidationError as err:  # found before the model loads: a message, not a traceback
+            sys.exit(f"flagm3 train: {err}\nNothing was trained; `flagm3 validate DATA` prints a full summary.")
         return
     args = build_parser().parse_args(argv)
     args.func(args)
