@@ -266,6 +266,11 @@ def test_resume_from_incomplete_or_missing_checkpoint_is_a_clear_error(setup, tm
 # of that run into another directory; each rank writes its logged losses of both runs.
 TWO_RANK_DRIVER = r"""
 import json, sys
+try:  # DeepSpeed compiles a shared-memory op on first use (30 s): not needed on CPU
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+except ImportError:
+    pass
 from transformers import TrainerCallback
 from flagm3.train import build_trainer, parse_args
 
@@ -294,14 +299,19 @@ with open(f"{result}/rank{trainer.args.process_index}.json", "w") as f:
 
 
 @pytest.mark.slow
-def test_two_ranks_write_complete_checkpoints_and_resume_exactly(setup, tmp_path):
-    """Every rank's files (its RNG state) are in the renamed checkpoint; resuming on two ranks continues exactly."""
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "zero2"])
+def test_two_ranks_write_complete_checkpoints_and_resume_exactly(setup, tmp_path, deepspeed):
+    """Every rank's files (RNG states; DeepSpeed's optimizer partitions) are in the renamed checkpoint, and
+    resuming on two ranks continues exactly."""
     import shutil
 
     encoder, data, _ = setup
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_RANK_DRIVER)
-    argv = train_argv(encoder, data, tmp_path / "OUT", "--save_steps", "1")
+    extra = ["--deepspeed", str(REPO / "deepspeed_configs" / "ds_stage2.json")] if deepspeed else []
+    if deepspeed:
+        pytest.importorskip("deepspeed")
+    argv = train_argv(encoder, data, tmp_path / "OUT", "--save_steps", "1", *extra)
     torchrun = shutil.which("torchrun") or "torchrun"
     command = [torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(tmp_path), *argv]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -314,6 +324,10 @@ def test_two_ranks_write_complete_checkpoints_and_resume_exactly(setup, tmp_path
     for step in range(1, 5):
         files = set(os.listdir(full / f"checkpoint-{step}"))
         assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "model.safetensors"} <= files
+        if deepspeed:
+            assert (full / f"checkpoint-{step}" / "latest").read_text() == f"global_step{step}"
+            partitions = set(os.listdir(full / f"checkpoint-{step}" / f"global_step{step}"))
+            assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= partitions
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in records:
         assert sorted(record["full"]) == ["1", "2", "3", "4"] and sorted(record["resumed"]) == ["4"]
