@@ -63,6 +63,8 @@ def load_model(encoder_dir, dropout: float = 0.0, dtype: torch.dtype = torch.flo
     model = M3Model.from_encoder(
         str(encoder_dir), colbert_dim=16, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
     )
+    with torch.no_grad():  # most token weights positive, so the sparse head always gets a gradient
+        model.sparse_linear.bias.fill_(0.5)
     return model.to(dtype)
 
 

@@ -15,6 +15,15 @@ from flagm3.training_args import M3TrainingArguments
 DTYPE = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is much faster than two when the cores are shared (measured here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------ references
 def ref_ce(row: torch.Tensor, target: int, allowed: list[int] | None = None) -> torch.Tensor:
     """``-log(exp(row[target]) / sum_{j in allowed} exp(row[j]))``, by an explicit sum."""
