@@ -3,6 +3,18 @@
 Scores come from :mod:`flagm3.scoring`; this module only turns them into losses. Shapes: ``B`` local queries,
 ``G`` passages per query (positive first), ``P`` passages scored against (``B*G``, or ``W*B*G`` with
 negatives gathered from ``W`` processes).
+
+The ``bge-m3`` preset reproduces FlagEmbedding 1.4.2's M3 loss on one process (tests/test_parity_loss.py:
+loss and every term within 1e-6). Where the two differ, on purpose:
+
+- ColBERT MaxSim ignores passage padding; FlagEmbedding lets zero pad vectors into the max (similarity 0),
+  which changes a score only when a query token's best real match is negative.
+- Without in-batch negatives FlagEmbedding 1.4.2 scores the ensemble as a [B, 1] matrix (its loss is 0) and
+  broadcasts that column as the self-distillation target; here the ensemble is scored over each group.
+- ``step`` is the trainer's optimizer step; FlagEmbedding counts forward passes (micro-batches), which
+  differs for ``self_distill_start_step >= 0`` with gradient accumulation.
+- With negatives gathered across processes every head scores the gathered passages; FlagEmbedding gathers
+  for the dense head only.
 """
 
 from __future__ import annotations
