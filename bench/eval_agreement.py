@@ -2,7 +2,7 @@
 
     python bench/eval_agreement.py --reference-python $FE_PY \
         --pair NAME FLAGM3_DIR BGE_M3_DIR [--pair ...] [--quality bench/results/quality.json]
-        [--max-docs N] [--max-length 512] [--batch-size 32] [--tolerance 0.005]
+        [--max-docs N] [--max-length 512] [--batch-size 32] [--tolerance 0.005] [--jobs N] [--wait-pid PID]
         [--out bench/results/eval_agreement.json]
 
 For each pair: flagm3's evaluator (bench/quality.py's `flagm3_metrics`: `run_eval`) on FLAGM3_DIR, and the
@@ -21,6 +21,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,6 +43,14 @@ def reference_metrics(python: str, model_dir: str, name: str, args: argparse.Nam
     return {r: {k: float(quality[r][k]) for k in KEYS} for r in RANKINGS}
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference-python", default=os.environ.get("FLAGM3_REFERENCE_PYTHON"))
@@ -51,11 +61,19 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--jobs", type=int, default=1, help="reference evaluations run at the same time")
+    p.add_argument("--wait-pid", type=int, default=0,
+                   help="wait for --quality to appear while this process (bench/quality.py's) runs")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "eval_agreement.json"))
     args = p.parse_args()
     if not args.reference_python:
         sys.exit("ERROR: --reference-python (or $FLAGM3_REFERENCE_PYTHON) is required: the FlagEmbedding venv")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each reference run is a subprocess
+        refs = dict(zip([name for name, _, _ in args.pair], pool.map(
+            lambda pair: reference_metrics(args.reference_python, pair[2], pair[0], args), args.pair)))
     reuse = {}
+    while args.quality and not Path(args.quality).is_file() and args.wait_pid and alive(args.wait_pid):
+        time.sleep(10)  # bench/quality.py running at the same time (run.sh --parallel)
     if args.quality and Path(args.quality).is_file():
         q = json.loads(Path(args.quality).read_text())
         if q.get("max_docs") == args.max_docs and q.get("max_length") == args.max_length and q["split"] == args.split:
@@ -64,7 +82,7 @@ def main() -> None:
     for name, flagm3_dir, bge_dir in args.pair:
         mine = reuse.get(name) or flagm3_metrics(flagm3_dir, args.split, args.max_docs, args.max_length,
                                                  args.batch_size)
-        ref = reference_metrics(args.reference_python, bge_dir, name, args)
+        ref = refs[name]
         diffs = {r: {k: mine[r][k] - ref[r][k] for k in KEYS} for r in RANKINGS}
         passed = all(abs(diffs[r]["ndcg@10"]) <= args.tolerance for r in CHECKED)
         ok = ok and passed

@@ -1,7 +1,7 @@
 """Workload 4: retrieval quality on the Cranfield test split after workload 1, every model through flagm3's
 evaluator (`flagm3 eval`, i.e. `flagm3.evaluation.run_eval`), plus BM25.
 
-    python bench/quality.py --model NAME=DIR [--model NAME=DIR ...] [--untouched NAME]
+    python bench/quality.py --model NAME=DIR [--model NAME=DIR ...] [--untouched NAME] [--jobs N]
         [--max-docs N] [--max-length 512] [--batch-size 32] [--out bench/results/quality.json]
 
 DIR: a flagm3 checkpoint or a BGE-M3-layout directory (FlagEmbedding's trained output loads as is).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,12 @@ def flagm3_metrics(model_dir: str, split: str = "test", max_docs: int = 0, max_l
     return {name: {k: float(results[name][k]) for k in KEYS} for name in RANKINGS if name in results}
 
 
+def timed_metrics(*args) -> tuple[dict, float]:
+    """flagm3_metrics(*args) and its wall time (for worker processes)."""
+    t0 = time.perf_counter()
+    return flagm3_metrics(*args), time.perf_counter() - t0
+
+
 def bm25_metrics(split: str, max_docs: int) -> dict[str, float]:
     from bm25_baseline import BM25Index
 
@@ -101,6 +108,7 @@ def main() -> None:
     p.add_argument("--max-docs", type=int, default=0)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--jobs", type=int, default=1, help="models evaluated at the same time (processes)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "quality.json"))
     args = p.parse_args()
     models = {}
@@ -112,13 +120,13 @@ def main() -> None:
             sys.exit(f"ERROR: --model {spec!r}: expected NAME=DIR with DIR a model directory")
         models[name] = path
     results, seconds = {}, {}
-    for name, path in models.items():
-        t0 = time.perf_counter()
-        results[name] = flagm3_metrics(path, args.split, args.max_docs, args.max_length, args.batch_size,
-                                       output=str(WORK_DIR / f"eval_{name}.json"))
-        seconds[name] = time.perf_counter() - t0
-        print(f"[quality] {name}: " + ", ".join(f"{r} {v['ndcg@10']:.3f}" for r, v in results[name].items()),
-              file=sys.stderr, flush=True)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {name: pool.submit(timed_metrics, path, args.split, args.max_docs, args.max_length,
+                                     args.batch_size) for name, path in models.items()}
+        for name, future in futures.items():
+            results[name], seconds[name] = future.result()
+            print(f"[quality] {name}: " + ", ".join(f"{r} {v['ndcg@10']:.3f}" for r, v in results[name].items()),
+                  file=sys.stderr, flush=True)
     write_json(args.out, {
         "evaluator": "flagm3.evaluation (run_eval / evaluate_retrieval)",
         "split": args.split, "max_docs": args.max_docs, "max_length": args.max_length,

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # flagm3 vs FlagEmbedding 1.4.2 benchmarks: the one command. See bench/README.md.
 #
-#   bench/run.sh [--quick] [--stages LIST]
+#   bench/run.sh [--quick] [--parallel] [--stages LIST]
 #
 #   --quick         smoke run: 3 training steps, the first 100 documents, 128-token evaluation, batch search
 #                   up to 4; results go to bench/work/quick/results/ (bench/results/ is left alone)
-#   --stages LIST   comma-separated subset of: setup,train,memory,inference,quality,agreement,report
-#                   (default: all, in that order; later stages read earlier stages' outputs)
+#   --parallel      run the three trainings at the same time, and the inference / quality / agreement
+#                   stages at the same time: on a busy shared machine all runs then see the same load
+#                   (and the whole takes about a third of the time); the memory stage always runs alone
+#   --stages LIST   comma-separated subset of: setup,train,inference,quality,agreement,memory,report
+#                   (default: all, run in that order; later stages read earlier stages' outputs)
 #
 # Env: PYTHON (flagm3's interpreter, default python3); FLAGM3_REFERENCE_PYTHON (the FlagEmbedding venv's
 # python; default: built or reused by .ci/setup_reference_env.sh); FLAGM3_EXTRA_ARGS (extra `flagm3 train`
@@ -17,21 +20,28 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 QUICK=0
-STAGES="setup,train,memory,inference,quality,agreement,report"
+PARALLEL=0
+STAGES="setup,train,inference,quality,agreement,memory,report"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
+        --parallel) PARALLEL=1 ;;
         --stages) STAGES="$2"; shift ;;
-        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
+# wait_all: wait for every background step; fail if any failed.
+wait_all() {
+    local pid failed=0
+    for pid in $(jobs -p); do wait "$pid" || failed=1; done
+    return $failed
+}
 
 PY="${PYTHON:-python3}"
 WORK=bench/work
-LOGS=$WORK/logs
 if [ "$QUICK" = 1 ]; then
     STEPS=3; WARMUP=1; REPEATS=1; MAX_DOCS=100; EVAL_LEN=128; MAX_BATCH=4; TRIAL_TIMEOUT=900
     RES=$WORK/quick/results; M=$WORK/quick
@@ -40,6 +50,7 @@ else
     TRIAL_TIMEOUT=2400; RES=bench/results; M=$WORK/models
 fi
 BUDGET="${FLAGM3_BENCH_BUDGET_GIB:-16}"
+LOGS=$M/logs
 REF_MODEL=$M/reference; F3_BGE=$M/flagm3_bge-m3; F3_DEF=$M/flagm3_default
 mkdir -p "$RES" "$LOGS" "$M"
 
@@ -99,37 +110,47 @@ fi
 TRAIN_COMMON=(--max-steps "$STEPS" --warmup-steps "$WARMUP" --breakdown-repeats "$REPEATS" --overwrite)
 if want train; then
     step train_reference "$FE" bench/reference_train.py "${TRAIN_COMMON[@]}" --output-dir "$REF_MODEL" \
-        --out "$RES/train_reference.json"
+        --out "$RES/train_reference.json" &
+    [ "$PARALLEL" = 1 ] || wait_all
     FLAGM3_EXTRA_ARGS="" step train_flagm3_bge-m3 "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" \
-        --loss-preset bge-m3 --output-dir "$F3_BGE" --out "$RES/train_flagm3_bge-m3.json"
+        --loss-preset bge-m3 --output-dir "$F3_BGE" --out "$RES/train_flagm3_bge-m3.json" &
+    [ "$PARALLEL" = 1 ] || wait_all
     step train_flagm3_default "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" --output-dir "$F3_DEF" \
-        --out "$RES/train_flagm3_default.json"
+        --out "$RES/train_flagm3_default.json" &
+    wait_all
 fi
+
+# ----------------------------------------------------- workloads 3 and 4: inference, quality, agreement
+EVAL=(--max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32)
+JOBS=1; QPID=0
+[ "$PARALLEL" = 1 ] && JOBS=4
+if want inference; then
+    step inference_speed "$PY" bench/inference_speed.py "$REF_MODEL" --reference-python "$FE" \
+        --max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32 --repeats 3 \
+        --dump "$M/inference_dump" --out "$RES/inference_speed.json" &
+    [ "$PARALLEL" = 1 ] || wait_all
+fi
+if want quality; then
+    rm -f "$RES/quality.json"
+    step quality "$PY" bench/quality.py --untouched untouched --model "reference=$REF_MODEL" \
+        --model "flagm3_bge-m3=$F3_BGE" --model "flagm3_default=$F3_DEF" "${EVAL[@]}" --jobs "$JOBS" \
+        --out "$RES/quality.json" &
+    QPID=$!
+    [ "$PARALLEL" = 1 ] || wait_all
+fi
+if want agreement; then
+    # A mismatch is reported (✗ in the table), not fatal.
+    { step eval_agreement "$PY" bench/eval_agreement.py --reference-python "$FE" \
+        --pair reference "$REF_MODEL" "$REF_MODEL" --pair flagm3_default "$F3_DEF" "$F3_DEF/bge-m3" \
+        --quality "$RES/quality.json" --wait-pid "$QPID" --jobs "$JOBS" "${EVAL[@]}" \
+        --out "$RES/eval_agreement.json" || true; } &
+fi
+wait_all
 
 # ---------------------------------------------------------------------- workload 2: 250k vocabulary
 if want memory; then
     step memory_250k "$PY" bench/memory_250k.py --reference-python "$FE" --budget-gib "$BUDGET" \
         --max-batch "$MAX_BATCH" --timeout "$TRIAL_TIMEOUT" --out "$RES/memory_250k.json"
-fi
-
-# ----------------------------------------------------------------------------- workload 3: inference
-if want inference; then
-    step inference_speed "$PY" bench/inference_speed.py "$REF_MODEL" --reference-python "$FE" \
-        --max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32 --repeats 3 \
-        --dump "$WORK/inference_dump" --out "$RES/inference_speed.json"
-fi
-
-# ------------------------------------------------------------------------------- workload 4: quality
-EVAL=(--max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32)
-if want quality; then
-    step quality "$PY" bench/quality.py --untouched untouched --model "reference=$REF_MODEL" \
-        --model "flagm3_bge-m3=$F3_BGE" --model "flagm3_default=$F3_DEF" "${EVAL[@]}" --out "$RES/quality.json"
-fi
-if want agreement; then
-    # A mismatch is reported (✗ in the table), not fatal.
-    step eval_agreement "$PY" bench/eval_agreement.py --reference-python "$FE" \
-        --pair reference "$REF_MODEL" "$REF_MODEL" --pair flagm3_default "$F3_DEF" "$F3_DEF/bge-m3" \
-        --quality "$RES/quality.json" "${EVAL[@]}" --out "$RES/eval_agreement.json" || true
 fi
 
 if want report; then
