@@ -1,4 +1,14 @@
-"""Gathering passage representations from every process, keeping gradients (cross-device negatives)."""
+"""Several processes: cross-device negatives, process-group setup, loading under DeepSpeed ZeRO-3.
+
+Cross-device negatives (``--negatives_cross_device``): every rank scores its own queries against the passages of
+all ranks, gathered with gradients (:func:`gather_passages`); loss and gradients equal those of one process
+holding the whole global batch. Every rank must make the same collective calls in the same order, which the
+training data guarantees: the batch sampler gives each rank the same number of batches (an incomplete last
+global batch is completed with earlier items, or dropped with ``--dataloader_drop_last``), and keeps
+``no_in_batch_neg`` datasets in global batches of their own, so all ranks agree on whether to gather.
+Token-level outputs are padded to the longest length on any rank before gathering (gloo aborts on uneven
+shapes).
+"""
 
 from __future__ import annotations
 

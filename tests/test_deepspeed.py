@@ -20,6 +20,7 @@ import pytest
 import torch
 from dist_scripts.common import (
     REPO,
+    assert_close,
     launch,
     losses,
     ranks,
@@ -109,7 +110,7 @@ def test_zero2_trains_and_saves_a_reloadable_safetensors_model(deepspeed_runs):
     saved, trained = reloaded(out), tensors(root / "zero2", "params")
     assert saved.keys() == trained.keys()
     for name in trained:
-        torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0, msg=name)
+        assert_close(saved[name], trained[name], name, rtol=0, atol=0)
 
 
 def test_zero3_saves_the_gathered_trained_weights_in_both_layouts(deepspeed_runs, m3_checkpoint):
@@ -132,7 +133,7 @@ def test_zero3_saves_the_gathered_trained_weights_in_both_layouts(deepspeed_runs
         saved = reloaded(layout)
         assert saved.keys() == trained.keys()
         for name in trained:
-            torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0, msg=f"{layout}: {name}")
+            assert_close(saved[name], trained[name], f"{layout}: {name}", rtol=0, atol=0)
     # saved under the model's own parameter names (not transformers' legacy LayerNorm gamma/beta)
     from safetensors import safe_open
 
@@ -146,7 +147,7 @@ def test_zero3_from_a_plain_encoder(deepspeed_runs, tiny_encoder_dir):
     assert rank0["global_step"] == 1 and all(torch.isfinite(torch.tensor(losses(rank0))))
     saved, trained = reloaded(root / "out_zero3_encoder"), tensors(root / "zero3_encoder", "params")
     for name in trained:
-        torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0, msg=name)
+        assert_close(saved[name], trained[name], name, rtol=0, atol=0)
 
 
 def test_head_learning_rate_is_refused_with_a_deepspeed_optimizer():

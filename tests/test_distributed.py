@@ -21,6 +21,7 @@ import pytest
 import torch
 from dist_scripts.common import (
     REPO,
+    assert_close,
     launch,
     losses,
     ranks,
@@ -95,10 +96,10 @@ def test_two_ranks_give_the_single_process_gradients_and_update(two_rank_runs, o
     scale = max(g.abs().max() for g in grads_1.values())
     assert scale > 1e-3
     for name in grads_1:
-        torch.testing.assert_close(grads_2[name], grads_1[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+        assert_close(grads_2[name], grads_1[name], name, rtol=1e-4, atol=1e-5 * scale)
     params_2, params_1 = tensors(root / "equal", "params"), tensors(one_process_run, "params")
     for name in params_1:
-        torch.testing.assert_close(params_2[name], params_1[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_close(params_2[name], params_1[name], name, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("run, steps_per_epoch", [("uneven", 2), ("uneven_drop", 1)])

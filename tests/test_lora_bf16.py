@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_scripts.common import losses, tensors, train_args, train_in_process, write_train_data
+from dist_scripts.common import assert_close, losses, tensors, train_args, train_in_process, write_train_data
 
 from flagm3 import M3Model
 
@@ -42,7 +42,7 @@ def one_step(tmp_path, name: str, model, data, **overrides):
 def assert_same_grads(a: dict, b: dict, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+        assert_close(a[name], b[name], name, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def encode(model, tokenizer, texts=TEXTS) -> dict:
 def assert_same_outputs(a: dict, b: dict, atol: float = 1e-6) -> None:
     """Equal up to float rounding (the same weights; kernels may round differently run to run)."""
     for head in a:
-        torch.testing.assert_close(a[head], b[head], rtol=1e-5, atol=atol, msg=head)
+        assert_close(a[head], b[head], head, rtol=1e-5, atol=atol)
 
 
 def test_lora_adapts_the_encoder_and_trains_the_heads_fully(lora_run, m3_checkpoint):

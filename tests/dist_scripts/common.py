@@ -123,3 +123,8 @@ def unpadded(batch: list[list[int]], pad_id: int = 0) -> list[list[int]]:
             row = row[:-1]
         rows.append(row)
     return rows
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, **tolerances) -> None:
+    """``torch.testing.assert_close`` whose failure message starts with ``name``."""
+    torch.testing.assert_close(actual, expected, msg=lambda message: f"{name}: {message}", **tolerances)
