@@ -48,6 +48,12 @@ class GradientRecorder(TrainerCallback):
             }
 
 
+def checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on (transformers 5 renamed the property)."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
+
+
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU fp32 copies of all parameters, gathered from their ZeRO-3 partitions where partitioned."""
     from flagm3.distributed import zero3_enabled
@@ -95,7 +101,7 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         "global_step": trainer.state.global_step,
         "batches": batches,
         "attn_implementation": unwrap_m3(trainer.model).encoder.config._attn_implementation,
-        "gradient_checkpointing": bool(unwrap_m3(trainer.model).encoder.is_gradient_checkpointing),
+        "gradient_checkpointing": checkpointing(unwrap_m3(trainer.model).encoder),
     }
     out = Path(result_dir)
     out.mkdir(parents=True, exist_ok=True)
