@@ -93,10 +93,12 @@ def test_two_ranks_give_the_single_process_gradients_and_update(two_rank_runs, o
     assert {"sparse_linear.weight", "colbert_linear.weight", "encoder.embeddings.word_embeddings.weight"} <= set(
         grads_1
     )
+    # Tolerances: float rounding of different padding lengths and matrix shapes; wrong gradient bookkeeping
+    # (e.g. only the local loss reaching a rank's passages) is off by a sizeable part of the gradient.
     scale = max(g.abs().max() for g in grads_1.values())
     assert scale > 1e-3
     for name in grads_1:
-        assert_close(grads_2[name], grads_1[name], name, rtol=1e-4, atol=1e-5 * scale)
+        assert_close(grads_2[name], grads_1[name], name, rtol=1e-4, atol=5e-5 * scale)
     params_2, params_1 = tensors(root / "equal", "params"), tensors(one_process_run, "params")
     for name in params_1:
         assert_close(params_2[name], params_1[name], name, rtol=1e-5, atol=1e-6)
