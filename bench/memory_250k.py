@@ -156,7 +156,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per trial")
     p.add_argument("--only", choices=["flagm3", "reference"], help="search one implementation only")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "memory_250k.json"))
+    p.add_argument("--combine", nargs=2, metavar=("FLAGM3_JSON", "REFERENCE_JSON"),
+                   help="no trials: take each side's search from an earlier run's JSON and compare them")
     args = p.parse_args(argv)
+    if args.combine:
+        return write_json(args.out, combine(*map(Path, args.combine)))
     if not args.reference_python and args.only != "flagm3":
         sys.exit("ERROR: --reference-python (or $FLAGM3_REFERENCE_PYTHON) is required: the FlagEmbedding venv")
     directory = Path(args.dir)
@@ -182,7 +186,7 @@ def main() -> None:
     }
     results = {name: search(name, cmd, args, cap_for_trial) for name, cmd in commands.items()
                if args.only in (None, name)}
-    out: dict = {
+    write_json(args.out, compare({
         "workload": "250k vocabulary: random 2-layer BERT (hidden 128), unified + self-distill, group 4, q64/p256, "
                     f"fp32 CPU, {args.steps} optimizer steps per trial",
         "budget_gib": args.budget_gib,
@@ -192,18 +196,37 @@ def main() -> None:
         "start_batch": args.start_batch, "max_batch_searched": args.max_batch,
         "compare_batch": args.compare_batch,
         **results,
-    }
-    if "flagm3" in results and "reference" in results:
-        f, r = results["flagm3"], results["reference"]
-        if f["peak_rss_mb_at_compare_batch"] and r["peak_rss_mb_at_compare_batch"]:
-            out["peak_rss_ratio_at_compare_batch"] = (f["peak_rss_mb_at_compare_batch"]
-                                                      / r["peak_rss_mb_at_compare_batch"])
-        if f["max_batch"] and r["max_batch"]:
-            out["max_batch_ratio"] = f["max_batch"] / r["max_batch"]
-        elif f["max_batch"] and not r["max_batch"]:
-            out["max_batch_ratio"] = None
-            out["note"] = "the reference does not fit even the start batch under the cap"
-    write_json(args.out, out)
+    }))
+
+
+def combine(flagm3_json: Path, reference_json: Path) -> dict:
+    """One comparison from two runs' JSONs: flagm3's search from the first, the reference's from the second."""
+    a, b = json.loads(flagm3_json.read_text()), json.loads(reference_json.read_text())
+    if a["compare_batch"] != b["compare_batch"] or a["workload"] != b["workload"]:
+        sys.exit(f"ERROR: {flagm3_json} and {reference_json} are not the same workload / compare batch")
+    caps = [x["cap_gib_min"] for x in (a, b) if x.get("cap_gib_min")]
+    out = {**a, "flagm3": a["flagm3"], "reference": b["reference"], "cap_gib_min": min(caps),
+           "cap_reduced": a["cap_reduced"] or b["cap_reduced"],
+           "max_batch_searched": {"flagm3": a["max_batch_searched"], "reference": b["max_batch_searched"]},
+           "combined_from": {"flagm3": str(flagm3_json), "reference": str(reference_json)}}
+    for key in ("peak_rss_ratio_at_compare_batch", "max_batch_ratio", "note"):
+        out.pop(key, None)
+    return compare(out)
+
+
+def compare(out: dict) -> dict:
+    """Add the flagm3 / reference ratios when both sides were searched."""
+    if "flagm3" not in out or "reference" not in out:
+        return out
+    f, r = out["flagm3"], out["reference"]
+    if f["peak_rss_mb_at_compare_batch"] and r["peak_rss_mb_at_compare_batch"]:
+        out["peak_rss_ratio_at_compare_batch"] = f["peak_rss_mb_at_compare_batch"] / r["peak_rss_mb_at_compare_batch"]
+    if f["max_batch"] and r["max_batch"]:
+        out["max_batch_ratio"] = f["max_batch"] / r["max_batch"]
+    elif f["max_batch"]:
+        out["max_batch_ratio"] = None
+        out["note"] = "the reference does not fit even batch 1 under the cap"
+    return out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ bench/reference_inference.py does; 0 (default) runs `run_eval` on the whole spli
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -120,13 +121,16 @@ def main() -> None:
             sys.exit(f"ERROR: --model {spec!r}: expected NAME=DIR with DIR a model directory")
         models[name] = path
     results, seconds = {}, {}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {name: pool.submit(timed_metrics, path, args.split, args.max_docs, args.max_length,
-                                     args.batch_size) for name, path in models.items()}
-        for name, future in futures.items():
-            results[name], seconds[name] = future.result()
-            print(f"[quality] {name}: " + ", ".join(f"{r} {v['ndcg@10']:.3f}" for r, v in results[name].items()),
-                  file=sys.stderr, flush=True)
+    jobs = [(args.split, args.max_docs, args.max_length, args.batch_size)] * len(models)
+    # Worker processes are spawned, not forked: a fork of a process that has run torch can deadlock.
+    pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
+    outputs = (pool.map if pool else map)(timed_metrics, list(models.values()), *zip(*jobs))
+    for name, (metrics, secs) in zip(models, outputs):
+        results[name], seconds[name] = metrics, secs
+        print(f"[quality] {name}: " + ", ".join(f"{r} {v['ndcg@10']:.3f}" for r, v in metrics.items()),
+              file=sys.stderr, flush=True)
+    if pool:
+        pool.shutdown()
     write_json(args.out, {
         "evaluator": "flagm3.evaluation (run_eval / evaluate_retrieval)",
         "split": args.split, "max_docs": args.max_docs, "max_length": args.max_length,
