@@ -185,7 +185,14 @@ def plot(results: Path, targets: list[dict], memory: list[list[str]], quality: l
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     ax = axes[0]
     if ratios:
-        names = [t["target"].replace(" / reference", "").replace("W", "W", 1)[:38] for t in ratios]
+        short = {"training throughput": "train speed", "(CPU time)": "CPU", "250k vocab: max batch ratio": "250k max batch",
+                 " (all test queries x corpus)": "", "encode throughput": "encode speed", " / reference": ""}
+        names = []
+        for t in ratios:
+            name = t["target"]
+            for long, brief in short.items():
+                name = name.replace(long, brief)
+            names.append(name[:44])
         values = [t["value"] for t in ratios]
         colors = ["tab:green" if t["met"] else "tab:red" for t in ratios]
         ax.barh(range(len(ratios)), values, color=colors)
@@ -206,7 +213,8 @@ def plot(results: Path, targets: list[dict], memory: list[list[str]], quality: l
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(RANKINGS))], RANKINGS)
         ax.set_ylabel("nDCG@10 (Cranfield test)")
         ax.set_title("Quality after workload 1")
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.25 * max(max(v[r]["ndcg@10"] for r in RANKINGS) for v in q["results"].values()))
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax = axes[2]
     if mem:
         for name in ("flagm3", "reference"):
