@@ -44,6 +44,17 @@ def setup_process_group(args: Any) -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
+def shutdown_process_group() -> None:
+    """Wait for every rank, then tear the process group down (a no-op in a single process).
+
+    Ending a gloo run without it lets the first rank to finish close its sockets while another rank's
+    communication threads still run: that rank aborts with ``terminate called without an active exception``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_deepspeed_config(args: Any) -> None:
     """Refuse settings that a DeepSpeed config would silently override.
 

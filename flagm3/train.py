@@ -20,6 +20,7 @@ from .distributed import (
     full_weights_on_load,
     keep_used_weight_conversions,
     setup_process_group,
+    shutdown_process_group,
 )
 from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
 from .sparse_init import init_sparse_head_from_idf
@@ -183,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     trainer.save_state()
     if trainer.is_world_process_zero():
         trainer.write_model_card(model_args, data_args)
+    shutdown_process_group()
     return trainer
 
 

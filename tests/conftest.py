@@ -11,6 +11,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FLAGM3_DATA_DIR", REPO.parent / "shared" / "data"))
 CRANFIELD = DATA_DIR / "cranfield"
+# Where .ci/setup_reference_env.sh puts FlagEmbedding 1.4.2's venv unless FLAGM3_REFERENCE_VENV says otherwise.
+DEFAULT_REFERENCE_VENV = Path(os.environ.get("FLAGM3_REFERENCE_VENV", Path.home() / ".cache" / "flagm3" / "fe-venv"))
+
+
+def reference_python() -> str:
+    """The python of FlagEmbedding 1.4.2's venv: ``$FLAGM3_REFERENCE_PYTHON``, else the default venv.
+
+    Skips the calling test when there is none, or fails it when ``FLAGM3_REQUIRE_REFERENCE`` is set (CI).
+    """
+    given = os.environ.get("FLAGM3_REFERENCE_PYTHON")
+    if given:
+        if not os.access(given, os.X_OK):
+            pytest.fail(f"FLAGM3_REFERENCE_PYTHON={given} is not an executable")
+        return given
+    default = DEFAULT_REFERENCE_VENV / "bin" / "python"
+    if os.access(default, os.X_OK):
+        return str(default)
+    reason = f"no FlagEmbedding reference venv at {DEFAULT_REFERENCE_VENV}: run .ci/setup_reference_env.sh"
+    if os.environ.get("FLAGM3_REQUIRE_REFERENCE"):
+        pytest.fail(f"FLAGM3_REQUIRE_REFERENCE is set but {reason}")
+    pytest.skip(reason)
 
 SENTENCES = [
     "what similarity laws must be obeyed when constructing aeroelastic models",
@@ -27,17 +48,25 @@ SENTENCES = [
 
 
 def train_tokenizer(directory: Path, eos_as_sep: bool = False):
-    """A small BERT WordPiece tokenizer trained on SENTENCES, saved to ``directory``."""
+    """A small BERT WordPiece tokenizer for SENTENCES, saved to ``directory``.
+
+    The vocabulary is built deterministically (special tokens, every character with and without ``##``,
+    then every word, sorted): the ``tokenizers`` WordPiece trainer breaks ties differently from run to
+    run, which made ids, vocabulary size and hence random-model outputs vary between sessions.
+    """
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(SENTENCES * 3, vocab_size=300, min_frequency=1)
+    words = sorted({word for sentence in SENTENCES for word in sentence.split()})
+    chars = sorted({char for word in words for char in word})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + chars + [f"##{char}" for char in chars] + [w for w in words if len(w) > 1]
+    wordpiece = BertWordPieceTokenizer({token: i for i, token in enumerate(vocab)}, lowercase=True)
     directory.mkdir(parents=True, exist_ok=True)
     special = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
     if eos_as_sep:  # FlagEmbedding needs an EOS token; BERT has none
         special["eos_token"] = "[SEP]"
-    tokenizer = BertTokenizerFast(tokenizer_object=trainer._tokenizer, model_max_length=128, **special)
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=128, **special)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reference_python
 
 from flagm3.data import (
     DataValidationError,
@@ -25,7 +26,6 @@ from flagm3.data import (
     validate_file,
 )
 
-FE_PYTHON = Path("/work/fe-venv/bin/python")
 GOOD = {"query": "what is a wing", "pos": ["a wing makes lift"], "neg": ["a cylinder in a wake"]}
 
 
@@ -313,14 +313,13 @@ def fe_reference_groups(path: Path, cache: Path, group_size: int, epochs, seed: 
         """
     )
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)}
-    command = [str(FE_PYTHON), "-c", script]
+    command = [reference_python(), "-c", script]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
 
 @pytest.mark.slow  # a subprocess in the reference venv: 7 s on quiet cores, mostly importing FlagEmbedding
-@pytest.mark.skipif(not FE_PYTHON.exists(), reason="FlagEmbedding reference venv not installed")
 def test_group_sampling_matches_flagembedding(tmp_path):
     """Same draws as FlagEmbedding's AbsEmbedderTrainDataset.__getitem__ given the same RNG state:
     positive choice, negatives (with repetition when too few), teacher scores, both instructions."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import os
 import re
 import shlex
 import subprocess
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, reference_python
 
 import flagm3
 import flagm3.data
@@ -235,11 +234,7 @@ def test_api_reference_documents_every_export():
 # ------------------------------------------------------------------------------------------------ migration
 def flagembedding_source() -> Path:
     """FlagEmbedding's package directory in the reference environment (nothing is imported)."""
-    python = os.environ.get("FLAGM3_REFERENCE_PYTHON") or "/work/fe-venv/bin/python"
-    if not os.path.isfile(python):
-        if os.environ.get("FLAGM3_REQUIRE_REFERENCE"):
-            pytest.fail(f"FLAGM3_REQUIRE_REFERENCE is set but there is no reference python at {python}")
-        pytest.skip("FlagEmbedding reference venv not found: set FLAGM3_REFERENCE_PYTHON (.ci/setup_reference_env.sh)")
+    python = reference_python()
     code = "import importlib.util; print(importlib.util.find_spec('FlagEmbedding').submodule_search_locations[0])"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     return Path(out.stdout.strip())

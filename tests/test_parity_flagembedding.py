@@ -1,8 +1,8 @@
 """Parity with FlagEmbedding 1.4.2 (the reference), run in its own virtual environment.
 
 The reference python comes from ``$FLAGM3_REFERENCE_PYTHON`` (CI sets it after
-``.ci/setup_reference_env.sh``), else ``/work/fe-venv/bin/python`` when it exists; without either the tests
-skip. ``tests/reference/fe_encode.py`` encodes and scores with ``BGEM3FlagModel`` and writes JSON.
+``.ci/setup_reference_env.sh``), else ``~/.cache/flagm3/fe-venv``; without either the tests skip (or fail
+under ``FLAGM3_REQUIRE_REFERENCE``). ``tests/reference/fe_encode.py`` encodes and scores with ``BGEM3FlagModel`` and writes JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -21,20 +22,13 @@ from flagm3 import M3Model
 from flagm3.inference import M3Embedder
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
-DEFAULT_REFERENCE_PYTHON = "/work/fe-venv/bin/python"
 ATOL = 1e-4
 SCORE_KEYS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
 
 
 @pytest.fixture(scope="module")
 def reference_python() -> str:
-    python = os.environ.get("FLAGM3_REFERENCE_PYTHON") or DEFAULT_REFERENCE_PYTHON
-    if not os.path.isfile(python) or not os.access(python, os.X_OK):
-        pytest.skip(
-            f"no FlagEmbedding reference python at {python!r}: run .ci/setup_reference_env.sh and set "
-            "FLAGM3_REFERENCE_PYTHON to the python it prints"
-        )
-    return python
+    return conftest.reference_python()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,7 +1,8 @@
 """``loss_preset=bge-m3`` against FlagEmbedding 1.4.2's M3 training loss, on the same checkpoint and batch.
 
 The reference side runs ``tests/reference/fe_loss.py`` in FlagEmbedding's own virtual environment (found in
-``$FLAGM3_REFERENCE_PYTHON``, else ``/work/fe-venv/bin/python``); every variant runs in one process, since
+``$FLAGM3_REFERENCE_PYTHON``, else
+``~/.cache/flagm3/fe-venv``); every variant runs in one process, since
 importing FlagEmbedding takes most of the time. The flagm3 side loads the same BGE-M3-layout directory,
 tokenises with ``M3Collator`` and computes the loss through ``M3Trainer.compute_loss`` (dropout off).
 
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, make_encoder_dir
+from conftest import SENTENCES, make_encoder_dir, reference_python
 from transformers import AutoTokenizer
 
 from flagm3 import M3Model
@@ -42,22 +42,6 @@ for job in json.load(open(sys.argv[2])):
     sys.argv = ["fe_loss.py", *job]
     fe_loss.main()
 """
-
-
-def reference_python() -> str:
-    """``$FLAGM3_REFERENCE_PYTHON``, else the default venv; skip without one (fail under FLAGM3_REQUIRE_REFERENCE)."""
-    given = os.environ.get("FLAGM3_REFERENCE_PYTHON")
-    if given:
-        if not os.path.isfile(given):
-            pytest.fail(f"FLAGM3_REFERENCE_PYTHON={given} does not exist")
-        return given
-    default = "/work/fe-venv/bin/python"
-    if os.path.isfile(default):
-        return default
-    reason = "FlagEmbedding reference venv not found: set FLAGM3_REFERENCE_PYTHON (see .ci/setup_reference_env.sh)"
-    if os.environ.get("FLAGM3_REQUIRE_REFERENCE"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

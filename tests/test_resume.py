@@ -272,6 +272,7 @@ try:  # DeepSpeed compiles a shared-memory op on first use (30 s): not needed on
 except ImportError:
     pass
 from transformers import TrainerCallback
+from flagm3.distributed import shutdown_process_group
 from flagm3.train import build_trainer, parse_args
 
 class Record(TrainerCallback):
@@ -295,6 +296,7 @@ for name, extra in (("full", []), ("resumed", ["--resume_from_checkpoint", "CHEC
     runs[name] = record.losses
 with open(f"{result}/rank{trainer.args.process_index}.json", "w") as f:
     json.dump(runs, f)
+shutdown_process_group()
 """
 
 

@@ -130,3 +130,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for run_argv in split_runs(sys.argv[1:]):
         run(run_argv[0], run_argv[1:])
+    from flagm3.distributed import shutdown_process_group
+
+    shutdown_process_group()
