@@ -80,16 +80,17 @@ def load_qrels(split: str, path: Path | None = None) -> dict[str, dict[str, int]
 
 
 def run_from_scores(
-    query_ids: list[str], doc_ids: list[str], scores: np.ndarray, top_k: int = 1000
+    query_ids: list[str], doc_ids: list[str], scores: np.ndarray, top_k: int | None = None
 ) -> dict[str, dict[str, float]]:
-    """Score matrix [n_queries, n_docs] -> pytrec_eval run (top_k documents per query)."""
+    """Score matrix [n_queries, n_docs] -> pytrec_eval run (every document unless ``top_k``: a cut through tied
+    scores would pick arbitrary documents; pytrec_eval orders ties itself, by document id)."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(query_ids), len(doc_ids)):
         raise ValueError(f"scores shape {scores.shape} != ({len(query_ids)}, {len(doc_ids)})")
-    k = min(top_k, len(doc_ids))
+    k = len(doc_ids) if top_k is None else min(top_k, len(doc_ids))
     run = {}
     for qi, qid in enumerate(query_ids):
-        top = np.argpartition(-scores[qi], k - 1)[:k]
+        top = np.argpartition(-scores[qi], k - 1)[:k] if k < len(doc_ids) else range(len(doc_ids))
         run[qid] = {doc_ids[j]: float(scores[qi, j]) for j in top}
     return run
 

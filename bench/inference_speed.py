@@ -3,7 +3,8 @@
     python bench/inference_speed.py MODEL_DIR --reference-python $FE_PY [--batch-size 32] [--max-length 512]
         [--max-docs N] [--split test] [--repeats 3] [--out bench/results/inference_speed.json]
 
-MODEL_DIR is a BGE-M3-layout checkpoint (both load it), e.g. FlagEmbedding's trained model from workload 1.
+MODEL_DIR is a BGE-M3-layout checkpoint (both load it); bench/run.sh passes flagm3's default model of workload 1
+(its bge-m3/ export).
 First the reference (bench/reference_inference_speed.py, in its venv), then flagm3 in this process, on the
 same texts with the same settings: encode the corpus with all three outputs (texts/s), encode the judged
 queries, and score all queries x corpus lexically: M3Embedder.compute_lexical_matching_score (one sparse

@@ -125,7 +125,7 @@ EVAL=(--max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32)
 JOBS=1; QPID=0
 [ "$PARALLEL" = 1 ] && JOBS=4
 if want inference; then
-    step inference_speed "$PY" bench/inference_speed.py "$REF_MODEL" --reference-python "$FE" \
+    step inference_speed "$PY" bench/inference_speed.py "$F3_DEF/bge-m3" --reference-python "$FE" \
         --max-docs "$MAX_DOCS" --max-length "$EVAL_LEN" --batch-size 32 --repeats 3 \
         --dump "$M/inference_dump" --out "$RES/inference_speed.json" &
     [ "$PARALLEL" = 1 ] || wait_all

@@ -457,7 +457,9 @@ def retrieve(
             logger.warning("rerank_depth %d < top_k %d: ColBERT rankings hold %d documents",
                            rerank_depth, top_k, rerank_depth)
 
-    qids, doc_ids = list(queries), list(corpus)
+    # Columns in descending document-id order: ties at the top-k cut then go as trec_eval ranks them (score,
+    # then document id descending), so a truncated run scores as the full ranking would.
+    qids, doc_ids = list(queries), sorted(corpus, reverse=True)
     if not qids or not doc_ids:
         raise ValueError(f"nothing to retrieve: {len(qids)} queries, {len(doc_ids)} documents")
     texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,33 @@ class M3Output(ModelOutput):
     sparse: Optional[Tensor] = None
     colbert: Optional[Tensor] = None
     colbert_mask: Optional[Tensor] = None
+
+
+def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], length: int) -> M3Output:
+    """Reassemble outputs of row subsets (each of its own, shorter length) into one batch of ``length`` tokens.
+
+    ``parts[c]`` holds rows ``rows[c]`` of the batch; token-level fields are zero-padded to ``length`` (as the
+    heads give for padding). Returns the batch's output in the original row order.
+    """
+    order = torch.tensor([r for chunk in rows for r in chunk], device=_first_tensor(parts[0]).device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+
+    def merged(name: str, tokens: int = 0) -> Optional[Tensor]:
+        """``tokens``: the field's full token count (0 for the per-text dense vector)."""
+        values = [getattr(part, name) for part in parts]
+        if values[0] is None:
+            return None
+        if tokens:  # pad dim 1 to ``tokens``; F.pad lists dims from the last one
+            values = [F.pad(v, (0, 0) * (v.dim() - 2) + (0, tokens - v.shape[1])) for v in values]
+        return torch.cat(values).index_select(0, inverse)
+
+    return M3Output(dense=merged("dense"), sparse=merged("sparse", length), colbert=merged("colbert", length - 1),
+                    colbert_mask=merged("colbert_mask", length - 1))
+
+
+def _first_tensor(out: M3Output) -> Tensor:
+    return next(v for v in (out.dense, out.sparse, out.colbert, out.colbert_mask) if v is not None)
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:

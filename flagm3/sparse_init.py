@@ -5,6 +5,11 @@ a freshly attached sparse head trails BM25 for a long time. :func:`init_sparse_h
 by ridge regression so that ``ReLU(w . h_t + b)`` approximates the BM25 inverse document frequency of each
 token ``t`` over a corpus: at step 0 the lexical score is already an IDF-weighted term overlap, and
 training refines it from there.
+
+The fitted weights are then rescaled (ranking is unchanged) so that their mean is ``mean_weight``, by default
+0.15, the scale of the published BGE-M3 model's lexical weights. Raw IDF values (2 to 7) would make sparse
+scores 100x larger than the dense head's cosines: the sparse term would then dominate the ensemble score and,
+at the contrastive temperature, saturate the softmax; the head collapses within a few steps (measured).
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ def init_sparse_head_from_idf(
     ridge: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    mean_weight: float = 0.15,
 ) -> dict[str, float]:
     """Fit ``model.sparse_linear`` so that its token weights approximate the corpus IDF of each token.
 
     IDF is computed over all of ``corpus``; the regression uses the encoder's token states of at most
-    ``max_texts`` texts of it. Returns fit statistics (number of tokens, R^2 of the linear fit).
+    ``max_texts`` texts of it; the fitted head is then scaled so its mean token weight is ``mean_weight``.
+    Returns fit statistics (number of tokens, R^2 of the linear fit, the scale applied).
     """
     if not corpus:
         raise ValueError("init_sparse_head_from_idf needs a non-empty corpus")
@@ -74,8 +81,10 @@ def init_sparse_head_from_idf(
     weight, bias = solution[:-1], solution[-1]
     fitted = torch.relu(x1 @ solution).float()
     r2 = 1 - float(((fitted - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12))
-    model.sparse_linear.weight.copy_(weight.to(model.sparse_linear.weight).view(1, -1))
-    model.sparse_linear.bias.copy_(bias.to(model.sparse_linear.bias).view(1))
-    stats = {"tokens": float(x.shape[0]), "texts": float(len(sample)), "r2": r2, "mean_idf": float(y.mean())}
+    scale = mean_weight / float(fitted.mean().clamp(min=1e-12))
+    model.sparse_linear.weight.copy_((scale * weight).to(model.sparse_linear.weight).view(1, -1))
+    model.sparse_linear.bias.copy_((scale * bias).to(model.sparse_linear.bias).view(1))
+    stats = {"tokens": float(x.shape[0]), "texts": float(len(sample)), "r2": r2, "mean_idf": float(y.mean()),
+             "scale": scale}
     logger.info("sparse head initialised from corpus IDF: %s", stats)
     return stats

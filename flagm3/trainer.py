@@ -17,16 +17,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from .attention import set_attention_dropout, use_recompute_attention
 from .checkpointing import AtomicCheckpointMixin
-from .data import M3BatchSampler, M3Collator, M3TrainDataset, padding_fraction
+from .data import M3BatchSampler, M3Collator, M3TrainDataset, length_chunks, padding_fraction
 from .distributed import gather_passages, world
 from .losses import M3Loss, M3LossOutput
-from .modeling_m3 import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, M3Model, M3Output
+from .modeling_m3 import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, M3Model, M3Output, merge_outputs
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
 
 HEAD_MODULES = ("sparse_linear", "colbert_linear")
+# What one more encoder call costs, in tokens, when choosing length chunks (measured on CPU; calls are cheap
+# next to a few hundred tokens of a transformer layer).
+CHUNK_OVERHEAD_TOKENS = 256
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,17 +107,18 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         self._log_count = 0
         self._bad_steps = 0
         self._prepare_parameters(model, args)
+        self._choose_attention(model, args)
         super().__init__(model=model, args=args, **kwargs)
 
     # ------------------------------------------------------------------------------------ setup
     def _prepare_parameters(self, model: nn.Module, args: M3TrainingArguments) -> None:
         """Freeze what must not train: unused heads, the encoder's pooler, and what the arguments fix."""
         m3 = unwrap_m3(model)
-        heads = set(self.m3_loss.heads)
+        trained = {h for h in self.m3_loss.heads if self.m3_loss.config.trains(h)}
         frozen = []
         for name, param in m3.named_parameters():
-            unused_head = (name.startswith("sparse_linear") and "sparse" not in heads) or (
-                name.startswith("colbert_linear") and "colbert" not in heads
+            unused_head = (name.startswith("sparse_linear") and "sparse" not in trained) or (
+                name.startswith("colbert_linear") and "colbert" not in trained
             )
             pooler = name.startswith("encoder.pooler.")
             fixed = (args.fix_encoder and name.startswith("encoder.")) or (
@@ -125,6 +130,23 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
                 param.requires_grad_(False)
         if frozen:
             logger.info("frozen parameters: %d tensors (%s ...)", len(frozen), ", ".join(frozen[:3]))
+
+    @staticmethod
+    def _choose_attention(model: nn.Module, args: M3TrainingArguments) -> None:
+        """The training-time attention settings of :mod:`flagm3.attention`: the dropout on attention
+        probabilities (``attention_dropout``; by default 0 in the ``flagm3`` recipe) and, when asked, probabilities
+        recomputed in the backward pass (not with gradient checkpointing, which recomputes whole layers)."""
+        encoder = unwrap_m3(model).encoder
+        dropout = getattr(args, "attention_dropout", None)
+        if dropout is None and getattr(args, "loss_preset", None) == "flagm3":
+            dropout = 0.0
+        if dropout is not None and not set_attention_dropout(encoder, dropout):
+            logger.warning("attention_dropout=%s: no attention module of %s has a dropout to set",
+                           dropout, type(encoder).__name__)
+        if getattr(args, "recompute_attention", False) and not args.gradient_checkpointing:
+            if not use_recompute_attention(encoder):
+                logger.warning("recompute_attention: %s does not dispatch attention through transformers' "
+                               "AttentionInterface; attention is left as it is", type(encoder).__name__)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""
@@ -175,8 +197,27 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------- loss
     def encode(self, model: nn.Module, features: dict[str, Tensor]) -> M3Output:
-        """Run the (wrapped) model on one side of the batch, computing only the heads the loss needs."""
-        return _float_output(model(**features, heads=self.m3_loss.heads))
+        """Run the (wrapped) model on one side of the batch, computing only the heads the loss needs.
+
+        With ``max_length_chunks > 1`` the rows are encoded in length-sorted chunks, each cut to its own longest
+        text (:func:`flagm3.data.length_chunks`), and reassembled: the same outputs for fewer padded tokens.
+        """
+        heads = self.m3_loss.heads
+        mask = features["attention_mask"]
+        lengths = mask.sum(1)
+        chunks = length_chunks(lengths.tolist(), getattr(self.args, "max_length_chunks", 1), CHUNK_OVERHEAD_TOKENS)
+        right_padded = bool((mask.cumprod(1) == mask).all())
+        if len(chunks) < 2 or not right_padded:
+            return _float_output(model(**features, heads=heads))
+        full_length = mask.shape[1]
+        parts = []
+        for rows in chunks:
+            index = torch.tensor(rows, device=mask.device)
+            length = int(lengths[index].max())
+            part = {k: v.index_select(0, index)[:, :length] if v.dim() == 2 else v.index_select(0, index)
+                    for k, v in features.items()}
+            parts.append(_float_output(model(**part, heads=heads)))
+        return merge_outputs(parts, chunks, full_length)
 
     def m3_loss_from_outputs(
         self, q: M3Output, q_ids: Tensor, p: M3Output, p_ids: Tensor, inputs: dict[str, Any]

@@ -220,8 +220,9 @@ def brute_force_scores(embedder, queries, corpus, weights=(1.0, 0.3, 1.0)):
 
 
 def assert_run_matches(run, scores, qids, doc_ids, k):
-    """``run`` holds, per query, the top ``k`` of ``scores`` [Q, N] in order (ties: smaller index first)."""
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    """``run`` holds, per query, the top ``k`` of ``scores`` [Q, N] in trec_eval's order (ties: larger id first)."""
+    by_id = sorted(range(len(doc_ids)), key=lambda i: doc_ids[i], reverse=True)
+    order = torch.tensor(by_id)[torch.argsort(scores[:, by_id], dim=1, descending=True, stable=True)[:, :k]]
     for row, qid in enumerate(qids):
         assert list(run[qid]) == [doc_ids[i] for i in order[row].tolist()], qid
         expected = scores[row, order[row]]
@@ -237,6 +238,25 @@ def test_retrieve_equals_brute_force(embedder, collection, chunk, k):
     brute = brute_force_scores(embedder, queries, corpus)
     for name in RANKINGS:
         assert_run_matches(runs[name], brute[name], list(queries), list(corpus), k)
+
+
+@pytest.mark.parametrize("chunk", [8192, 4])
+def test_truncated_runs_score_as_trec_eval_scores_the_full_ranking(embedder, collection, chunk):
+    """Many documents tie (sparse scores of 0): the top-k cut keeps the documents trec_eval ranks first."""
+    corpus, queries, qrels = collection
+    k = 4
+    runs = retrieve(embedder, corpus, queries, top_k=k, max_query_length=64, max_passage_length=64,
+                    corpus_chunk_size=chunk, show_progress=False)
+    brute = brute_force_scores(embedder, queries, corpus)
+    zero_ties = (brute["sparse"] == 0).sum(1)
+    assert (zero_ties > k).any()  # the cut goes through tied scores
+    for name in ("sparse", "dense"):
+        full_run = {qid: {d: float(brute[name][q, i]) for i, d in enumerate(corpus)} for q, qid in enumerate(queries)}
+        measures = {f"ndcg_cut_{k}", f"recall_{k}"}
+        expected = trec_means(qrels, full_run, measures)
+        got = evaluate_run(runs[name], qrels, k_values=(k,), metrics=("ndcg", "recall"))
+        assert got[f"ndcg@{k}"] == pytest.approx(expected[f"ndcg_cut_{k}"], abs=1e-9), name
+        assert got[f"recall@{k}"] == pytest.approx(expected[f"recall_{k}"], abs=1e-9), name
 
 
 def test_chunked_and_unchunked_metrics_agree(embedder, collection):

@@ -376,9 +376,49 @@ def test_overrides_from_training_arguments(batch, tmp_path):
     assert_close(out.loss, (contrastive + sd) / 2)
 
 
+def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
+    """loss = ((L_d + 0 L_s + L_c + L_ens) / 4 + (KL_d + 0 KL_s + KL_c) / 3) / 2 with ens = dense + ColBERT logits;
+    the sparse outputs get no gradient, and the sparse loss is still logged."""
+    q, q_ids, p, p_ids, _ = batch
+    config = M3LossConfig.preset("flagm3")
+    assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, False, True]
+    assert M3LossConfig.preset("bge-m3").trains("sparse")
+    ql, pl = leafy(q), leafy(p)
+    out = M3Loss(config)(ql, q_ids, pl, p_ids, group_size=G)
+    lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
+    lg["ensemble"] = lg["dense"] + lg["colbert"]
+    pos = [b * G for b in range(B)]
+    terms = {h: ref_info_nce(v, pos) for h, v in lg.items()}
+    target = torch.softmax(lg["ensemble"], -1)
+    contrastive = (terms["dense"] + terms["colbert"] + terms["ensemble"]) / 4
+    distill = (ref_kl(target, lg["dense"]) + ref_kl(target, lg["colbert"])) / 3
+    assert_close(out.loss, (contrastive + distill) / 2)
+    assert_close(out.logs["loss_sparse"], terms["sparse"])
+    out.loss.backward()
+    assert ql.sparse.grad is None or not ql.sparse.grad.any()
+    assert pl.sparse.grad is None or not pl.sparse.grad.any()
+    assert ql.dense.grad.abs().sum() > 0 and pl.colbert.grad.abs().sum() > 0
+
+
+def test_trainer_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_path):
+    from flagm3.trainer import M3Trainer
+
+    def frozen(**overrides) -> set:
+        args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **overrides)
+        trainer = M3Trainer(model=tiny_model, args=args, processing_class=tiny_tokenizer)
+        return {n for n, p in trainer.model.named_parameters() if not p.requires_grad and "pooler" not in n}
+
+    assert frozen() == {"sparse_linear.weight", "sparse_linear.bias"}  # the flagm3 recipe
+    for param in tiny_model.parameters():
+        param.requires_grad_(True)
+    assert frozen(loss_preset="bge-m3") == set()
+    assert frozen(head_loss_weights="sparse=0.1") == set()  # one term is enough
+
+
 def test_presets_and_head_selection(tmp_path):
     flagm3 = M3TrainingArguments(output_dir=str(tmp_path), report_to=[]).loss_config()
-    assert flagm3.head_temperature("sparse") == 1.0 and flagm3.head_temperature("dense") == 0.02
+    assert flagm3.head_weights["sparse"] == flagm3.ensemble_weights["sparse"] == 0
+    assert flagm3.self_distill_weights["sparse"] == 0 and flagm3.head_temperatures == {}
     bge = M3TrainingArguments(output_dir=str(tmp_path), loss_preset="bge-m3", report_to=[]).loss_config()
     assert bge.head_temperatures == {} and tuple(bge.heads) == ("dense", "sparse", "colbert")
     dense_only = M3TrainingArguments(output_dir=str(tmp_path), unified_finetuning=False, report_to=[])

@@ -44,7 +44,7 @@ def build(encoder: Path, data: Path, out: Path, *extra: str):
         "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
         "--passage_max_len", "16", "--learning_rate", "1e-2", "--max_steps", "4", "--logging_steps", "1",
         "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True",
-        "--seed", "3", *extra,
+        "--seed", "3", "--loss_preset", "bge-m3", *extra,
     ]  # fmt: skip
     return build_trainer(*parse_args(argv))
 

@@ -42,6 +42,39 @@ def padding_fraction(attention_mask: torch.Tensor) -> float:
     return 1.0 - float(attention_mask.ne(0).sum()) / attention_mask.numel()
 
 
+def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = 256) -> List[List[int]]:
+    """Split rows into at most ``max_chunks`` groups of similar length, each to be padded only to its own longest.
+
+    Rows are sorted by length and cut into contiguous runs minimising ``sum(rows * longest + overhead)``
+    (tokens processed, padding included, plus ``overhead`` token-equivalents per extra encoder call), by
+    dynamic programming. Returns lists of row indices, longest chunk first; a single chunk when splitting
+    does not pay.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    sorted_lengths = [lengths[i] for i in order]
+    # cost[k][j]: best cost of the first j rows in k chunks (a chunk's longest is its first row, rows sorted)
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(max(1, max_chunks) + 1)]
+    cut = [[0] * (n + 1) for _ in range(max(1, max_chunks) + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, len(cost)):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                value = cost[k - 1][i] + (j - i) * sorted_lengths[i] + overhead
+                if value < cost[k][j]:
+                    cost[k][j], cut[k][j] = value, i
+    k = min(range(1, len(cost)), key=lambda c: cost[c][n])
+    bounds, j = [], n
+    while k > 0:
+        i = cut[k][j]
+        bounds.append((i, j))
+        j, k = i, k - 1
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
 class M3BatchSampler(Sampler[List[int]]):
     """Yield per-device batches (lists of dataset indices); see the module docstring.
 

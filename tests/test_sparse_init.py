@@ -1,0 +1,59 @@
+"""A fresh sparse head fitted to corpus IDF (flagm3.sparse_init): weights follow IDF, on BGE-M3's scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SENTENCES
+
+from flagm3.sparse_init import bm25_idf, init_sparse_head_from_idf
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bm25_idf_formula():
+    idf = bm25_idf([[1, 2, 2], [2, 3], [2]])
+    assert idf[2] == pytest.approx(math.log(1 + 0.5 / 3.5))  # in every document
+    assert idf[1] == pytest.approx(math.log(1 + 2.5 / 1.5)) == pytest.approx(idf[3])
+
+
+def token_weights(model, tokenizer, texts) -> tuple[list[int], torch.Tensor]:
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        weights = model(**batch, heads=("sparse",)).sparse
+    keep = weights.new_ones(weights.shape, dtype=torch.bool) & batch["attention_mask"].bool()
+    keep &= ~torch.isin(batch["input_ids"], model.sparse_ignore_ids)
+    return batch["input_ids"][keep].tolist(), weights[keep]
+
+
+def test_fitted_head_follows_idf_at_the_requested_scale(tiny_model, tiny_tokenizer):
+    corpus = SENTENCES + ["the flow of the wing", "the wing and the flow"]
+    stats = init_sparse_head_from_idf(tiny_model, tiny_tokenizer, corpus, max_length=64, mean_weight=0.15)
+    assert stats["texts"] == len(corpus) and stats["scale"] > 0 and 0 < stats["r2"] <= 1
+    ids, weights = token_weights(tiny_model, tiny_tokenizer, corpus)
+    assert float(weights.mean()) == pytest.approx(0.15, rel=1e-3)  # the mean over the fitted tokens
+
+    idf = bm25_idf(tiny_tokenizer(corpus, add_special_tokens=False)["input_ids"])
+    per_token: dict[int, list[float]] = {}
+    for token, weight in zip(ids, weights.tolist()):
+        per_token.setdefault(token, []).append(weight)
+    common = [t for t in per_token if idf[t] == min(idf.values())]  # "the": in most texts
+    rare = [t for t in per_token if idf[t] == max(idf.values())]
+    mean = lambda ts: sum(sum(per_token[t]) / len(per_token[t]) for t in ts) / len(ts)  # noqa: E731
+    assert mean(rare) > 2 * mean(common)
+    # over token occurrences, the fitted weight correlates with the token's IDF (ridge fit of a random tiny model)
+    target = torch.tensor([idf[t] for t in ids], dtype=weights.dtype)
+    assert torch.corrcoef(torch.stack([weights, target]))[0, 1] > 0.5
+
+
+def test_empty_corpus_is_refused(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="non-empty corpus"):
+        init_sparse_head_from_idf(tiny_model, tiny_tokenizer, [])
