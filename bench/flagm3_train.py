@@ -43,17 +43,23 @@ from reference_train import make_timer_callback  # noqa: E402  (framework-agnost
 class RecordingCollator:
     """Wraps flagm3's collator: counts real vs padded tokens per side and keeps the first batch."""
 
-    def __init__(self, base: Any) -> None:
+    def __init__(self, base: Any, max_chunks: int = 1) -> None:
         self.base = base
+        self.max_chunks = max_chunks
         self.tokens = {"query": [0, 0], "passage": [0, 0]}  # [real, total]
+        self.encoded = {"query": [0.0, 0], "passage": [0.0, 0]}  # [sum of processed padding fractions, batches]
         self.first_batch: dict | None = None
 
     def __call__(self, features: list) -> dict:
+        from flagm3.data import chunked_padding_fraction
+
         batch = self.base(features)
         for side in ("query", "passage"):
             mask = batch[side]["attention_mask"]
             self.tokens[side][0] += int(mask.sum())
             self.tokens[side][1] += mask.numel()
+            self.encoded[side][0] += chunked_padding_fraction(mask, self.max_chunks)
+            self.encoded[side][1] += 1
         if self.first_batch is None:
             self.first_batch = batch
         return batch
@@ -62,9 +68,15 @@ class RecordingCollator:
         real, total = self.tokens[side]
         return 1.0 - real / total if total else 0.0
 
+    def encoded_padding_fraction(self, side: str) -> float:
+        """Mean over batches of the padding the encoder processes after length chunking."""
+        total, batches = self.encoded[side]
+        return total / batches if batches else 0.0
+
 
 def time_breakdown(trainer: Any, batch: dict, repeats: int) -> dict:
-    """Forward+backward of model + M3 loss vs the bare encoder on the same batch (train mode, fp32).
+    """Forward+backward of model + M3 loss vs the bare encoder on the same batch, cut into the same length
+    chunks as the trainer cuts it (train mode, fp32).
 
     Run alternately; wall and CPU seconds as min (and median); heads_and_loss = full - encoder on the minima.
     ``batch``: {"query": {input_ids [B, Lq], ...}, "passage": {input_ids [B*G, Lp], ...}, ...}.
@@ -78,10 +90,19 @@ def time_breakdown(trainer: Any, batch: dict, repeats: int) -> dict:
     def full() -> None:
         trainer.compute_loss(model, batch).backward()
 
-    def bare() -> None:
-        q = encoder(**batch["query"], return_dict=True).last_hidden_state
-        p = encoder(**batch["passage"], return_dict=True).last_hidden_state
-        (q.sum() + p.sum()).backward()
+    from flagm3.data import length_chunks
+    from flagm3.trainer import CHUNK_OVERHEAD_TOKENS
+
+    def bare() -> None:  # the encoder alone, on the batch as the trainer feeds it (length chunks per side)
+        total = 0.0
+        for side in ("query", "passage"):
+            features = batch[side]
+            lengths = features["attention_mask"].sum(1).tolist()
+            for rows in length_chunks(lengths, getattr(trainer.args, "max_length_chunks", 1), CHUNK_OVERHEAD_TOKENS):
+                index, length = torch.tensor(rows), max(lengths[i] for i in rows)
+                part = {k: v.index_select(0, index)[:, :length] for k, v in features.items()}
+                total = total + encoder(**part, return_dict=True).last_hidden_state.sum()
+        total.backward()
 
     wall: dict[str, list[float]] = {"full": [], "encoder": []}
     cpu: dict[str, list[float]] = {"full": [], "encoder": []}
@@ -170,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(model_args, data_args, training_args)
     setup_s = time.perf_counter() - t0
-    collator = RecordingCollator(trainer.data_collator)
+    collator = RecordingCollator(trainer.data_collator, getattr(trainer.args, "max_length_chunks", 1))
     trainer.data_collator = collator
     timer = make_timer_callback()
     trainer.add_callback(timer)
@@ -205,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         "max_sampled_rss_mb": max(timer.rss_mb) if timer.rss_mb else None,
         "padding_fraction": {"queries": collator.padding_fraction("query"),
                              "passages": collator.padding_fraction("passage")},
+        "encoded_padding_fraction": {"queries": collator.encoded_padding_fraction("query"),
+                                     "passages": collator.encoded_padding_fraction("passage")},
         "step_breakdown": breakdown,
         "losses": timer.losses,
         "output_dir": str(out_dir),

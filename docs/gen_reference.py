@@ -195,7 +195,8 @@ def render_subcommand(name: str, parser: argparse.ArgumentParser) -> str:
 # (module, [names]) in page order; a class entry also documents its own public methods.
 API: list[tuple[str, str, list[str]]] = [
     ("model", "flagm3", ["M3Model", "M3Config", "M3Output", "CheckpointError", "sparse_ignore_ids_from_tokenizer"]),
-    ("inference", "flagm3.inference", ["M3Embedder", "lexical_matrix", "compute_lexical_matching_scores"]),
+    ("inference", "flagm3.inference", ["M3Embedder", "lexical_matrix", "compute_lexical_matching_scores",
+                                       "LexicalDict"]),
     ("training", "flagm3", ["M3Trainer", "M3TrainingArguments", "M3ModelArguments", "M3DataArguments"]),
     ("train", "flagm3.train", ["build_trainer", "load_model", "build_dataset", "add_lora", "parse_args", "main"]),
     ("loss", "flagm3.losses", ["M3Loss", "M3LossConfig", "M3LossOutput", "info_nce", "kl_distill", "m3_kd_loss",
@@ -205,7 +206,8 @@ API: list[tuple[str, str, list[str]]] = [
                                    "colbert_scores_paired", "hybrid_scores"]),
     ("data", "flagm3.data", ["M3TrainDataset", "M3Collator", "M3BatchSampler", "validate_data", "validate_file",
                              "load_and_validate", "ValidationReport", "Issue", "DataValidationError",
-                             "approx_num_tokens", "padding_fraction", "length_chunks"]),
+                             "approx_num_tokens", "padding_fraction", "length_chunks",
+                             "chunked_padding_fraction"]),
     ("evaluation", "flagm3.evaluation", ["load_beir", "evaluate_retrieval", "retrieve", "evaluate_run",
                                          "M3RetrievalEvaluator", "run_eval", "subsample", "format_results_table",
                                          "flatten_results"]),

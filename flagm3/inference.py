@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .modeling_m3 import M3Model, resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits, resolve_checkpoint
 from .scoring import (
     HEADS,
     PooledLexical,
@@ -77,9 +77,51 @@ def lexical_matrix(
     return scipy.sparse.csr_matrix((data.astype(dtype), (rows, cols)), shape=(num_rows, num_columns))
 
 
+def _drops_arrays(method: Any) -> Any:
+    """A dict method that changes the dict, wrapped to drop :class:`LexicalDict`'s arrays first."""
+
+    def changed(self: LexicalDict, *args: Any, **kwargs: Any) -> Any:
+        self.arrays = None
+        return method(self, *args, **kwargs)
+
+    changed.__name__ = method.__name__
+    return changed
+
+
+class LexicalDict(dict):
+    """``{str(token_id): weight}`` as FlagEmbedding returns it, carrying its token ids and weights as arrays too.
+
+    :func:`lexical_matrix` then skips parsing the string keys, which is most of the time of scoring dicts. Any
+    change to the dict drops the arrays, so they never disagree with its items; it pickles as a plain dict.
+    """
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, token_ids: np.ndarray, weights: np.ndarray) -> None:
+        super().__init__(zip(map(str, token_ids.tolist()), weights.tolist()))
+        self.arrays: Optional[Tuple[np.ndarray, np.ndarray]] = (token_ids.astype(np.int64), weights.astype(np.float64))
+
+    __setitem__ = _drops_arrays(dict.__setitem__)
+    __delitem__ = _drops_arrays(dict.__delitem__)
+    __ior__ = _drops_arrays(dict.__ior__)
+    clear = _drops_arrays(dict.clear)
+    pop = _drops_arrays(dict.pop)
+    popitem = _drops_arrays(dict.popitem)
+    setdefault = _drops_arrays(dict.setdefault)
+    update = _drops_arrays(dict.update)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
 def _dicts_to_coordinates(dicts: Sequence[Mapping[str, float]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices, token ids and weights of a list of ``{str(token_id): weight}`` dicts."""
     counts = np.fromiter((len(d) for d in dicts), dtype=np.int64, count=len(dicts))
+    if all(getattr(d, "arrays", None) is not None for d in dicts):  # encode()'s own dicts: no key parsing
+        rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
+        if not dicts:
+            return rows, np.empty(0, np.int64), np.empty(0, np.float64)
+        return rows, np.concatenate([d.arrays[0] for d in dicts]), np.concatenate([d.arrays[1] for d in dicts])
     total = int(counts.sum())
     try:
         cols = np.fromiter(map(int, chain.from_iterable(dicts)), dtype=np.int64, count=total)
@@ -112,7 +154,7 @@ def _lexical_dicts(pooled: PooledLexical) -> List[LexicalWeights]:
     splits = np.cumsum(counts)[:-1]
     ids = np.split(pooled.token_ids.numpy(), splits)
     weights = np.split(pooled.weights.numpy(), splits)
-    return [dict(zip(map(str, i.tolist()), w.tolist())) for i, w in zip(ids, weights)]
+    return [LexicalDict(i, w) for i, w in zip(ids, weights)]
 
 
 # ------------------------------------------------------------------------------------------- embedder
@@ -204,6 +246,7 @@ class M3Embedder:
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model_name_or_path = str(model_name_or_path)
+        check_tokenizer_fits(model, tokenizer, self.model_name_or_path or None)  # before an id fails mid-corpus
         if colbert_dim > 0 and colbert_dim != model.config.colbert_output_dim:
             raise ValueError(
                 f"colbert_dim={colbert_dim} but the model's ColBERT head gives {model.config.colbert_output_dim}"

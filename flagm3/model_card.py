@@ -304,10 +304,6 @@ def render_model_card(
     parts += ["## Usage", ""]
     if not has_bge:
         parts += [f"Export the BGE-M3 layout first: `flagm3 export --model {model_id} --output {bge_path}`.", ""]
-    tokenizer = getattr(trainer, "processing_class", None)
-    if tokenizer is not None and getattr(tokenizer, "eos_token", "") is None:
-        parts += ["FlagEmbedding 1.4.2 needs the tokenizer to have an EOS token: for this one (none) save it with "
-                  f"`eos_token={getattr(tokenizer, 'sep_token', None)!r}` in the BGE-M3 directory first.", ""]
     parts += [usage_snippets(model_id, bge_path, pooling, example or ("What is BGE M3?",
                                                                       "BGE M3 is an embedding model.")), ""]
 

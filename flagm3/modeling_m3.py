@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -269,10 +270,19 @@ class M3Model(M3PreTrainedModel):
             torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
                        os.path.join(save_directory, name))
         if tokenizer is not None:
-            tokenizer.save_pretrained(save_directory)
+            save_bge_m3_tokenizer(tokenizer, save_directory)
 
 
 # --------------------------------------------------------------------------------- checkpoint helpers
+def save_bge_m3_tokenizer(tokenizer: Any, directory: str) -> None:
+    """Save ``tokenizer`` for the BGE-M3 layout. FlagEmbedding's ``BGEM3FlagModel`` needs an EOS token; BERT
+    tokenizers have none, so a copy with ``eos_token = sep_token`` is saved (their encodings are unchanged)."""
+    if getattr(tokenizer, "eos_token", "") is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.save_pretrained(directory)
+
+
 def check_tokenizer_fits(model: nn.Module, tokenizer: Any, model_source: Any = None) -> None:
     """Refuse a tokenizer whose ids go beyond the encoder's embedding matrix (a crash when such a token
     first appears, possibly hours into training); the message names the tokenizer and the model."""

@@ -19,10 +19,17 @@ from transformers import Trainer
 
 from .attention import set_attention_dropout, use_recompute_attention
 from .checkpointing import AtomicCheckpointMixin
-from .data import M3BatchSampler, M3Collator, M3TrainDataset, length_chunks, padding_fraction
+from .data import M3BatchSampler, M3Collator, M3TrainDataset, chunked_padding_fraction, length_chunks
 from .distributed import gather_passages, world
 from .losses import M3Loss, M3LossOutput
-from .modeling_m3 import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, M3Model, M3Output, merge_outputs
+from .modeling_m3 import (
+    COLBERT_HEAD_FILE,
+    SPARSE_HEAD_FILE,
+    M3Model,
+    M3Output,
+    merge_outputs,
+    save_bge_m3_tokenizer,
+)
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -64,7 +71,7 @@ def save_bge_m3_layout(model: M3Model, directory: str, state_dict: Optional[dict
     for name, prefix in ((COLBERT_HEAD_FILE, "colbert_linear."), (SPARSE_HEAD_FILE, "sparse_linear.")):
         torch.save(part(prefix), os.path.join(directory, name))
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        save_bge_m3_tokenizer(tokenizer, directory)
 
 
 def _float_output(out: M3Output) -> M3Output:
@@ -353,8 +360,10 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         for key, value in logs.items():
             if key != "loss":
                 self._log_sums[key] += value
-        self._log_sums["padding_passage"] += padding_fraction(inputs["passage"]["attention_mask"])
-        self._log_sums["padding_query"] += padding_fraction(inputs["query"]["attention_mask"])
+        chunks = getattr(self.args, "max_length_chunks", 1)
+        for side in ("passage", "query"):  # what the encoder processes, after length chunking
+            mask = inputs[side]["attention_mask"]
+            self._log_sums[f"padding_{side}"] += chunked_padding_fraction(mask, chunks, CHUNK_OVERHEAD_TOKENS)
         self._log_count += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

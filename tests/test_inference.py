@@ -275,3 +275,24 @@ def test_low_precision_paths(tiny_model, tiny_tokenizer):
             assert a[token] == pytest.approx(b[token], abs=3e-2)
     cos = (low["dense_vecs"] * fp32["dense_vecs"]).sum(1)
     assert cos.min() > 0.999
+
+
+def test_encode_lexical_dicts_carry_arrays_that_never_go_stale(embedder):
+    """encode()'s dicts score without parsing their keys; any change to one drops its arrays, so the score
+    follows the dict's items."""
+    from flagm3.inference import LexicalDict
+
+    p = embedder.encode(TEXTS[:3], max_length=MAX_LENGTH, return_dense=False, return_sparse=True)["lexical_weights"]
+    assert all(isinstance(d, LexicalDict) and d.arrays is not None for d in p)
+    assert all(list(d) == [str(t) for t in d.arrays[0]] and list(d.values()) == list(d.arrays[1]) for d in p)
+    q = [dict(p[1])]
+    before = compute_lexical_matching_scores(q, p)
+    np.testing.assert_allclose(before, [[dict_loop_score(q[0], d) for d in p]], rtol=1e-6)
+    token = next(iter(p[1]))
+    for change in (lambda d: d.__setitem__(token, 10.0), lambda d: d.pop(token), lambda d: d.update({token: 3.0}),
+                   lambda d: d.clear()):
+        d = LexicalDict(*p[1].arrays)
+        change(d)
+        assert d.arrays is None
+        np.testing.assert_allclose(compute_lexical_matching_scores(q, [d]), [[dict_loop_score(q[0], d)]], rtol=1e-6)
+

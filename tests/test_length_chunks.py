@@ -102,3 +102,14 @@ def test_chunked_step_equals_whole_step(tiny_encoder_dir, tiny_tokenizer, tmp_pa
     assert loss_chunked == pytest.approx(loss_whole, rel=1e-9)
     required = ["sparse_linear.weight"] + ([] if heads else ["colbert_linear.weight"])
     assert_same_grads(grads_chunked, grads_whole, rtol=1e-9, required=required)
+
+
+def test_chunked_padding_fraction():
+    from flagm3.data import chunked_padding_fraction, padding_fraction
+
+    lengths = [10, 200, 12, 190]
+    mask = (torch.arange(200)[None, :] < torch.tensor(lengths)[:, None]).long()
+    assert chunked_padding_fraction(mask, 1) == pytest.approx(padding_fraction(mask)) == pytest.approx(1 - 412 / 800)
+    # chunks [200, 190] and [12, 10]: 2 * 200 + 2 * 12 positions processed
+    assert chunked_padding_fraction(mask, 2, overhead=0) == pytest.approx(1 - 412 / 424)
+    assert chunked_padding_fraction(mask[:0], 4) == 0.0

@@ -230,6 +230,11 @@ def test_bge_m3_export_files(tiny_model, tiny_tokenizer, batch, tmp_path):
         hidden = encoder.eval()(**batch).last_hidden_state
         expected = tiny_model.encoder(**batch).last_hidden_state
     assert torch.equal(hidden, expected)
+    # FlagEmbedding's BGEM3FlagModel needs an EOS token: a BERT tokenizer is saved with SEP as EOS, the caller's
+    # tokenizer untouched, encodings unchanged
+    saved = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tiny_tokenizer.eos_token is None and saved.eos_token == tiny_tokenizer.sep_token
+    assert saved(TEXTS)["input_ids"] == tiny_tokenizer(TEXTS)["input_ids"]
 
 
 def test_bge_m3_export_then_import(tiny_model, tiny_tokenizer, batch, tmp_path):

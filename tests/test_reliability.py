@@ -188,6 +188,11 @@ def test_tokenizer_larger_than_the_embeddings_is_refused_at_load(tiny_encoder_di
     M3Model.from_encoder(str(tiny_encoder_dir)).save_pretrained(str(tmp_path / "m3"))
     with pytest.raises(CheckpointError, match=expected + rf"{tmp_path / 'm3'} has {rows} rows"):
         build(tmp_path / "m3", train_file, tmp_path / "out", "--tokenizer_name", str(big_tokenizer_dir))
+    # inference: M3Embedder refuses it before encoding anything
+    from flagm3 import M3Embedder
+
+    with pytest.raises(CheckpointError, match=expected + rf"{tmp_path / 'm3'} has {rows} rows"):
+        M3Embedder(str(tmp_path / "m3"), tokenizer=big, use_fp16=False)
 
 
 def test_colbert_dim_disagreeing_with_the_weights_names_file_and_field(tiny_model, tiny_tokenizer, tmp_path):

@@ -2,7 +2,7 @@
 
 from .collator import M3Collator
 from .dataset import M3TrainDataset
-from .sampler import M3BatchSampler, length_chunks, padding_fraction
+from .sampler import M3BatchSampler, chunked_padding_fraction, length_chunks, padding_fraction
 from .validation import (
     DataValidationError,
     Issue,
@@ -21,6 +21,7 @@ __all__ = [
     "M3TrainDataset",
     "ValidationReport",
     "approx_num_tokens",
+    "chunked_padding_fraction",
     "length_chunks",
     "load_and_validate",
     "padding_fraction",

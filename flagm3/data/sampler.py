@@ -75,6 +75,14 @@ def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = 256) 
     return [order[i:j] for i, j in reversed(bounds)]
 
 
+def chunked_padding_fraction(attention_mask: torch.Tensor, max_chunks: int, overhead: int = 256) -> float:
+    """Fraction of padded positions the encoder processes when the rows of ``attention_mask`` [B, L] are
+    encoded in :func:`length_chunks` (``max_chunks=1``: :func:`padding_fraction`)."""
+    lengths = attention_mask.ne(0).sum(1).tolist()
+    processed = sum(len(c) * max(lengths[i] for i in c) for c in length_chunks(lengths, max_chunks, overhead))
+    return 1.0 - sum(lengths) / processed if processed else 0.0
+
+
 class M3BatchSampler(Sampler[List[int]]):
     """Yield per-device batches (lists of dataset indices); see the module docstring.
 
