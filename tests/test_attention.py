@@ -14,13 +14,7 @@ from flagm3.attention import RECOMPUTE_SDPA, set_attention_dropout, use_recomput
 from flagm3.trainer import M3Trainer
 from flagm3.training_args import M3TrainingArguments
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def load(encoder_dir, dropout: float = 0.1) -> M3Model:

@@ -26,12 +26,7 @@ def example():
         sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def flops_by_vocabulary(ids: torch.Tensor, weights: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -16,14 +16,7 @@ from flagm3.modeling_m3 import M3Output
 from flagm3.trainer import M3Trainer
 from flagm3.training_args import M3TrainingArguments
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is 10-100x faster than two when the cores are shared (measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 B, G, SUB = 4, 3, 3  # 4 queries, 12 passages, chunks of 3 texts: query chunks of 3 and 1

@@ -14,13 +14,7 @@ from flagm3 import trainer as trainer_module
 from flagm3.data import length_chunks
 from flagm3.modeling_m3 import merge_outputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def plan_cost(lengths, chunks, overhead):

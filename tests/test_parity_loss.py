@@ -29,7 +29,8 @@ from flagm3.data import M3Collator
 from flagm3.trainer import M3Trainer
 from flagm3.training_args import M3TrainingArguments
 
-pytestmark = pytest.mark.slow  # one FlagEmbedding process (about 20 s of imports) and MiniLM forwards
+# one FlagEmbedding process (about 20 s of imports) and MiniLM forwards; one torch thread (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 RTOL = 1e-5  # required: 1e-3
@@ -44,13 +45,6 @@ for job in json.load(open(sys.argv[2])):
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forwards: one thread is much faster than two when the cores are shared (measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -10,13 +10,7 @@ from conftest import SENTENCES
 
 from flagm3.sparse_init import bm25_idf, init_sparse_head_from_idf
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_bm25_idf_formula():
