@@ -21,7 +21,9 @@ from common import REPO_ROOT  # noqa: E402
 
 HEADS = ("dense", "sparse", "colbert")
 RANKINGS = HEADS + ("dense+sparse", "all")
-TRAIN_RUNS = {"flagm3_default": "train_flagm3_default.json", "flagm3_bge-m3": "train_flagm3_bge-m3.json"}
+TRAIN_RUNS = {"flagm3_default": "train_flagm3_default.json", "flagm3_bge-m3": "train_flagm3_bge-m3.json",
+              # the default recipe with --gradient_checkpointing (bench/run.sh --stages train_lowmem)
+              "flagm3_default+gradient_checkpointing": "train_flagm3_lowmem.json"}
 
 
 def load(results: Path, name: str) -> Optional[dict]:

@@ -8,7 +8,7 @@
 #   --parallel      run the three trainings at the same time, and the inference / quality / agreement
 #                   stages at the same time: on a busy shared machine all runs then see the same load
 #                   (and the whole takes about a third of the time); the memory stage always runs alone
-#   --stages LIST   comma-separated subset of: setup,train,inference,quality,agreement,memory,report
+#   --stages LIST   comma-separated subset of: setup,train,train_lowmem,inference,quality,agreement,memory,report
 #                   (default: all, run in that order; later stages read earlier stages' outputs)
 #
 # Env: PYTHON (flagm3's interpreter, default python3); FLAGM3_REFERENCE_PYTHON (the FlagEmbedding venv's
@@ -21,7 +21,7 @@ ROOT=$(pwd)
 
 QUICK=0
 PARALLEL=0
-STAGES="setup,train,inference,quality,agreement,memory,report"
+STAGES="setup,train,train_lowmem,inference,quality,agreement,memory,report"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -118,6 +118,12 @@ if want train; then
     step train_flagm3_default "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" --output-dir "$F3_DEF" \
         --out "$RES/train_flagm3_default.json" &
     wait_all
+fi
+
+# The default recipe with gradient checkpointing: the memory-lean configuration (throughput and memory only).
+if want train_lowmem; then
+    step train_flagm3_lowmem "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" --output-dir "$M/flagm3_lowmem" \
+        --out "$RES/train_flagm3_lowmem.json" -- --gradient_checkpointing True
 fi
 
 # ----------------------------------------------------- workloads 3 and 4: inference, quality, agreement
