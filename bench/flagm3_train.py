@@ -90,17 +90,14 @@ def time_breakdown(trainer: Any, batch: dict, repeats: int) -> dict:
     def full() -> None:
         trainer.compute_loss(model, batch).backward()
 
-    from flagm3.data import length_chunks
-    from flagm3.trainer import CHUNK_OVERHEAD_TOKENS
+    from flagm3.data import split_by_length
+    from flagm3.data.sampler import CHUNK_OVERHEAD_TOKENS
 
     def bare() -> None:  # the encoder alone, on the batch as the trainer feeds it (length chunks per side)
         total = 0.0
         for side in ("query", "passage"):
-            features = batch[side]
-            lengths = features["attention_mask"].sum(1).tolist()
-            for rows in length_chunks(lengths, getattr(trainer.args, "max_length_chunks", 1), CHUNK_OVERHEAD_TOKENS):
-                index, length = torch.tensor(rows), max(lengths[i] for i in rows)
-                part = {k: v.index_select(0, index)[:, :length] for k, v in features.items()}
+            for _, part in split_by_length(batch[side], getattr(trainer.args, "max_length_chunks", 1),
+                                           CHUNK_OVERHEAD_TOKENS):
                 total = total + encoder(**part, return_dict=True).last_hidden_state.sum()
         total.backward()
 

@@ -207,7 +207,7 @@ API: list[tuple[str, str, list[str]]] = [
     ("data", "flagm3.data", ["M3TrainDataset", "M3Collator", "M3BatchSampler", "validate_data", "validate_file",
                              "load_and_validate", "ValidationReport", "Issue", "DataValidationError",
                              "approx_num_tokens", "padding_fraction", "length_chunks",
-                             "chunked_padding_fraction"]),
+                             "chunked_padding_fraction", "split_by_length", "trim_padding"]),
     ("evaluation", "flagm3.evaluation", ["load_beir", "evaluate_retrieval", "retrieve", "evaluate_run",
                                          "M3RetrievalEvaluator", "run_eval", "subsample", "format_results_table",
                                          "flatten_results"]),

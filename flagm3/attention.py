@@ -7,10 +7,9 @@ about 0.75 GB, half of the step's activations (measured in ``bench/``). The impl
 :data:`RECOMPUTE_SDPA`, runs transformers' ``sdpa`` attention under activation checkpointing: it keeps only
 the query, key and value tensors and recomputes the attention core (the same dropout mask: the RNG state is
 restored) when the gradient is needed. Outputs and gradients are those of ``sdpa``; the extra work is one
-attention core per layer, a small part of the step.
-
-Measured on 2 CPU cores (all-MiniLM-L6-v2, 16 x 256 tokens) the recomputation costs about a quarter of the
-step time, so it is opt-in (``M3TrainingArguments.recompute_attention``). Encoders that do not dispatch attention
+more attention core per layer. On CPU that core (softmax and dropout over ``L x L``) is expensive: measured on
+2 cores (all-MiniLM-L6-v2, 16 x 256 tokens) the recomputation costs about a quarter of the step time, so it is
+opt-in (``M3TrainingArguments.recompute_attention``). Encoders that do not dispatch attention
 through transformers' ``AttentionInterface`` keep their own implementation.
 
 :func:`set_attention_dropout` is the other way out: without dropout on the probabilities, SDPA runs its fused

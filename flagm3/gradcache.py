@@ -13,10 +13,10 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modeling_m3 import M3Output
+from .data import trim_padding
+from .modeling_m3 import M3Output, merge_outputs
 
 if TYPE_CHECKING:
     from .trainer import M3Trainer
@@ -39,43 +39,19 @@ class RandomState:
 
 
 def _chunks(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    """Split a tokenised batch into chunks of ``size`` texts, each without the trailing columns that are padding
-    in all of its texts. Only trailing columns go (right padding), so positions never shift; a left-padded
-    chunk keeps every column."""
+    """Split a tokenised batch into chunks of ``size`` texts, each trimmed of its all-padding trailing columns."""
     total = features["input_ids"].shape[0]
-    out = []
-    for start in range(0, total, size):
-        chunk = {k: v[start : start + size] for k, v in features.items()}
-        attended = chunk["attention_mask"].bool().any(0).nonzero()
-        length = int(attended.max()) + 1 if attended.numel() else 1
-        out.append({k: v[:, :length] for k, v in chunk.items()})
-    return out
+    return [trim_padding({k: v[start : start + size] for k, v in features.items()}) for start in range(0, total, size)]
 
 
-def _pad_tokens(t: Tensor, length: int) -> Tensor:
-    """Right-pad dim 1 of a [n, l, ...] tensor with zeros to ``length``."""
-    missing = length - t.shape[1]
-    return t if missing == 0 else F.pad(t, [0, 0] * (t.dim() - 2) + [0, missing])
-
-
-def _concat(outputs: list[M3Output], full_mask: Tensor) -> M3Output:
-    """Join chunk outputs into batch-sized leaves that require gradients."""
-    length = full_mask.shape[1]
-
-    def join(name: str, pad_to: int | None) -> Tensor | None:
-        parts = [getattr(o, name) for o in outputs]
-        if parts[0] is None:
-            return None
-        if pad_to is not None:
-            parts = [_pad_tokens(p, pad_to) for p in parts]
-        return torch.cat(parts).detach().requires_grad_(True)
-
-    return M3Output(
-        dense=join("dense", None),
-        sparse=join("sparse", length),
-        colbert=join("colbert", length - 1),
-        colbert_mask=full_mask[:, 1:],
-    )
+def _concat(outputs: list[M3Output], full_mask: Tensor, size: int) -> M3Output:
+    """Join the outputs of consecutive chunks of ``size`` texts into batch-sized leaves that require gradients."""
+    total = full_mask.shape[0]
+    rows = [range(start, min(start + size, total)) for start in range(0, total, size)]
+    merged = merge_outputs(outputs, rows, full_mask.shape[1])
+    leaf = lambda t: None if t is None else t.detach().requires_grad_(True)  # noqa: E731
+    return M3Output(dense=leaf(merged.dense), sparse=leaf(merged.sparse), colbert=leaf(merged.colbert),
+                    colbert_mask=full_mask[:, 1:])
 
 
 def _surrogate(out: M3Output, cached: M3Output) -> Tensor | None:
@@ -104,8 +80,8 @@ def cached_gradient_step(trainer: M3Trainer, model: nn.Module, inputs: dict[str,
                 states[name].append(RandomState())
                 with trainer.compute_loss_context_manager():
                     outputs[name].append(trainer.encode(model, chunk))
-    q = _concat(outputs["query"], inputs["query"]["attention_mask"])
-    p = _concat(outputs["passage"], inputs["passage"]["attention_mask"])
+    q = _concat(outputs["query"], inputs["query"]["attention_mask"], size)
+    p = _concat(outputs["passage"], inputs["passage"]["attention_mask"], size)
     out = trainer.m3_loss_from_outputs(q, inputs["query"]["input_ids"], p, inputs["passage"]["input_ids"], inputs)
     trainer._record(out.logs, inputs)
     if not trainer.all_finite(out.loss):

@@ -44,6 +44,12 @@ class M3Output(ModelOutput):
     colbert_mask: Optional[Tensor] = None
 
 
+def pad_tokens(t: Tensor, length: int) -> Tensor:
+    """Right-pad dim 1 of a ``[n, l, ...]`` tensor with zeros to ``length`` (what the heads give for padding)."""
+    missing = length - t.shape[1]
+    return t if missing == 0 else F.pad(t, [0, 0] * (t.dim() - 2) + [0, missing])
+
+
 def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], length: int) -> M3Output:
     """Reassemble outputs of row subsets (each of its own, shorter length) into one batch of ``length`` tokens.
 
@@ -59,8 +65,8 @@ def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], leng
         values = [getattr(part, name) for part in parts]
         if values[0] is None:
             return None
-        if tokens:  # pad dim 1 to ``tokens``; F.pad lists dims from the last one
-            values = [F.pad(v, (0, 0) * (v.dim() - 2) + (0, tokens - v.shape[1])) for v in values]
+        if tokens:
+            values = [pad_tokens(v, tokens) for v in values]
         return torch.cat(values).index_select(0, inverse)
 
     return M3Output(dense=merged("dense"), sparse=merged("sparse", length), colbert=merged("colbert", length - 1),

@@ -19,7 +19,14 @@ from transformers import Trainer
 
 from .attention import set_attention_dropout, use_recompute_attention
 from .checkpointing import AtomicCheckpointMixin
-from .data import M3BatchSampler, M3Collator, M3TrainDataset, chunked_padding_fraction, length_chunks
+from .data import (
+    M3BatchSampler,
+    M3Collator,
+    M3TrainDataset,
+    chunked_padding_fraction,
+    split_by_length,
+)
+from .data.sampler import CHUNK_OVERHEAD_TOKENS
 from .distributed import gather_passages, world
 from .losses import M3Loss, M3LossOutput
 from .modeling_m3 import (
@@ -35,9 +42,6 @@ from .training_args import M3DataArguments, M3TrainingArguments
 logger = logging.getLogger(__name__)
 
 HEAD_MODULES = ("sparse_linear", "colbert_linear")
-# What one more encoder call costs, in tokens, when choosing length chunks (measured on CPU; calls are cheap
-# next to a few hundred tokens of a transformer layer).
-CHUNK_OVERHEAD_TOKENS = 256
 
 
 class NonFiniteLossError(RuntimeError):
@@ -207,24 +211,17 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         """Run the (wrapped) model on one side of the batch, computing only the heads the loss needs.
 
         With ``max_length_chunks > 1`` the rows are encoded in length-sorted chunks, each cut to its own longest
-        text (:func:`flagm3.data.length_chunks`), and reassembled: the same outputs for fewer padded tokens.
+        text (:func:`flagm3.data.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
         """
         heads = self.m3_loss.heads
         mask = features["attention_mask"]
-        lengths = mask.sum(1)
-        chunks = length_chunks(lengths.tolist(), getattr(self.args, "max_length_chunks", 1), CHUNK_OVERHEAD_TOKENS)
         right_padded = bool((mask.cumprod(1) == mask).all())
-        if len(chunks) < 2 or not right_padded:
+        max_chunks = getattr(self.args, "max_length_chunks", 1) if right_padded else 1
+        chunks = split_by_length(features, max_chunks, CHUNK_OVERHEAD_TOKENS)
+        if len(chunks) < 2:
             return _float_output(model(**features, heads=heads))
-        full_length = mask.shape[1]
-        parts = []
-        for rows in chunks:
-            index = torch.tensor(rows, device=mask.device)
-            length = int(lengths[index].max())
-            part = {k: v.index_select(0, index)[:, :length] if v.dim() == 2 else v.index_select(0, index)
-                    for k, v in features.items()}
-            parts.append(_float_output(model(**part, heads=heads)))
-        return merge_outputs(parts, chunks, full_length)
+        parts = [_float_output(model(**part, heads=heads)) for _, part in chunks]
+        return merge_outputs(parts, [rows for rows, _ in chunks], mask.shape[1])
 
     def m3_loss_from_outputs(
         self, q: M3Output, q_ids: Tensor, p: M3Output, p_ids: Tensor, inputs: dict[str, Any]

@@ -2,7 +2,14 @@
 
 from .collator import M3Collator
 from .dataset import M3TrainDataset
-from .sampler import M3BatchSampler, chunked_padding_fraction, length_chunks, padding_fraction
+from .sampler import (
+    M3BatchSampler,
+    chunked_padding_fraction,
+    length_chunks,
+    padding_fraction,
+    split_by_length,
+    trim_padding,
+)
 from .validation import (
     DataValidationError,
     Issue,
@@ -25,6 +32,8 @@ __all__ = [
     "length_chunks",
     "load_and_validate",
     "padding_fraction",
+    "split_by_length",
+    "trim_padding",
     "validate_data",
     "validate_file",
 ]

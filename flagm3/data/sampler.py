@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -42,7 +43,12 @@ def padding_fraction(attention_mask: torch.Tensor) -> float:
     return 1.0 - float(attention_mask.ne(0).sum()) / attention_mask.numel()
 
 
-def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = 256) -> List[List[int]]:
+# What one more encoder call costs, in tokens, when choosing length chunks (measured on CPU: a call is cheap
+# next to a few hundred tokens of a transformer layer).
+CHUNK_OVERHEAD_TOKENS = 256
+
+
+def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS) -> List[List[int]]:
     """Split rows into at most ``max_chunks`` groups of similar length, each to be padded only to its own longest.
 
     Rows are sorted by length and cut into contiguous runs minimising ``sum(rows * longest + overhead)``
@@ -54,28 +60,50 @@ def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = 256) 
     n = len(order)
     if n == 0:
         return []
-    sorted_lengths = [lengths[i] for i in order]
-    # cost[k][j]: best cost of the first j rows in k chunks (a chunk's longest is its first row, rows sorted)
-    inf = float("inf")
-    cost = [[inf] * (n + 1) for _ in range(max(1, max_chunks) + 1)]
-    cut = [[0] * (n + 1) for _ in range(max(1, max_chunks) + 1)]
-    cost[0][0] = 0.0
-    for k in range(1, len(cost)):
-        for j in range(1, n + 1):
-            for i in range(k - 1, j):
-                value = cost[k - 1][i] + (j - i) * sorted_lengths[i] + overhead
-                if value < cost[k][j]:
-                    cost[k][j], cut[k][j] = value, i
-    k = min(range(1, len(cost)), key=lambda c: cost[c][n])
+    longest = np.array([lengths[i] for i in order], dtype=np.float64)  # a chunk's longest is its first row
+    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    # chunk_cost[i, j]: rows i..j-1 as one chunk (inf unless i < j)
+    chunk_cost = np.where(starts < ends, (ends - starts) * np.append(longest, 0)[:, None] + overhead, np.inf)
+    cost = np.full(n + 1, np.inf)  # cost[j]: best cost of the first j rows in k chunks
+    cost[0] = 0.0
+    cuts, best = [], []
+    for _ in range(max(1, max_chunks)):
+        candidates = cost[:, None] + chunk_cost
+        cuts.append(candidates.argmin(0))
+        cost = candidates.min(0)
+        best.append(cost[n])
+    k = int(np.argmin(best))  # the fewest chunks among the cheapest plans
     bounds, j = [], n
-    while k > 0:
-        i = cut[k][j]
+    for step in range(k, -1, -1):
+        i = int(cuts[step][j])
         bounds.append((i, j))
-        j, k = i, k - 1
+        j = i
     return [order[i:j] for i, j in reversed(bounds)]
 
 
-def chunked_padding_fraction(attention_mask: torch.Tensor, max_chunks: int, overhead: int = 256) -> float:
+def trim_padding(features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A tokenised batch (``[n, L]`` tensors) without the trailing columns that are padding in every row. Only
+    trailing columns go (right padding), so positions never shift; a left-padded batch keeps every column."""
+    attended = features["attention_mask"].bool().any(0).nonzero()
+    length = int(attended.max()) + 1 if attended.numel() else 1
+    return {k: v[:, :length] for k, v in features.items()}
+
+
+def split_by_length(
+    features: Dict[str, torch.Tensor], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS
+) -> List[Tuple[List[int], Dict[str, torch.Tensor]]]:
+    """``(rows, features of those rows, trimmed)`` for each chunk of :func:`length_chunks` of a tokenised batch."""
+    mask = features["attention_mask"]
+    chunks = length_chunks(mask.ne(0).sum(1).tolist(), max_chunks, overhead)
+    if len(chunks) < 2:  # the batch as it is, rows in order (no copy)
+        return [(list(range(mask.shape[0])), trim_padding(features))] if chunks else []
+    return [(rows, trim_padding({k: v.index_select(0, torch.tensor(rows, device=v.device))
+                                 for k, v in features.items()})) for rows in chunks]
+
+
+def chunked_padding_fraction(
+    attention_mask: torch.Tensor, max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS
+) -> float:
     """Fraction of padded positions the encoder processes when the rows of ``attention_mask`` [B, L] are
     encoded in :func:`length_chunks` (``max_chunks=1``: :func:`padding_fraction`)."""
     lengths = attention_mask.ne(0).sum(1).tolist()
