@@ -1,7 +1,7 @@
 """Quality as statistics: seeds x implementations x collections, each cell trained and evaluated on its own.
 
     python bench/quality_seeds.py [--collections cranfield,cacm] [--impls reference,flagm3_default,flagm3_bge-m3]
-        [--seeds 1,2,3] [--steps 40] [--query-max-len 32] [--passage-max-len 128] [--eval-max-length 256]
+        [--seeds 1,2,3] [--steps 40] [--query-max-len 32] [--passage-max-len 128] [--eval-max-length 128]
         [--split test] [--variant NAME="flagm3 train flags" ...] [--jobs 2] [--out bench/results/quality_seeds.json]
 
 A cell is one (collection, implementation, seed): train on `<collection>_train.jsonl` (bench/make_cranfield_train.py
@@ -164,10 +164,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--query-max-len", type=int, default=32)
     p.add_argument("--passage-max-len", type=int, default=128)
-    p.add_argument("--eval-max-length", type=int, default=256)
+    p.add_argument("--eval-max-length", type=int, default=128)
     p.add_argument("--split", default="test")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="skip the untouched model and BM25")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--reference-python", default=os.environ.get(
         "FLAGM3_REFERENCE_PYTHON", str(Path.home() / ".cache" / "flagm3" / "fe-venv" / "bin" / "python")))
@@ -184,8 +185,8 @@ def main() -> None:
     t0 = time.perf_counter()
     tasks = [(c, name, flags, s) for s in seeds for c in colls for name, flags in impls.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        base = {c: pool.submit(baselines, args, c) for c in colls}
         futures = [pool.submit(cell, args, *t) for t in tasks]
+        base = {c: pool.submit(baselines, args, c) for c in colls if not args.no_baselines}
         cells, failed = [], []
         for t, f in zip(tasks, futures):
             try:
@@ -199,7 +200,7 @@ def main() -> None:
                                                    "split", "jobs")} | {"seeds": seeds, "impls": impls},
         "wall_seconds": time.perf_counter() - t0,
         "collections": {c: {"summary": summarise([x for x in cells if x["collection"] == c]),
-                            "untouched": base[c]["untouched"], "bm25": base[c]["bm25"]} for c in colls},
+                            **(base.get(c) or {})} for c in colls},
         "cells": cells, "failed": failed,
     }
     out = args.out or (REPO_ROOT / "bench" / "results" / ("quality_seeds.json" if args.split == "test"
