@@ -16,6 +16,23 @@ def _export(args: argparse.Namespace) -> None:
     source = resolve_checkpoint(args.model, {})
     model = M3Model.from_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if args.quantize and args.format != "onnx":
+        sys.exit("flagm3 export: --quantize applies to --format onnx only")
+    if args.format == "onnx":
+        from .export import export_onnx
+
+        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source)
+        print(f"wrote ONNX graph (dense, sparse, colbert outputs) to {graph}")
+        return
+    if args.format == "sentence-transformers":
+        from .export import export_sentence_transformers
+
+        summary = export_sentence_transformers(model, tokenizer, args.output, source=source)
+        for head, directory in summary["written"].items():
+            print(f"wrote the {head} head as sentence-transformers model to {directory}")
+        for head, reason in summary["left_out"].items():
+            print(f"left out the {head} head: {reason}")
+        return
     if args.format == "bge-m3":
         model.save_bge_m3(args.output, tokenizer)
     else:
@@ -105,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
                    add_help=False)
 
-    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout (or to flagm3's)")
+    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout, flagm3's, ONNX or sentence-transformers")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", choices=["bge-m3", "flagm3"], default="bge-m3")
+    p.add_argument("--format", choices=["bge-m3", "flagm3", "onnx", "sentence-transformers"], default="bge-m3",
+                   help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
+                        "the dense head (and ColBERT in OUTPUT/colbert where supported)")
+    p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="retrieval metrics of every head and hybrid on a BEIR-layout dataset")
