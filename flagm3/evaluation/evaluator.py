@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from ..modeling_m3 import unwrap_m3
 from ..scoring import HEADS
 from .beir import load_beir, subsample
 from .metrics import METRICS, flatten_results
@@ -90,13 +91,10 @@ class M3RetrievalEvaluator:
         from ..inference import M3Embedder
 
         outer = model
-        model = getattr(model, "module", model)  # DistributedDataParallel
-        if hasattr(model, "get_base_model"):  # PEFT: the M3Model with its adapters injected
-            model = model.get_base_model()
         was_training = outer.training
         outer.eval()
         try:
-            embedder = M3Embedder(model, tokenizer=tokenizer, **self.embedder_options)
+            embedder = M3Embedder(unwrap_m3(model), tokenizer=tokenizer, **self.embedder_options)
             results = evaluate_retrieval(embedder, self.corpus, self.queries, self.qrels, **self.options)
         finally:
             outer.train(was_training)
