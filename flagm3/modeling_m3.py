@@ -96,7 +96,7 @@ def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
 
 class M3PreTrainedModel(PreTrainedModel):
     config_class = M3Config
-    base_model_prefix = "m3"
+    base_model_prefix = "encoder"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -214,10 +214,20 @@ class M3Model(M3PreTrainedModel):
         )
         if attn:
             config._attn_implementation = attn
-        model = cls(config)
+        with torch.device("meta"):  # no random encoder is materialised only to be replaced
+            model = cls(config)
         model.encoder = encoder
+        model._materialize_heads(encoder.device)
         check_tokenizer_fits(model, tokenizer, encoder_name_or_path)
         return model.to(encoder.dtype)
+
+    def _materialize_heads(self, device: torch.device) -> None:
+        """Fresh heads and the ignored-ids buffer on ``device`` for a model built on the meta device."""
+        for head in (self.sparse_linear, self.colbert_linear):
+            head.to_empty(device=device)
+            head.reset_parameters()  # torch's default Linear init, as _init_weights gives
+        ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long, device=device)
+        self.register_buffer("sparse_ignore_ids", ids, persistent=False)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
