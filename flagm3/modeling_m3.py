@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ from .convert_bge_m3 import (
 )
 
 logger = logging.getLogger(__name__)
+
+_ENCODER_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar("flagm3_encoder_on_meta", default=False)
+
 
 @dataclass
 class M3Output(ModelOutput):
@@ -127,7 +132,9 @@ class M3Model(M3PreTrainedModel):
         backbone = config.backbone_config
         if attn is not None:
             backbone._attn_implementation = attn
-        self.encoder = AutoModel.from_config(backbone)
+        # from_encoder replaces the encoder at once: then it is built on the meta device (no memory, no init).
+        with torch.device("meta") if _ENCODER_ON_META.get() else contextlib.nullcontext():
+            self.encoder = AutoModel.from_config(backbone)
         hidden = config.encoder_hidden_size
         self.sparse_linear = nn.Linear(hidden, 1)
         self.colbert_linear = nn.Linear(hidden, config.colbert_output_dim)
@@ -214,20 +221,14 @@ class M3Model(M3PreTrainedModel):
         )
         if attn:
             config._attn_implementation = attn
-        with torch.device("meta"):  # no random encoder is materialised only to be replaced
+        placeholder = _ENCODER_ON_META.set(True)  # no random encoder is materialised only to be replaced
+        try:
             model = cls(config)
+        finally:
+            _ENCODER_ON_META.reset(placeholder)
         model.encoder = encoder
-        model._materialize_heads(encoder.device)
         check_tokenizer_fits(model, tokenizer, encoder_name_or_path)
         return model.to(encoder.dtype)
-
-    def _materialize_heads(self, device: torch.device) -> None:
-        """Fresh heads and the ignored-ids buffer on ``device`` for a model built on the meta device."""
-        for head in (self.sparse_linear, self.colbert_linear):
-            head.to_empty(device=device)
-            head.reset_parameters()  # torch's default Linear init, as _init_weights gives
-        ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long, device=device)
-        self.register_buffer("sparse_ignore_ids", ids, persistent=False)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
