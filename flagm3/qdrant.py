@@ -168,7 +168,12 @@ def index_corpus(
 def read_corpus(path: str) -> Iterator[Tuple[str, str]]:
     """``(doc_id, text)`` of a BEIR ``corpus.jsonl`` (``_id``, optional ``title``, ``text``), text as the
     evaluator reads it: ``(title + " " + text).strip()``."""
-    from .evaluation import _field, read_jsonl
+    from .evaluation import read_jsonl
+
+    try:  # the evaluation package (flagm3/evaluation/beir.py)
+        from .evaluation.beir import _field
+    except ImportError:  # the single evaluation module
+        from .evaluation import _field
 
     for lineno, record in read_jsonl(path):
         title = _field(path, lineno, record, "title", required=False)
