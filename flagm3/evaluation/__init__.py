@@ -10,7 +10,7 @@
 """
 
 from ..texts import read_jsonl, with_instruction
-from .beir import Qrels, load_beir, load_qrels, subsample
+from .beir import Qrels, load_beir, load_qrels, read_corpus, subsample
 from .cli import run_eval
 from .evaluator import M3RetrievalEvaluator
 from .metrics import (
@@ -49,6 +49,7 @@ __all__ = [
     "load_qrels",
     "query_metrics",
     "rank_documents",
+    "read_corpus",
     "read_jsonl",
     "retrieve",
     "run_eval",

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 from collections import defaultdict
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from ..texts import read_jsonl
 
@@ -51,6 +51,15 @@ def load_qrels(path: Union[str, os.PathLike]) -> Qrels:
     return dict(qrels)
 
 
+def read_corpus(path: Union[str, os.PathLike]) -> Iterator[tuple[str, str]]:
+    """``(doc_id, text)`` per line of a BEIR ``corpus.jsonl`` (``_id``, optional ``title``, ``text``), streamed;
+    the text is ``(title + " " + text).strip()``."""
+    for lineno, record in read_jsonl(path):
+        title = _field(path, lineno, record, "title", required=False)
+        text = _field(path, lineno, record, "text", required=False)
+        yield _field(path, lineno, record, "_id"), (title + " " + text).strip()
+
+
 def load_beir(
     data_dir: Union[str, os.PathLike], split: str = "test"
 ) -> tuple[dict[str, str], dict[str, str], Qrels]:
@@ -67,12 +76,7 @@ def load_beir(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: {data_dir} is not a BEIR-layout collection with a "
                                     f"{split!r} split (corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
-    corpus: dict[str, str] = {}
-    for lineno, record in read_jsonl(files["corpus.jsonl"]):
-        doc_id = _field(files["corpus.jsonl"], lineno, record, "_id")
-        title = _field(files["corpus.jsonl"], lineno, record, "title", required=False)
-        text = _field(files["corpus.jsonl"], lineno, record, "text", required=False)
-        corpus[doc_id] = (title + " " + text).strip()
+    corpus = dict(read_corpus(files["corpus.jsonl"]))
     qrels = load_qrels(files["qrels"])
     all_queries = {
         _field(files["queries.jsonl"], n, r, "_id"): _field(files["queries.jsonl"], n, r, "text")
