@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUTS = ("dense", "sparse", "colbert")
 ST_EXPORT_FILE = "flagm3_export.json"
 ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
-# Files beside a model that travel with its exports (hybrid weights fitted by `flagm3 eval --fit-weights`).
-SIDE_FILES = ("hybrid_weights.json",)
+# Hybrid weights fitted by `flagm3 eval --fit-weights`, beside the model; they travel with its exports.
+HYBRID_WEIGHTS_FILE = "hybrid_weights.json"
+SIDE_FILES = (HYBRID_WEIGHTS_FILE,)
 
 
 class _ThreeHeads(nn.Module):
@@ -104,6 +105,22 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
         json.dump(meta, f, indent=2)
     copy_side_files(source, output)
     return graph
+
+
+def read_hybrid_weights(path: Any) -> Optional[Dict[str, float]]:
+    """``{"dense": w, "sparse": w, "colbert": w}`` from ``path/hybrid_weights.json`` (``None`` without one)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    file = os.path.join(path, HYBRID_WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+        return {head: float(saved["weights"][head]) for head in ("dense", "sparse", "colbert")}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: expected {{\"weights\": {{\"dense\": w, \"sparse\": w, \"colbert\": w}}}} "
+                         f"({err})") from err
 
 
 def is_onnx_export(path: Any) -> bool:

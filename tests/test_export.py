@@ -15,6 +15,7 @@ from flagm3.cli import main as cli_main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUERIES = SENTENCES[:3]
+FITTED = {"dense": 1.0, "sparse": 0.5, "colbert": 0.25}
 
 
 @pytest.fixture()
@@ -27,7 +28,7 @@ def model_dir(tiny_encoder_dir, tiny_tokenizer, tmp_path):
     directory = tmp_path / "m3"
     model.save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
-    (directory / "hybrid_weights.json").write_text(json.dumps({"dense": 1.0, "sparse": 0.5, "colbert": 0.5}))
+    (directory / "hybrid_weights.json").write_text(json.dumps({"weights": FITTED}))
     return directory
 
 
@@ -67,6 +68,11 @@ def test_onnx_export_equals_pytorch(model_dir, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-4)
+    # both read the fitted weights beside the model: compute_score's default hybrid uses them
+    assert onnx_embedder.hybrid_weights == torch_embedder.hybrid_weights == FITTED
+    modes = np.array([got["dense"], got["sparse"], got["colbert"]])
+    weights = np.array([FITTED["dense"], FITTED["sparse"], FITTED["colbert"]])
+    np.testing.assert_allclose(got["colbert+sparse+dense"], weights @ modes / weights.sum(), atol=1e-6)
 
 
 def test_onnx_export_refuses_other_pooling(model_dir, tmp_path):
