@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SENTENCES
 
-from flagm3 import M3Embedder
+from flagm3 import M3Embedder, M3Model
 from flagm3.cli import main as cli_main
 from flagm3.evaluation import retrieve
 
@@ -106,3 +106,29 @@ def test_cli_index_and_search(tiny_model, tiny_tokenizer, tmp_path, capsys):
     assert [h["rank"] for h in result["hits"]] == [1, 2, 3]
     cli_main(["search", *common, "--query", "wing", "shells", "--rerank", "--fusion", "rrf"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_cranfield_metrics_equal_the_default_backend(minilm_dir, cranfield_dir):
+    """Exact search through Qdrant gives the default evaluator's nDCG@10 per head (all-MiniLM-L6-v2 with
+    fresh heads, a seeded subset of Cranfield test: every judged document of 8 queries plus others)."""
+    from transformers import AutoTokenizer
+
+    from flagm3.evaluation import evaluate_retrieval, load_beir, subsample
+
+    torch.manual_seed(0)
+    model = M3Model.from_encoder(str(minilm_dir), colbert_dim=32).eval()
+    embedder = M3Embedder(model, tokenizer=AutoTokenizer.from_pretrained(str(minilm_dir)), batch_size=32)
+    corpus, queries, qrels = subsample(*load_beir(cranfield_dir, "test"), max_corpus_size=150, max_queries=8)
+    options = dict(k_values=(10,), max_query_length=64, max_passage_length=96, show_progress=False)
+    expected, expected_runs = evaluate_retrieval(embedder, corpus, queries, qrels, return_runs=True, **options)
+    got, info = qdrant.evaluate_qdrant(embedder, corpus, queries, qrels, return_runs=True, **options)
+    assert info["index"]["indexed"] == len(corpus)
+    for head in ("dense", "sparse", "colbert"):
+        assert got[head]["ndcg@10"] == pytest.approx(expected[head]["ndcg@10"], abs=1e-4), head
+        assert 0.0 < expected[head]["ndcg@10"] < 1.0
+        for qid in qrels:  # the same top 10, up to ties: equal metrics are not a coincidence of averaging
+            want = sorted(expected_runs[head][qid].items(), key=lambda item: (-item[1], item[0]))[:10]
+            have = sorted(info["runs"][head][qid].items(), key=lambda item: (-item[1], item[0]))[:10]
+            for (doc_a, score_a), (doc_b, score_b) in zip(want, have):
+                assert score_a == pytest.approx(score_b, abs=1e-5)
+                assert doc_a == doc_b or abs(score_a - score_b) < 1e-5, (head, qid)
