@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 def _export(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .modeling_m3 import M3Model, resolve_checkpoint
+    from .convert_bge_m3 import resolve_checkpoint
+    from .modeling_m3 import M3Model
 
     source = resolve_checkpoint(args.model, {})
     model = M3Model.from_pretrained(source)
@@ -74,11 +75,12 @@ def _embedder(args: argparse.Namespace) -> Any:
 
 def _index(args: argparse.Namespace) -> None:
     from . import qdrant
+    from .evaluation import read_corpus
 
     embedder = _embedder(args)
     total = sum(1 for line in open(args.corpus, encoding="utf-8") if line.strip())
     client = qdrant.connect(args.qdrant)
-    summary = qdrant.index_corpus(embedder, client, args.collection, qdrant.read_corpus(args.corpus),
+    summary = qdrant.index_corpus(embedder, client, args.collection, read_corpus(args.corpus),
                                   chunk_size=args.chunk_size, store_text=not args.no_text, total=total)
     summary["points"] = client.count(args.collection).count
     print(json.dumps(summary))

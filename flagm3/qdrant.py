@@ -165,22 +165,6 @@ def index_corpus(
     return {"indexed": indexed, "skipped": skipped, "seconds": time.perf_counter() - start}
 
 
-def read_corpus(path: str) -> Iterator[Tuple[str, str]]:
-    """``(doc_id, text)`` of a BEIR ``corpus.jsonl`` (``_id``, optional ``title``, ``text``), text as the
-    evaluator reads it: ``(title + " " + text).strip()``."""
-    from .evaluation import read_jsonl
-
-    try:  # the evaluation package (flagm3/evaluation/beir.py)
-        from .evaluation.beir import _field
-    except ImportError:  # the single evaluation module
-        from .evaluation import _field
-
-    for lineno, record in read_jsonl(path):
-        title = _field(path, lineno, record, "title", required=False)
-        text = _field(path, lineno, record, "text", required=False)
-        yield _field(path, lineno, record, "_id"), (title + " " + text).strip()
-
-
 def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
     chunk: List[Any] = []
     for item in items:
