@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .compat import init_copy_, mismatched_shapes, tokenizer_config_for_v4
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class M3PreTrainedModel(PreTrainedModel):
             # A non-persistent buffer is not in the checkpoint: from_pretrained (meta-device init) leaves it
             # uninitialised unless it is rebuilt here from the config.
             ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long)
-            init.copy_(self.sparse_ignore_ids, ids)
+            init_copy_(self.sparse_ignore_ids, ids)
 
 
 class M3Model(M3PreTrainedModel):
@@ -240,7 +241,8 @@ class M3Model(M3PreTrainedModel):
         # Load with mismatches allowed only to list them: transformers' own error names neither file nor field.
         model, info = super().from_pretrained(path, *args, ignore_mismatched_sizes=True, **kwargs)
         if info.get("mismatched_keys") and not allow_mismatch:
-            raise CheckpointError(_mismatch_message(path, model.config, info["mismatched_keys"]))
+            mismatched = mismatched_shapes(info, model, _weights_file(path))
+            raise CheckpointError(_mismatch_message(path, model.config, mismatched))
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
         if problems:
             raise CheckpointError(f"{path}: weights do not match an M3 model of this config: {problems}")
@@ -282,11 +284,26 @@ class M3Model(M3PreTrainedModel):
 # --------------------------------------------------------------------------------- checkpoint helpers
 def save_bge_m3_tokenizer(tokenizer: Any, directory: str) -> None:
     """Save ``tokenizer`` for the BGE-M3 layout. FlagEmbedding's ``BGEM3FlagModel`` needs an EOS token; BERT
-    tokenizers have none, so a copy with ``eos_token = sep_token`` is saved (their encodings are unchanged)."""
+    tokenizers have none, so a copy with ``eos_token = sep_token`` is saved (their encodings are unchanged).
+    ``tokenizer_config.json`` is written so that transformers 4.x (FlagEmbedding's) reads it too, and a
+    SentencePiece model file the tokenizer was loaded from is copied beside it."""
     if getattr(tokenizer, "eos_token", "") is None and getattr(tokenizer, "sep_token", None) is not None:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.eos_token = tokenizer.sep_token
     tokenizer.save_pretrained(directory)
+    vocab_file = getattr(tokenizer, "vocab_file", None)  # BGE-M3 ships sentencepiece.bpe.model too
+    if isinstance(vocab_file, str) and vocab_file.endswith(".model") and os.path.isfile(vocab_file):
+        target = os.path.join(directory, os.path.basename(vocab_file))
+        if not os.path.exists(target):
+            shutil.copyfile(vocab_file, target)
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_file):  # FlagEmbedding runs on transformers 4.x: keep the file readable there
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        readable = tokenizer_config_for_v4(config)
+        if readable != config:
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(readable, f, indent=2, ensure_ascii=False)
 
 
 def check_tokenizer_fits(model: nn.Module, tokenizer: Any, model_source: Any = None) -> None:
