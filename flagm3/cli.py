@@ -53,7 +53,7 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_query_length=args.max_query_length,
         max_passage_length=args.max_passage_length,
-        hybrid_weights=tuple(args.weights),
+        hybrid_weights=tuple(args.weights) if args.weights else None,
         use_fp16=args.fp16,
         heads=tuple(args.heads),
         k_values=tuple(args.k_values),
@@ -63,6 +63,10 @@ def _eval(args: argparse.Namespace) -> None:
         max_queries=args.max_queries,
         query_instruction_for_retrieval=args.query_instruction,
         devices=args.device,
+        backend=args.backend,
+        qdrant=args.qdrant,
+        collection=args.collection,
+        fit_weights=args.fit_weights,
     )
 
 
@@ -176,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-query-length", type=int, default=512)
     p.add_argument("--max-passage-length", type=int, default=512)
-    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.3, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"))
+    p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--heads", nargs="+", default=["dense", "sparse", "colbert"], choices=["dense", "sparse", "colbert"])
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
@@ -187,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int)
     p.add_argument("--query-instruction")
     p.add_argument("--device", help="e.g. cuda:0 (default: the first GPU, else CPU)")
+    p.add_argument("--backend", choices=["default", "qdrant"], default="default",
+                   help="qdrant: index the corpus into Qdrant and retrieve through it (exact search)")
+    p.add_argument("--qdrant", help="qdrant backend: a directory, :memory: or a server URL "
+                                    "(default: a temporary embedded index)")
+    p.add_argument("--collection", default="flagm3-eval", help="qdrant backend: the collection")
+    p.add_argument("--fit-weights", metavar="SPLIT",
+                   help="first fit the hybrid weights on this split (e.g. dev) and store them beside the model")
     p.set_defaults(func=_eval)
 
     def serving_args(p: argparse.ArgumentParser) -> None:
