@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 from transformers import TrainingArguments
 
+from .compat import TRANSFORMERS_5
 from .losses import M3LossConfig
 from .scoring import HEADS
 
@@ -97,6 +98,8 @@ class M3TrainingArguments(TrainingArguments):
     use_self_distill: bool = field(default=True)
     self_distill_start_step: int = field(default=-1)
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
+    if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
+        group_by_length: bool = field(default=False, init=False)
     # --- flagm3 additions
     loss_preset: str = field(
         default="flagm3",
