@@ -107,20 +107,22 @@ class M3LossConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M3LossConfig:
-        """``bge-m3``: FlagEmbedding 1.4.2's published objective. ``flagm3``: our measured default recipe, the
-        same objective with the sparse head out of every loss term (weight 0 in its InfoNCE term, in the ensemble
-        and in self-distillation), so a sparse head that starts from corpus IDF (``--sparse_init``) keeps it
-        while dense and ColBERT train. Measured on Cranfield with BM25-mined negatives (docs/heads-and-loss.md):
-        training the sparse head jointly drives its weights towards zero (nDCG@10 0.28 -> 0.04, also with the
-        head frozen: through the encoder), keeping it gives 0.27 and lifts both hybrids above every single head.
+        """``bge-m3``: FlagEmbedding 1.4.2's published objective. ``flagm3``: our measured default recipe
+        (docs/heads-and-loss.md, "Training the sparse head"): dense, ColBERT and the ensemble as in ``bge-m3``; the
+        sparse head trained by its own InfoNCE term only, on in-batch negatives (``sparse_hard_negatives`` off:
+        BM25-mined hard negatives share the query's terms by construction and teach it to shrink), on detached
+        hidden states (``sparse_stop_gradient``: its term never moves the encoder), and out of the ensemble and of
+        self-distillation (their targets rank the lexical look-alikes last, which drove it towards zero).
         """
         if name == "bge-m3":
             config = cls()
         elif name == "flagm3":
             config = cls(
-                head_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0, "ensemble": 1.0},
+                head_weights={"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0},
                 ensemble_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0},
                 self_distill_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0},
+                sparse_stop_gradient=True,
+                sparse_hard_negatives=False,
             )
         else:
             raise ValueError(f"unknown loss preset {name!r}; choose 'bge-m3' or 'flagm3'")
@@ -156,6 +158,11 @@ class M3LossConfig:
             or (ensemble and self.ensemble_weights.get(head, 0) != 0)
             or (ensemble and self.use_self_distill and self.self_distill_weights.get(head, 1.0) != 0)
         )
+
+
+# Learning rate of the sparse head in the flagm3 recipe (with detached hidden states only the head's own
+# weights learn from its term, and at the encoder's rate they would hardly move).
+RECIPE_SPARSE_LEARNING_RATE = 1e-3
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .data import (
 )
 from .data.sampler import CHUNK_OVERHEAD_TOKENS
 from .distributed import gather_passages, world
-from .losses import M3Loss, M3LossOutput
+from .losses import RECIPE_SPARSE_LEARNING_RATE, M3Loss, M3LossOutput
 from .modeling_m3 import M3Output, merge_outputs, unwrap_m3
 from .training_args import M3DataArguments, M3TrainingArguments
 
@@ -145,6 +145,8 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""
         head_lr = getattr(self.args, "head_learning_rate", None)
         sparse_lr = getattr(self.args, "sparse_learning_rate", None)
+        if sparse_lr is None and head_lr is None and getattr(self.args, "loss_preset", None) == "flagm3":
+            sparse_lr = RECIPE_SPARSE_LEARNING_RATE
         if (head_lr is None and sparse_lr is None) or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         opt_model = self.model if model is None else model

@@ -370,48 +370,59 @@ def test_overrides_from_training_arguments(batch, tmp_path):
     assert_close(out.loss, (contrastive + sd) / 2)
 
 
-def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
-    """loss = ((L_d + 0 L_s + L_c + L_ens) / 4 + (KL_d + 0 KL_s + KL_c) / 3) / 2 with ens = dense + ColBERT logits;
-    the sparse outputs get no gradient, and the sparse loss is still logged."""
+def test_flagm3_preset_trains_the_sparse_head_on_its_own_in_batch_term(batch):
+    """loss = ((L_d + 0.1 L_s' + L_c + L_ens) / 4 + (KL_d + 0 KL_s + KL_c) / 3) / 2 with ens = dense + ColBERT
+    logits and L_s' the sparse InfoNCE without each query's own hard negatives."""
     q, q_ids, p, p_ids, _ = batch
     config = M3LossConfig.preset("flagm3")
-    assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, False, True]
-    assert M3LossConfig.preset("bge-m3").trains("sparse")
+    assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, True, True]
+    assert config.sparse_stop_gradient and not config.sparse_hard_negatives
     ql, pl = leafy(q), leafy(p)
     out = M3Loss(config)(ql, q_ids, pl, p_ids, group_size=G)
     lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
     lg["ensemble"] = lg["dense"] + lg["colbert"]
     pos = [b * G for b in range(B)]
     terms = {h: ref_info_nce(v, pos) for h, v in lg.items()}
+    allowed = [[j for j in range(B * G) if j == pos[b] or not pos[b] < j < pos[b] + G] for b in range(B)]
+    terms["sparse"] = sum(ref_ce(lg["sparse"][b], pos[b], allowed[b]) for b in range(B)) / B
     target = torch.softmax(lg["ensemble"], -1)
-    contrastive = (terms["dense"] + terms["colbert"] + terms["ensemble"]) / 4
+    contrastive = (terms["dense"] + 0.1 * terms["sparse"] + terms["colbert"] + terms["ensemble"]) / 4
     distill = (ref_kl(target, lg["dense"]) + ref_kl(target, lg["colbert"])) / 3
     assert_close(out.loss, (contrastive + distill) / 2)
     assert_close(out.logs["loss_sparse"], terms["sparse"])
     out.loss.backward()
-    assert ql.sparse.grad is None or not ql.sparse.grad.any()
-    assert pl.sparse.grad is None or not pl.sparse.grad.any()
+    assert ql.sparse.grad.abs().sum() > 0 and pl.sparse.grad.abs().sum() > 0
     assert ql.dense.grad.abs().sum() > 0 and pl.colbert.grad.abs().sum() > 0
 
 
 def test_trainer_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_path):
+    from flagm3.losses import RECIPE_SPARSE_LEARNING_RATE
     from flagm3.trainer import M3Trainer
 
-    def frozen(**overrides) -> set:
+    def trainer_for(**overrides):
         args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **overrides)
-        trainer = M3Trainer(model=tiny_model, args=args, processing_class=tiny_tokenizer)
+        return M3Trainer(model=tiny_model, args=args, processing_class=tiny_tokenizer)
+
+    def frozen(**overrides) -> set:
+        trainer = trainer_for(**overrides)
         return {n for n, p in trainer.model.named_parameters() if not p.requires_grad and "pooler" not in n}
 
-    assert frozen() == {"sparse_linear.weight", "sparse_linear.bias"}  # the flagm3 recipe
+    assert frozen() == set()  # the flagm3 recipe trains every head
+    assert frozen(loss_preset="bge-m3") == set()
+    assert frozen(head_loss_weights="sparse=0") == {"sparse_linear.weight", "sparse_linear.bias"}  # asked for
     for param in tiny_model.parameters():
         param.requires_grad_(True)
-    assert frozen(loss_preset="bge-m3") == set()
-    assert frozen(head_loss_weights="sparse=0.1") == set()  # one term is enough
+    # the recipe's sparse head learns at its own rate; the encoder and ColBERT at --learning_rate
+    optimizer = trainer_for(learning_rate=1e-5).create_optimizer()
+    sparse = {id(p) for p in tiny_model.sparse_linear.parameters()}
+    rates = {g["lr"] for g in optimizer.param_groups if {id(p) for p in g["params"]} & sparse}
+    assert rates == {RECIPE_SPARSE_LEARNING_RATE}
+    assert {g["lr"] for g in optimizer.param_groups if not {id(p) for p in g["params"]} & sparse} == {1e-5}
 
 
 def test_presets_and_head_selection(tmp_path):
     flagm3 = M3TrainingArguments(output_dir=str(tmp_path), report_to=[]).loss_config()
-    assert flagm3.head_weights["sparse"] == flagm3.ensemble_weights["sparse"] == 0
+    assert flagm3.head_weights["sparse"] == 0.1 and flagm3.ensemble_weights["sparse"] == 0
     assert flagm3.self_distill_weights["sparse"] == 0 and flagm3.head_temperatures == {}
     bge = M3TrainingArguments(output_dir=str(tmp_path), loss_preset="bge-m3", report_to=[]).loss_config()
     assert bge.head_temperatures == {} and tuple(bge.heads) == ("dense", "sparse", "colbert")
