@@ -79,6 +79,8 @@ def cell(args: argparse.Namespace, coll: str, impl: str, flags: list[str] | None
     out = root / args.split / impl / f"{seed}.json"
     if out.is_file():
         return json.loads(out.read_text())
+    if args.collect_only:
+        raise RuntimeError("not run")
     out.parent.mkdir(parents=True, exist_ok=True)
     model_dir = root / "models" / impl / str(seed)
     log = out.with_suffix(".log")
@@ -127,6 +129,11 @@ def baselines(args: argparse.Namespace, coll: str) -> dict:
     out = WORK_DIR / "seeds" / coll / args.split / "baselines.json"
     if out.is_file():
         return json.loads(out.read_text())
+    if args.collect_only:
+        from quality import bm25_metrics
+
+        os.environ["FLAGM3_DATA_DIR"] = str(collection_dir(coll))
+        return {"bm25": bm25_metrics(args.split, 0)}  # cheap; the untouched model is not run
     out.parent.mkdir(parents=True, exist_ok=True)
     code = ("import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, 'bench'); "
             "from quality import flagm3_metrics, bm25_metrics, make_untouched; from common import WORK_DIR; "
@@ -169,6 +176,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--keep-models", action="store_true")
     p.add_argument("--no-baselines", action="store_true", help="skip the untouched model and BM25")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: summarise the finished cells and list the others as not run")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--reference-python", default=os.environ.get(
         "FLAGM3_REFERENCE_PYTHON", str(Path.home() / ".cache" / "flagm3" / "fe-venv" / "bin" / "python")))
@@ -199,6 +208,7 @@ def main() -> None:
         "settings": {k: getattr(args, k) for k in ("steps", "query_max_len", "passage_max_len", "eval_max_length",
                                                    "split", "jobs")} | {"seeds": seeds, "impls": impls},
         "wall_seconds": time.perf_counter() - t0,
+        "cell_seconds": sum(c["train_seconds"] + c["eval_seconds"] for c in cells),
         "collections": {c: {"summary": summarise([x for x in cells if x["collection"] == c]),
                             **(base.get(c) or {})} for c in colls},
         "cells": cells, "failed": failed,

@@ -162,7 +162,11 @@ def seeds_targets(results: Path, default: str) -> tuple[list[dict], list[str]]:
              f"`bench/run.sh --stages quality_seeds`: every implementation trained {st['steps']} steps, batch 4 x "
              f"group 4, queries {st['query_max_len']} / passages {st['passage_max_len']} tokens, lr 2e-5, one torch "
              f"thread per run, {st['jobs']} runs at a time; evaluated on the {st['split']} split at "
-             f"{st['eval_max_length']} tokens by flagm3's evaluator. Took {q['wall_seconds'] / 60:.0f} min."]
+             f"{st['eval_max_length']} tokens by flagm3's evaluator. The {len(q['cells'])} finished runs took "
+             f"{q.get('cell_seconds', 0) / 60:.0f} min of training + evaluation in all "
+             f"({q.get('cell_seconds', 0) / 60 / max(len(q['cells']), 1):.0f} min each, wall clock)."]
+    if q.get("note"):
+        lines += ["", q["note"]]
     if q.get("failed"):
         lines += ["", "Not finished: " + "; ".join(" ".join(map(str, f["cell"])) for f in q["failed"]) + "."]
     targets = []
