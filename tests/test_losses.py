@@ -544,3 +544,32 @@ def test_sparse_stop_gradient_leaves_the_encoder_alone(tiny_model, tiny_tokenize
     assert encoder > 0 and head > 0
     encoder, head = _sparse_grads(tiny_model, tiny_tokenizer, tmp_path / "stop", sparse_stop_gradient=True)
     assert encoder == 0 and head > 0
+
+
+def test_sparse_health_is_logged_and_warns_once(tiny_model, tiny_tokenizer, tmp_path, caplog):
+    """Statistics summed as tensors, averaged at the logging step; one WARNING when the active tokens halve or
+    more than 5% of the passages are all zero."""
+    from flagm3.trainer import M3Trainer
+
+    args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = M3Trainer(model=tiny_model, args=args, processing_class=tiny_tokenizer)
+
+    def interval(active_passage: float, zero_passage: float) -> dict:
+        stats = {"sparse_active_query": 8.0, "sparse_zero_query": 0.0, "sparse_weight_query": 0.2,
+                 "sparse_active_passage": active_passage, "sparse_zero_passage": zero_passage,
+                 "sparse_weight_passage": 0.1}
+        for value in (0.5, 1.5):  # two micro-batches: the log shows their mean
+            trainer._record_stats({k: torch.tensor(v * value) for k, v in stats.items()})
+        logs = {"loss": 1.0}
+        trainer.log(logs)
+        return logs
+
+    with caplog.at_level("WARNING", logger="flagm3.trainer"):
+        first = interval(100.0, 0.0)
+        assert first["sparse_active_passage"] == pytest.approx(100.0) and first["sparse_weight_query"] == 0.2
+        interval(60.0, 0.02)
+        assert not [r for r in caplog.records if "collapsing" in r.message]
+        interval(40.0, 0.02)  # below half of 100
+        interval(10.0, 0.5)
+    warnings = [r for r in caplog.records if "collapsing" in r.message]
+    assert len(warnings) == 1 and "active tokens per passage 40.0 (100.0 at the start)" in warnings[0].message
