@@ -98,6 +98,64 @@ def make_encoder_dir(directory: Path, seed: int = 0, eos_as_sep: bool = False) -
     return directory
 
 
+def _global_state() -> dict:
+    """Process-wide state a test can change: environment variables, torch's thread count, grad mode and default
+    dtype, the working directory, transformers' DeepSpeed config (a module-level weak reference) and its
+    attention / attention-mask registries."""
+    from transformers import AttentionInterface
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return {
+        "environ": dict(os.environ),
+        "threads": torch.get_num_threads(),
+        "grad": torch.is_grad_enabled(),
+        "dtype": torch.get_default_dtype(),
+        "cwd": os.getcwd(),
+        "deepspeed": hf_deepspeed._hf_deepspeed_config_weak_ref,
+        "attention": dict(AttentionInterface._global_mapping),
+        "masks": dict(AttentionMaskInterface._global_mapping),
+    }
+
+
+def _restore_global_state(state: dict) -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if dict(os.environ) != state["environ"]:
+        os.environ.clear()
+        os.environ.update(state["environ"])
+    if torch.get_num_threads() != state["threads"]:
+        torch.set_num_threads(state["threads"])
+    torch.set_grad_enabled(state["grad"])
+    torch.set_default_dtype(state["dtype"])
+    os.chdir(state["cwd"])
+    hf_deepspeed._hf_deepspeed_config_weak_ref = state["deepspeed"]
+    for registry, saved in ((AttentionInterface._global_mapping, state["attention"]),
+                            (AttentionMaskInterface._global_mapping, state["masks"])):
+        if registry != saved:
+            registry.clear()
+            registry.update(saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolate_module():
+    """What a module (its module-scoped fixtures included) changes in the process is undone after it."""
+    state = _global_state()
+    yield
+    _restore_global_state(state)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_test(_isolate_module):
+    """What a test changes in the process (see :func:`_global_state`) is undone after it: a test that leaves
+    transformers' DeepSpeed config behind would otherwise break every later ``from_pretrained``."""
+    state = _global_state()
+    yield
+    _restore_global_state(state)
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny models
