@@ -16,7 +16,6 @@ line keeps fewer negatives. The summary counts both cases.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -28,8 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .evaluation import read_jsonl, with_instruction
 from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
+from .texts import read_jsonl, with_instruction, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -298,18 +297,18 @@ def mine_hard_negatives(
     ranked_lists = ranked.tolist()
 
     rng = random.Random(seed)
-    filled = short = total = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output_jsonl)), exist_ok=True)
-    with open(output_jsonl, "w", encoding="utf-8") as f:
+    counts = {"filled": 0, "short": 0, "total": 0}
+
+    def mined() -> Any:
         for record in tqdm(records, desc="Sampling negatives", disable=not show_progress):
             qi = query_of[record["query"]]
             chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start,
                                       end, negative_number, fill_random, len(pool))
             out = dict(record)
             out["neg"] = [pool[j] for j in chosen]
-            filled += used_fill
-            short += len(chosen) < negative_number
-            total += len(chosen)
+            counts["filled"] += used_fill
+            counts["short"] += len(chosen) < negative_number
+            counts["total"] += len(chosen)
             if teacher_scores:
                 p_rows = [row_of[t] for t in record["pos"]] + chosen
                 scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights)
@@ -318,7 +317,10 @@ def mine_hard_negatives(
             else:
                 out.pop("pos_scores", None)
                 out.pop("neg_scores", None)
-            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            yield out
+
+    write_jsonl(output_jsonl, mined())
+    filled, short, total = counts["filled"], counts["short"], counts["total"]
     summary = {
         "lines": len(records),
         "queries": len(queries),

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from transformers import AutoTokenizer, set_seed
 
 from .arguments import parse_train_args
+from .convert_bge_m3 import checkpoint_layout, resolve_checkpoint
 from .data import DataValidationError, M3TrainDataset
 from .distributed import (
     check_deepspeed_config,
@@ -23,7 +24,7 @@ from .distributed import (
     shutdown_process_group,
 )
 from .errors import check_model, user_errors
-from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning

@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from .attention import set_attention_dropout, use_recompute_attention
 from .checkpointing import AtomicCheckpointMixin
+from .convert_bge_m3 import save_bge_m3
 from .data import (
     M3BatchSampler,
     M3Collator,
@@ -29,14 +30,7 @@ from .data import (
 from .data.sampler import CHUNK_OVERHEAD_TOKENS
 from .distributed import gather_passages, world
 from .losses import M3Loss, M3LossOutput
-from .modeling_m3 import (
-    COLBERT_HEAD_FILE,
-    SPARSE_HEAD_FILE,
-    M3Model,
-    M3Output,
-    merge_outputs,
-    save_bge_m3_tokenizer,
-)
+from .modeling_m3 import M3Output, merge_outputs, unwrap_m3
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -46,36 +40,6 @@ HEAD_MODULES = ("sparse_linear", "colbert_linear")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss or gradient."""
-
-
-def unwrap_m3(model: nn.Module) -> M3Model:
-    """The M3Model inside DDP/DeepSpeed/PEFT wrappers."""
-    while not isinstance(model, M3Model):
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            raise TypeError(f"M3Trainer needs an M3Model (possibly wrapped), got {type(model).__name__}")
-    return model
-
-
-def save_bge_m3_layout(model: M3Model, directory: str, state_dict: Optional[dict], tokenizer: Any = None) -> None:
-    """The BGE-M3 layout of ``model``, from ``state_dict`` when the Trainer passes one: under ZeRO-3 the
-    module's own parameters are empty partitions and only the gathered state dict holds the weights."""
-    if state_dict is None:
-        model.save_bge_m3(directory, tokenizer)
-        return
-    os.makedirs(directory, exist_ok=True)
-
-    def part(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
-
-    model.encoder.save_pretrained(directory, state_dict=part("encoder."), safe_serialization=True)
-    for name, prefix in ((COLBERT_HEAD_FILE, "colbert_linear."), (SPARSE_HEAD_FILE, "sparse_linear.")):
-        torch.save(part(prefix), os.path.join(directory, name))
-    if tokenizer is not None:
-        save_bge_m3_tokenizer(tokenizer, directory)
 
 
 def _float_output(out: M3Output) -> M3Output:
@@ -403,5 +367,5 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             if hasattr(model, "merge_and_unload"):
                 logger.warning("save_bge_m3_layout: skipped for a LoRA model; merge the adapter first.")
             else:
-                save_bge_m3_layout(unwrap_m3(model), os.path.join(output_dir, "bge-m3"), state_dict,
-                                   self.processing_class)
+                save_bge_m3(unwrap_m3(model), os.path.join(output_dir, "bge-m3"), self.processing_class,
+                            state_dict=state_dict)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from flagm3 import CheckpointError, M3Config, M3Model, sparse_ignore_ids_from_tokenizer
-from flagm3.modeling_m3 import checkpoint_layout, pool
+from flagm3.convert_bge_m3 import checkpoint_layout
+from flagm3.modeling_m3 import pool
 
 TEXTS = [
     "the boundary layer on a flat plate in supersonic flow",
@@ -107,6 +108,40 @@ def test_default_colbert_dim_is_hidden_size(tiny_encoder_dir):
     assert model.config.colbert_dim == -1 and model.config.colbert_output_dim == 32
     assert tuple(model.colbert_linear.weight.shape) == (32, 32)
     assert tuple(model.sparse_linear.weight.shape) == (1, 32)
+
+
+def test_from_encoder_builds_no_second_encoder(tiny_encoder_dir, monkeypatch):
+    """The pretrained encoder is the only one materialised: the model's own (replaced) encoder stays on the
+    meta device, so a large encoder never needs twice its memory. Heads and the ignored-id buffer are real."""
+    built = []
+    from_config = AutoModel.from_config
+
+    def recording_from_config(*args, **kwargs):
+        encoder = from_config(*args, **kwargs)
+        built.append({p.device.type for p in encoder.parameters()})
+        return encoder
+
+    monkeypatch.setattr(AutoModel, "from_config", recording_from_config)
+    model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16)
+    assert built and all(devices == {"meta"} for devices in built)
+    assert {t.device.type for t in model.state_dict().values()} | {model.sparse_ignore_ids.device.type} == {"cpu"}
+    reference = BertModel.from_pretrained(str(tiny_encoder_dir))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    for head in (model.sparse_linear, model.colbert_linear):
+        bound = 1 / head.in_features**0.5  # torch's default Linear init
+        assert head.weight.abs().max() <= bound and head.weight.std() > 0
+    assert model.sparse_ignore_ids.tolist() == model.config.sparse_ignore_token_ids
+
+
+def test_base_model_is_the_encoder(tiny_model, tmp_path):
+    assert tiny_model.base_model_prefix == "encoder" and tiny_model.base_model is tiny_model.encoder
+    tiny_model.save_pretrained(tmp_path)
+    for loaded in (M3Model.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert loaded.base_model is loaded.encoder
+        state = loaded.state_dict()
+        assert state.keys() == tiny_model.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in tiny_model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------- pooling

@@ -276,6 +276,16 @@ MISTAKES = {
         (["export", "--model", "{root}/missing-dir", "--output", "{root}/x"], "no such model directory"),
         (["export", "--model", "{root}/bad.jsonl", "--output", "{root}/x"], "a file, not a model directory"),
     ],
+    "index": [
+        (["index", "--model", "{root}/missing-dir", "--qdrant", ":memory:", "--collection", "c", "--corpus",
+          "{root}/bad_collection/corpus.jsonl"], "no such model directory"),
+        (["index", "--model", "{root}/m3", "--qdrant", ":memory:", "--collection", "c", "--corpus",
+          "{root}/missing.jsonl"], "--corpus {root}/missing.jsonl: no such file"),
+    ],
+    "search": [
+        (["search", "--model", "{root}/missing-dir", "--qdrant", ":memory:", "--collection", "c", "--query", "q"],
+         "no such model directory"),
+    ],
     "validate": [
         (["validate", "{root}/bad.jsonl", "--tokenizer", "{root}/missing-dir"], "--tokenizer"),
     ],
