@@ -217,3 +217,26 @@ def pytest_runtest_logreport(report):
 
 def pytest_collectreport(report):  # a module skipped as a whole (pytest.importorskip at import)
     _log_skip(report)
+
+
+# With FLAGM3_REQUIRE_REFERENCE set (CI's second leg), a test skipped for a missing package (pytest.importorskip)
+# fails instead, as a missing reference environment does (reference_python).
+def _require(report) -> None:
+    if not (report.skipped and os.environ.get("FLAGM3_REQUIRE_REFERENCE")):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if "could not import" in reason:
+        report.outcome = "failed"
+        report.longrepr = f"FLAGM3_REQUIRE_REFERENCE is set but a required package is missing: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _require(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _require(outcome.get_result())
