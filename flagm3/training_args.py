@@ -3,7 +3,7 @@ so an existing launch script ports by changing the module name. Parsed with ``Hf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from transformers import TrainingArguments
@@ -38,6 +38,7 @@ class M3ModelArguments:
     cache_dir: Optional[str] = field(default=None)
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Load the fast (Rust) tokenizer if there is one."})
     colbert_dim: int = field(default=-1, metadata={"help": "ColBERT vector size; -1: the hidden size."})
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
@@ -68,7 +69,11 @@ class M3DataArguments:
     passage_instruction_format: str = field(default="{}{}")
     knowledge_distillation: bool = field(default=False, metadata={"help": "Distil pos_scores/neg_scores."})
     same_dataset_within_batch: bool = field(default=False)
-    group_by_length: bool = field(default=True, metadata={"help": "Batch passages of similar length."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch records of similar passage length (less padding; changes who the in-batch negatives "
+                  "are). Off by default: random batches, as FlagEmbedding's."},
+    )
     sample_negatives_from_corpus: bool = field(
         default=True, metadata={"help": "Records without negatives get some from other records."}
     )
@@ -115,6 +120,29 @@ class M3TrainingArguments(TrainingArguments):
     self_distill_weights: Optional[str] = field(default=None, metadata={"help": "e.g. 'dense=1,sparse=0.1'."})
     head_temperatures: Optional[str] = field(default=None, metadata={"help": "e.g. 'sparse=0.05'."})
     head_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the heads."})
+    sparse_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the sparse head (default: head_learning_rate)."}
+    )
+    teacher_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "Teacher scores become softmax(scores / teacher_temperature). Default 1 (reranker "
+                  "logits, as FlagEmbedding's data has them; `flagm3 mine --teacher-scores` writes such logits)."},
+    )
+    sparse_stop_gradient: Optional[bool] = field(
+        default=None,
+        metadata={"help": "The sparse head reads detached hidden states: its loss terms train the head, not the "
+                  "encoder. Default: the recipe's."},
+    )
+    sparse_hard_negatives: Optional[bool] = field(
+        default=None,
+        metadata={"help": "False: the sparse head's own InfoNCE leaves out each query's hard negatives (in-batch "
+                  "negatives only). Default: the recipe's."},
+    )
+    sparse_anchor_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the sparse head's squared relative distance to its initial (IDF-fitted) "
+                  "parameters. Default: the recipe's."},
+    )
     max_length_chunks: int = field(
         default=4,
         metadata={
@@ -157,19 +185,24 @@ class M3TrainingArguments(TrainingArguments):
         super().__post_init__()
         after_training_arguments(self)
 
-    def loss_config(self) -> M3LossConfig:
-        """The objective these arguments describe: the preset, then every explicitly given knob."""
+    def loss_config(self, preset: Optional[str] = None) -> M3LossConfig:
+        """The objective these arguments describe: the preset (``--loss_preset`` unless ``preset`` is given),
+        then every explicitly given knob."""
         if self.heads:
             heads = tuple(h.strip() for h in self.heads.split(",") if h.strip())
         else:
             heads = HEADS if self.unified_finetuning else ("dense",)
         config = M3LossConfig.preset(
-            self.loss_preset,
+            preset or self.loss_preset,
             heads=heads,
             temperature=self.temperature,
             use_self_distill=self.use_self_distill,
             self_distill_start_step=self.self_distill_start_step,
             kd_loss_type=self.kd_loss_type,
+            teacher_temperature=self.teacher_temperature,
+            sparse_stop_gradient=self.sparse_stop_gradient,
+            sparse_hard_negatives=self.sparse_hard_negatives,
+            sparse_anchor_weight=self.sparse_anchor_weight,
         )
         for attr, text in (
             ("head_weights", self.head_loss_weights),
@@ -182,3 +215,40 @@ class M3TrainingArguments(TrainingArguments):
                 setattr(config, attr, {**getattr(config, attr), **given})
         config.validate()
         return config
+
+    def differences_from_flagembedding(self) -> list[str]:
+        """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
+        same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
+        line per differing setting, naming the flag that restores FlagEmbedding's value; empty when they agree."""
+        ours, theirs = asdict(self.loss_config()), asdict(self.loss_config(preset="bge-m3"))
+        trained = set(ours["heads"]) | ({"ensemble"} if len(ours["heads"]) > 1 else set())
+        lines = []
+        for name, value in ours.items():
+            reference = theirs.get(name)
+            if value == reference:
+                continue
+            flag = _LOSS_FLAGS.get(name, name)
+            if isinstance(value, dict) and isinstance(reference, dict):
+                for key in sorted(set(value) | set(reference)):
+                    untrained = key in (*HEADS, "ensemble") and key not in trained  # its weight changes nothing
+                    if value.get(key) != reference.get(key) and not untrained:
+                        lines.append(f"{name}[{key}] = {value.get(key)} (FlagEmbedding: {reference.get(key)}; "
+                                     f"--{flag} {key}={reference.get(key)})")
+            else:
+                shown = ",".join(reference) if isinstance(reference, (list, tuple)) else reference
+                lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
+        return lines
+
+
+# M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
+_LOSS_FLAGS = {"head_weights": "head_loss_weights"}
+
+
+def recipe_warning(args: M3TrainingArguments) -> Optional[str]:
+    """The one warning ``flagm3 train`` logs when the recipe trains another objective than FlagEmbedding's
+    flags ask for (see :meth:`M3TrainingArguments.differences_from_flagembedding`); ``None`` when it does not."""
+    lines = args.differences_from_flagembedding()
+    if not lines:
+        return None
+    return (f"--loss_preset {args.loss_preset} trains another objective than FlagEmbedding's for these flags: "
+            + "; ".join(lines) + ". --loss_preset bge-m3 restores all of it.")
