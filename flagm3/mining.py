@@ -27,7 +27,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
+from .scoring import (
+    PooledLexical,
+    compute_lexical_matching_scores,
+    concat_lexical,
+    dense_scores,
+    hybrid_scores,
+    lexical_matrix,
+    pool_lexical,
+)
 from .texts import read_jsonl, with_instruction, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -83,11 +91,9 @@ def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
 def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int], sparse: bool,
             desc: str, show_progress: bool) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
     """Dense vectors ``[N, H]`` and, with ``sparse``, pooled lexical weights as a CSR ``[N, vocab]``."""
-    from .inference import lexical_matrix
-
     heads = ("dense", "sparse") if sparse else ("dense",)
     dense: Optional[Tensor] = None
-    rows, ids, weights = [], [], []
+    lexical_parts: list[tuple[Tensor, PooledLexical]] = []
     logger.info("%s: encoding %d texts", desc, len(texts))
     for indices, out in embedder.iter_outputs(
         texts, max_length=max_length, batch_size=batch_size, heads=heads, show_progress=show_progress
@@ -97,21 +103,15 @@ def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Option
             dense = torch.zeros(len(texts), out["dense"].shape[-1])
         dense[index] = out["dense"].float()
         if sparse:
-            pooled = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
-            rows.append(index[pooled.rows])
-            ids.append(pooled.token_ids)
-            weights.append(pooled.weights)
+            lexical_parts.append((index, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
     lexical = None
     if sparse:
-        pooled = PooledLexical(torch.cat(rows), torch.cat(ids), torch.cat(weights), len(texts))
-        lexical = lexical_matrix(pooled, num_columns=len(embedder.tokenizer))
+        lexical = lexical_matrix(concat_lexical(lexical_parts, len(texts)), num_columns=len(embedder.tokenizer))
     return dense, lexical
 
 
 def _lexical_block(q_lex: scipy.sparse.csr_matrix, p_lex: scipy.sparse.csr_matrix) -> Tensor:
     """All-pairs lexical scores ``sum_t w_q(t) * w_p(t)`` (one sparse product): ``[Q, P]``."""
-    from .inference import compute_lexical_matching_scores
-
     return torch.from_numpy(compute_lexical_matching_scores(q_lex, p_lex)).float()
 
 

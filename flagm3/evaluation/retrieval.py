@@ -21,8 +21,11 @@ from ..scoring import (
     PooledLexical,
     colbert_scores,
     colbert_scores_paired,
+    compute_lexical_matching_scores,
+    concat_lexical,
     dense_scores,
     hybrid_scores,
+    lexical_matrix,
     pool_lexical,
 )
 from ..texts import with_instruction
@@ -102,13 +105,11 @@ class _EncodedQueries:
 
     def __init__(self, embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int],
                  heads: Sequence[str], show_progress: bool) -> None:
-        from ..inference import lexical_matrix
-
         self.num = len(texts)
         self.dense: Optional[Tensor] = None
         self.lexical = None
         self.batches: list[tuple[Tensor, dict[str, Tensor]]] = []
-        pooled: list[PooledLexical] = []
+        lexical: list[tuple[Tensor, PooledLexical]] = []
         for indices, out in embedder.iter_outputs(
             texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads),
             show_progress=show_progress,
@@ -119,14 +120,12 @@ class _EncodedQueries:
                     self.dense = torch.zeros(self.num, out["dense"].shape[-1])
                 self.dense[rows] = out["dense"].float()
             if "sparse" in heads:
-                p = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
-                pooled.append(PooledLexical(rows[p.rows], p.token_ids, p.weights, self.num))
+                lexical.append((rows, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
             if "colbert" in heads:
                 colbert = {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}
                 self.batches.append((rows, colbert))
         if "sparse" in heads:
-            rows, ids, weights = (torch.cat([p[f] for p in pooled]) for f in range(3))
-            self.lexical = lexical_matrix(PooledLexical(rows, ids, weights, self.num))
+            self.lexical = lexical_matrix(concat_lexical(lexical, self.num))
 
     def per_batch(self, fn: Any, num_cols: int) -> Tensor:
         """``[Q, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the query batches."""
@@ -140,8 +139,6 @@ def _head_scores(
     queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Iterable[str]
 ) -> dict[str, Tensor]:
     """``[Q, b]`` score of each head for one batch of passage outputs (lexical: one sparse matrix product)."""
-    from ..inference import compute_lexical_matching_scores
-
     scores = {}
     if "dense" in heads:
         scores["dense"] = dense_scores(queries.dense, out["dense"].float())
