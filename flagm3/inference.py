@@ -484,7 +484,7 @@ class M3Embedder:
             )
             scores["colbert"][idx] = colbert_scores_paired(q["colbert"], q["colbert_mask"], p["colbert"],
                                                            p["colbert_mask"])
-        named = dict(zip(("dense", "sparse", "colbert"), weights))
+        named = dict(zip(HEADS, weights))
         result = {
             "colbert": scores["colbert"],
             "sparse": scores["sparse"],

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .scoring import (
+    BGE_M3_ENSEMBLE_WEIGHTS,
     PooledLexical,
     compute_lexical_matching_scores,
     concat_lexical,
@@ -40,6 +41,7 @@ from .texts import read_jsonl, with_instruction, write_jsonl
 
 logger = logging.getLogger(__name__)
 
+DENSE_SPARSE_WEIGHTS = (BGE_M3_ENSEMBLE_WEIGHTS["dense"], BGE_M3_ENSEMBLE_WEIGHTS["sparse"])  # the hybrid
 _SCORE_BLOCK_ELEMENTS = 1 << 24  # entries of one [queries, pool] score block in the torch search
 _FAISS_DENSE_ONLY = "faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid"
 
@@ -122,7 +124,7 @@ def search(
     k: int,
     q_lex: Optional[scipy.sparse.csr_matrix] = None,
     p_lex: Optional[scipy.sparse.csr_matrix] = None,
-    weights: Sequence[float] = (1.0, 0.3),
+    weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
     use_faiss: Optional[bool] = None,
     batch_size: int = 256,
     show_progress: bool = True,
@@ -167,7 +169,7 @@ def query_scores(
     p_rows: Sequence[int],
     q_lex: Optional[scipy.sparse.csr_matrix] = None,
     p_lex: Optional[scipy.sparse.csr_matrix] = None,
-    weights: Sequence[float] = (1.0, 0.3),
+    weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
 ) -> Tensor:
     """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``."""
     scores = {"dense": dense_scores(q_dense[q_row : q_row + 1], p_dense[list(p_rows)])[0]}
@@ -233,7 +235,7 @@ def mine_hard_negatives(
     range_for_sampling: Union[str, Sequence[int]] = (10, 100),
     negative_number: int = 15,
     use_hybrid: bool = False,
-    hybrid_weights: Sequence[float] = (1.0, 0.3),
+    hybrid_weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
     seed: int = 42,
     teacher_scores: bool = False,
     fill_random: bool = True,

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS
 from .version import __version__
 
 TAGS = ("sentence-similarity", "retrieval", "bge-m3", "dense", "sparse", "colbert")
@@ -183,6 +184,7 @@ def usage_snippets(model_id: str, bge_m3_path: str, pooling: str = "cls",
     """Markdown with two code blocks: flagm3's ``M3Embedder`` and FlagEmbedding's ``BGEM3FlagModel``."""
     query, passage = (json.dumps(t, ensure_ascii=False) for t in example)
     pooling_arg = "" if pooling == "cls" else f', pooling_method="{pooling}"'
+    weights = [BGE_M3_ENSEMBLE_WEIGHTS[h] for h in HEADS]
     return f'''With flagm3 (loads this directory; its config keeps the pooling and normalisation):
 
 ```python
@@ -196,7 +198,7 @@ p = model.encode_corpus(passages, return_dense=True, return_sparse=True, return_
 dense = q["dense_vecs"] @ p["dense_vecs"].T
 sparse = model.compute_lexical_matching_score(q["lexical_weights"], p["lexical_weights"])
 colbert = model.colbert_score(q["colbert_vecs"][0], p["colbert_vecs"][0])
-scores = model.compute_score(list(zip(queries, passages)), weights_for_different_modes=[1.0, 0.3, 1.0])
+scores = model.compute_score(list(zip(queries, passages)), weights_for_different_modes={weights})
 print(dense, sparse, float(colbert), scores["colbert+sparse+dense"])
 ```
 
@@ -207,7 +209,7 @@ from FlagEmbedding import BGEM3FlagModel
 
 model = BGEM3FlagModel("{bge_m3_path}", use_fp16=False{pooling_arg})
 out = model.encode([{passage}], return_dense=True, return_sparse=True, return_colbert_vecs=True)
-print(model.compute_score([({query}, {passage})], weights_for_different_modes=[1.0, 0.3, 1.0]))
+print(model.compute_score([({query}, {passage})], weights_for_different_modes={weights}))
 ```'''
 
 

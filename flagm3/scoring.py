@@ -19,7 +19,9 @@ import scipy.sparse
 import torch
 from torch import Tensor
 
-# Elements of one intermediate [Q, chunk, Lq, Lp] token-score block (ColBERT) before chunking kicks in.
+from .configuration_m3 import HEADS as HEADS  # re-exported: the heads scored here
+
+# Elements of one intermediate ColBERT token-score block ([Q, chunk, Lq, Lp], or [pairs, Lq, Lp]).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
 
 
@@ -234,7 +236,6 @@ def colbert_scores_paired(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask
 
 
 # ---------------------------------------------------------------------------------------------- hybrid
-HEADS = ("dense", "sparse", "colbert")
 BGE_M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 
 

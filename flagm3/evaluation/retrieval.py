@@ -17,6 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..scoring import (
+    BGE_M3_ENSEMBLE_WEIGHTS,
+    DEFAULT_BLOCK_ELEMENTS,
     HEADS,
     PooledLexical,
     colbert_scores,
@@ -35,9 +37,7 @@ logger = logging.getLogger(__name__)
 
 HYBRIDS = {"dense+sparse": ("dense", "sparse"), "all": ("dense", "sparse", "colbert")}
 RANKINGS = HEADS + tuple(HYBRIDS)
-DEFAULT_HYBRID_WEIGHTS = (1.0, 0.3, 1.0)  # dense : sparse : ColBERT, as BGE-M3's ensemble
-# Elements of one [pairs, Lq, Lp] token-score block when ColBERT reranks candidate pairs.
-_PAIR_BLOCK_ELEMENTS = 1 << 25
+DEFAULT_HYBRID_WEIGHTS = tuple(BGE_M3_ENSEMBLE_WEIGHTS[h] for h in HEADS)  # dense : sparse : ColBERT
 
 
 def top_k_positions(scores: Tensor, k: int) -> Tensor:
@@ -220,7 +220,7 @@ def _colbert_on_candidates(
             for rows, q in queries.batches:
                 where = position[candidates[rows]]  # [b, d]
                 r, c = (where >= 0).nonzero(as_tuple=True)
-                step = max(1, _PAIR_BLOCK_ELEMENTS // max(1, q["colbert"].shape[1] * p_vecs.shape[1]))
+                step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, q["colbert"].shape[1] * p_vecs.shape[1]))
                 for s in range(0, r.numel(), step):
                     rs, cs = r[s : s + step], c[s : s + step]
                     docs_at = where[rs, cs]
