@@ -27,15 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .evaluation.retrieval import encode_texts
 from .scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
-    PooledLexical,
     compute_lexical_matching_scores,
-    concat_lexical,
     dense_scores,
     hybrid_scores,
-    lexical_matrix,
-    pool_lexical,
 )
 from .texts import read_jsonl, with_instruction, write_jsonl
 
@@ -93,23 +90,11 @@ def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
 def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int], sparse: bool,
             desc: str, show_progress: bool) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
     """Dense vectors ``[N, H]`` and, with ``sparse``, pooled lexical weights as a CSR ``[N, vocab]``."""
-    heads = ("dense", "sparse") if sparse else ("dense",)
-    dense: Optional[Tensor] = None
-    lexical_parts: list[tuple[Tensor, PooledLexical]] = []
     logger.info("%s: encoding %d texts", desc, len(texts))
-    for indices, out in embedder.iter_outputs(
-        texts, max_length=max_length, batch_size=batch_size, heads=heads, show_progress=show_progress
-    ):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if dense is None:
-            dense = torch.zeros(len(texts), out["dense"].shape[-1])
-        dense[index] = out["dense"].float()
-        if sparse:
-            lexical_parts.append((index, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
-    lexical = None
-    if sparse:
-        lexical = lexical_matrix(concat_lexical(lexical_parts, len(texts)), num_columns=len(embedder.tokenizer))
-    return dense, lexical
+    heads = ("dense", "sparse") if sparse else ("dense",)
+    encoded = encode_texts(embedder, texts, max_length, batch_size, heads, show_progress,
+                           num_columns=len(embedder.tokenizer))
+    return encoded.dense, encoded.lexical
 
 
 def _lexical_block(q_lex: scipy.sparse.csr_matrix, p_lex: scipy.sparse.csr_matrix) -> Tensor:

@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import scipy.sparse
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -99,44 +100,51 @@ class RunningTopK:
         }
 
 
-class _EncodedQueries:
-    """Query outputs of every head: dense stacked ``[Q, H]``, lexical weights as a CSR ``[Q, vocab]``,
-    ColBERT vectors kept per encoding batch (no padding to a common length)."""
+class EncodedTexts:
+    """Outputs of the asked heads for ``num`` texts, ready to search with: ``dense`` stacked ``[N, H]`` (fp32),
+    ``lexical`` weights as a CSR ``[N, vocab]``, ``batches`` of ColBERT vectors as encoded
+    (``(rows [b], {"colbert": [b, L, D], "colbert_mask": [b, L]})``, no padding to a common length)."""
 
-    def __init__(self, embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int],
-                 heads: Sequence[str], show_progress: bool) -> None:
-        self.num = len(texts)
+    def __init__(self, num: int) -> None:
+        self.num = num
         self.dense: Optional[Tensor] = None
-        self.lexical = None
+        self.lexical: Optional[scipy.sparse.csr_matrix] = None
         self.batches: list[tuple[Tensor, dict[str, Tensor]]] = []
-        lexical: list[tuple[Tensor, PooledLexical]] = []
-        for indices, out in embedder.iter_outputs(
-            texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads),
-            show_progress=show_progress,
-        ):
-            rows = torch.as_tensor(indices, dtype=torch.long)
-            if "dense" in heads:
-                if self.dense is None:
-                    self.dense = torch.zeros(self.num, out["dense"].shape[-1])
-                self.dense[rows] = out["dense"].float()
-            if "sparse" in heads:
-                lexical.append((rows, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
-            if "colbert" in heads:
-                colbert = {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}
-                self.batches.append((rows, colbert))
-        if "sparse" in heads:
-            self.lexical = lexical_matrix(concat_lexical(lexical, self.num))
 
     def per_batch(self, fn: Any, num_cols: int) -> Tensor:
-        """``[Q, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the query batches."""
+        """``[N, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the ColBERT batches."""
         full = torch.empty(self.num, num_cols)
         for rows, out in self.batches:
             full[rows] = fn(out).float()
         return full
 
 
+def encode_texts(embedder: Any, texts: Sequence[str], max_length: int, batch_size: Optional[int],
+                 heads: Sequence[str], show_progress: bool = False,
+                 num_columns: Optional[int] = None) -> EncodedTexts:
+    """Encode ``texts`` once through ``embedder.iter_outputs`` into an :class:`EncodedTexts` of ``heads``;
+    ``num_columns`` fixes the lexical matrix's width (the vocabulary size), else its largest id + 1."""
+    encoded = EncodedTexts(len(texts))
+    lexical: list[tuple[Tensor, PooledLexical]] = []
+    for indices, out in embedder.iter_outputs(
+        texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads), show_progress=show_progress,
+    ):
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        if "dense" in heads:
+            if encoded.dense is None:
+                encoded.dense = torch.zeros(encoded.num, out["dense"].shape[-1])
+            encoded.dense[rows] = out["dense"].float()
+        if "sparse" in heads:
+            lexical.append((rows, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
+        if "colbert" in heads:
+            encoded.batches.append((rows, {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}))
+    if "sparse" in heads:
+        encoded.lexical = lexical_matrix(concat_lexical(lexical, encoded.num), num_columns=num_columns)
+    return encoded
+
+
 def _head_scores(
-    queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Iterable[str]
+    queries: EncodedTexts, out: Mapping[str, Tensor], heads: Iterable[str]
 ) -> dict[str, Tensor]:
     """``[Q, b]`` score of each head for one batch of passage outputs (lexical: one sparse matrix product)."""
     scores = {}
@@ -192,7 +200,7 @@ def check_rankings(
 
 def _colbert_on_candidates(
     embedder: Any,
-    queries: _EncodedQueries,
+    queries: EncodedTexts,
     texts: Sequence[str],
     candidates: Tensor,
     max_length: int,
@@ -287,8 +295,7 @@ def retrieve(
         raise ValueError(f"nothing to retrieve: {len(qids)} queries, {len(doc_ids)} documents")
     texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
     q_texts = with_instruction(embedder, (queries[q] for q in qids), "query")
-    encoded = _EncodedQueries(embedder, q_texts, max_query_length, batch_size, heads,
-                              show_progress=False)
+    encoded = encode_texts(embedder, q_texts, max_query_length, batch_size, heads)
     keepers = {name: RunningTopK(len(qids), top_k) for name in first_rankings}
     if rerank:
         keepers[rerank_source] = RunningTopK(len(qids), max(top_k, rerank_depth), extras=first_heads)
