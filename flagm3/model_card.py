@@ -228,7 +228,18 @@ def render_model_card(
     description: Optional[str] = None,
     example: Optional[tuple[str, str]] = None,
 ) -> str:
-    """The model card's text; arguments as :func:`write_model_card`."""
+    """The model card's text (Markdown with YAML front matter) of the model in ``output_dir``.
+
+    Args:
+        output_dir: the model directory (the card's usage snippet loads it, unless ``model_id`` is given).
+        trainer: an :class:`~flagm3.trainer.M3Trainer` (arguments, loss config, training data, log history).
+        model_args, data_args: ``M3ModelArguments`` / ``M3DataArguments`` (base model; group size, lengths).
+        metrics: ``{ranking: {metric: value}}``, ``{set name: {ranking: {metric: value}}}`` or flat
+            ``eval_<ranking>_<metric>`` keys; default: the trainer's last evaluation, if any.
+        base_model: overrides the base model named by ``model_args`` (a hub id goes into the front matter).
+        model_id: name used in the usage snippet; datasets: hub dataset ids; language; description: a
+            paragraph under the title; example: ``(query, passage)`` for the usage snippet.
+    """
     base = _base_model(base_model, model_args, trainer)
     data_args = data_args if data_args is not None else getattr(trainer, "data_args", None)
     model_id = model_id or output_dir
@@ -313,28 +324,9 @@ def render_model_card(
     return "\n".join(parts)
 
 
-def write_model_card(
-    output_dir: str,
-    trainer: Any = None,
-    model_args: Any = None,
-    data_args: Any = None,
-    metrics: Optional[Mapping[str, Any]] = None,
-    base_model: Optional[str] = None,
-    **kwargs: Any,
-) -> str:
-    """Write ``<output_dir>/README.md`` and return its path.
-
-    Args:
-        output_dir: the model directory (the card's usage snippet loads it, unless ``model_id`` is given).
-        trainer: an :class:`~flagm3.trainer.M3Trainer` (arguments, loss config, training data, log history).
-        model_args, data_args: ``M3ModelArguments`` / ``M3DataArguments`` (base model; group size, lengths).
-        metrics: ``{ranking: {metric: value}}``, ``{set name: {ranking: {metric: value}}}`` or flat
-            ``eval_<ranking>_<metric>`` keys; default: the trainer's last evaluation, if any.
-        base_model: overrides the base model named by ``model_args`` (a hub id goes into the front matter).
-        kwargs: ``model_id`` (name used in the usage snippet), ``datasets`` (hub dataset ids),
-            ``language``, ``description`` (a paragraph under the title), ``example`` ((query, passage)).
-    """
-    text = render_model_card(output_dir, trainer, model_args, data_args, metrics, base_model, **kwargs)
+def write_model_card(output_dir: str, *args: Any, **kwargs: Any) -> str:
+    """Write :func:`render_model_card`'s text (same arguments) to ``<output_dir>/README.md``; return its path."""
+    text = render_model_card(output_dir, *args, **kwargs)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as f:

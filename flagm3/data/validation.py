@@ -567,29 +567,16 @@ def load_and_validate(
 
 
 def validate_data(
-    paths: Union[DataInput, Sequence[DataInput]],
-    tokenizer: Any = None,
-    query_max_len: Optional[int] = 32,
-    passage_max_len: Optional[int] = 128,
-    sample_negatives_from_corpus: bool = True,
-    knowledge_distillation: bool = False,
-    train_group_size: Optional[int] = None,
-    raise_on_error: bool = False,
+    paths: Union[DataInput, Sequence[DataInput]], raise_on_error: bool = False, **options: Any
 ) -> ValidationReport:
     """Validate training data (files, directories, ``datasets.Dataset``s); see the module docstring.
 
-    Returns the report (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with
-    ``raise_on_error=True`` raises one :class:`DataValidationError` listing the problems instead.
+    ``options`` are :func:`load_and_validate`'s (``tokenizer``, ``query_max_len``, ``passage_max_len``,
+    ``sample_negatives_from_corpus``, ``knowledge_distillation``, ``train_group_size``). Returns the report
+    (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with ``raise_on_error=True`` raises one
+    :class:`DataValidationError` listing the problems instead.
     """
-    _, report = load_and_validate(
-        paths,
-        tokenizer=tokenizer,
-        query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
-        sample_negatives_from_corpus=sample_negatives_from_corpus,
-        knowledge_distillation=knowledge_distillation,
-        train_group_size=train_group_size,
-    )
+    _, report = load_and_validate(paths, **options)
     if raise_on_error:
         report.raise_if_errors()
     return report

@@ -341,37 +341,23 @@ def evaluate_retrieval(
     corpus: Mapping[str, str],
     queries: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
-    heads: Sequence[str] = HEADS,
-    hybrids: Optional[Sequence[str]] = None,
-    hybrid_weights: Union[Sequence[float], Mapping[str, float]] = DEFAULT_HYBRID_WEIGHTS,
     k_values: Sequence[int] = (1, 10, 100),
     metrics: Sequence[str] = METRICS,
-    max_query_length: int = 512,
-    max_passage_length: int = 512,
-    batch_size: Optional[int] = None,
-    corpus_chunk_size: int = 8192,
-    colbert_mode: str = "full",
-    rerank_depth: int = 100,
-    rerank_source: Optional[str] = None,
     top_k: Optional[int] = None,
-    show_progress: bool = True,
     return_runs: bool = False,
+    **retrieve_options: Any,
 ) -> Union[dict[str, dict[str, float]], tuple[dict[str, dict[str, float]], dict[str, Run]]]:
     """Retrieve for the judged queries and score every ranking: ``{"dense": {"ndcg@10": ...}, ...}``.
 
-    Arguments as :func:`retrieve`; ``top_k`` defaults to ``max(k_values)``. With ``return_runs=True`` the
-    result is ``(metrics, runs)``. Metrics are averaged over the queries of ``qrels``.
+    ``retrieve_options`` are :func:`retrieve`'s (``heads``, ``hybrids``, ``hybrid_weights``, lengths,
+    ``batch_size``, ``corpus_chunk_size``, ``colbert_mode``, ...); ``top_k`` defaults to ``max(k_values)``.
+    With ``return_runs=True`` the result is ``(metrics, runs)``. Metrics are averaged over the queries of
+    ``qrels``.
     """
     missing = [qid for qid in qrels if qid not in queries]
     if missing:
         raise ValueError(f"{len(missing)} judged queries have no text in `queries` (first: {missing[:5]})")
     judged_queries = {qid: queries[qid] for qid in qrels}
-    runs = retrieve(
-        embedder, corpus, judged_queries, heads=heads, hybrids=hybrids, hybrid_weights=hybrid_weights,
-        top_k=top_k or max(k_values), max_query_length=max_query_length,
-        max_passage_length=max_passage_length, batch_size=batch_size, corpus_chunk_size=corpus_chunk_size,
-        colbert_mode=colbert_mode, rerank_depth=rerank_depth, rerank_source=rerank_source,
-        show_progress=show_progress,
-    )
+    runs = retrieve(embedder, corpus, judged_queries, top_k=top_k or max(k_values), **retrieve_options)
     results = {name: evaluate_run(run, qrels, k_values, metrics) for name, run in runs.items()}
     return (results, runs) if return_runs else results
