@@ -124,6 +124,7 @@ def _mine(args: argparse.Namespace) -> None:
         use_hybrid=args.hybrid,
         seed=args.seed,
         teacher_scores=args.teacher_scores,
+        teacher_score_temperature=args.teacher_score_temperature,
         hybrid_weights=tuple(args.hybrid_weights),
         fill_random=not args.no_fill_random,
         use_faiss=False if args.no_faiss else None,
@@ -242,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-number", type=int, default=15)
     p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
     p.add_argument("--hybrid-weights", type=float, nargs=2, default=[1.0, 0.3], metavar=("DENSE", "SPARSE"))
-    p.add_argument("--teacher-scores", action="store_true", help="write pos_scores/neg_scores")
+    p.add_argument("--teacher-scores", action="store_true",
+                   help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
+    p.add_argument("--teacher-score-temperature", type=float, default=0.02,
+                   help="scores are written as score / this (logits for training's --teacher_temperature 1)")
     p.add_argument("--no-fill-random", action="store_true",
                    help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
     p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from .compat import tokenizer_config_for_v4
 from .configuration_m3 import M3Config
 
 COLBERT_HEAD_FILE = "colbert_linear.pt"
@@ -127,8 +129,25 @@ def sep_as_eos(tokenizer: Any) -> Any:
 
 
 def save_bge_m3_tokenizer(tokenizer: Any, directory: str) -> None:
-    """Save ``tokenizer`` for the BGE-M3 layout (with an EOS token, see :func:`sep_as_eos`)."""
+    """Save ``tokenizer`` for the BGE-M3 layout (with an EOS token, see :func:`sep_as_eos`).
+
+    ``tokenizer_config.json`` is written so that transformers 4.x (FlagEmbedding's) reads it too, and the
+    SentencePiece model the tokenizer was loaded from is copied beside it (BGE-M3 ships both).
+    """
     sep_as_eos(tokenizer).save_pretrained(directory)
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if isinstance(vocab_file, str) and vocab_file.endswith(".model") and os.path.isfile(vocab_file):
+        target = os.path.join(directory, os.path.basename(vocab_file))
+        if not os.path.exists(target):
+            shutil.copyfile(vocab_file, target)
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+        readable = tokenizer_config_for_v4(config)
+        if readable != config:
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(readable, f, indent=2, ensure_ascii=False)
 
 
 def save_bge_m3(model: Any, directory: str, tokenizer: Any = None, state_dict: Optional[dict] = None) -> None:

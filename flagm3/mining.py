@@ -236,6 +236,7 @@ def mine_hard_negatives(
     hybrid_weights: Sequence[float] = (1.0, 0.3),
     seed: int = 42,
     teacher_scores: bool = False,
+    teacher_score_temperature: float = 0.02,
     fill_random: bool = True,
     query_instruction_for_retrieval: Optional[str] = None,
     query_instruction_format: Optional[str] = None,
@@ -252,11 +253,15 @@ def mine_hard_negatives(
     union of every ``pos`` and ``neg`` passage of the input. Duplicate passages are merged.
     ``range_for_sampling``: 0-based ranks ``(start, end)`` (or ``"start-end"``) to draw from. ``use_hybrid``:
     rank by ``hybrid_weights[0] * dense + hybrid_weights[1] * sparse``. ``teacher_scores``: also write
-    ``pos_scores`` and ``neg_scores``, the mining score of each passage with the query (without it, stale
-    input ``pos_scores``/``neg_scores`` are dropped). Queries get the query instruction (default: the
+    ``pos_scores`` and ``neg_scores``, the mining score of each passage with the query divided by
+    ``teacher_score_temperature`` (logits, as a reranker's: training's ``teacher_temperature`` 1 then makes the
+    teacher distribution softmax(score / teacher_score_temperature)); without it, stale input
+    ``pos_scores``/``neg_scores`` are dropped. Queries get the query instruction (default: the
     embedder's); lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
     """
     start, end = _parse_range(range_for_sampling)
+    if teacher_score_temperature <= 0:
+        raise ValueError(f"teacher_score_temperature must be positive, got {teacher_score_temperature}")
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")
     if use_faiss and use_hybrid:
@@ -311,7 +316,7 @@ def mine_hard_negatives(
             counts["total"] += len(chosen)
             if teacher_scores:
                 p_rows = [row_of[t] for t in record["pos"]] + chosen
-                scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights)
+                scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights) / teacher_score_temperature
                 out["pos_scores"] = scores[: len(record["pos"])].tolist()
                 out["neg_scores"] = scores[len(record["pos"]) :].tolist()
             else:
@@ -333,6 +338,7 @@ def mine_hard_negatives(
         "lines_filled_randomly": filled,
         "lines_short": short,
         "teacher_scores": teacher_scores,
+        "teacher_score_temperature": teacher_score_temperature if teacher_scores else None,
         "output": os.fspath(output_jsonl),
     }
     logger.info("hard-negative mining: %s", summary)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .compat import init_copy_, mismatched_shapes
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
 from .convert_bge_m3 import (
     COLBERT_HEAD_FILE,
@@ -114,7 +114,7 @@ class M3PreTrainedModel(PreTrainedModel):
             # A non-persistent buffer is not in the checkpoint: from_pretrained (meta-device init) leaves it
             # uninitialised unless it is rebuilt here from the config.
             ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long)
-            init.copy_(self.sparse_ignore_ids, ids)
+            init_copy_(self.sparse_ignore_ids, ids)
 
 
 class M3Model(M3PreTrainedModel):
@@ -255,7 +255,8 @@ class M3Model(M3PreTrainedModel):
         # Load with mismatches allowed only to list them: transformers' own error names neither file nor field.
         model, info = super().from_pretrained(path, *args, ignore_mismatched_sizes=True, **kwargs)
         if info.get("mismatched_keys") and not allow_mismatch:
-            raise CheckpointError(_mismatch_message(path, model.config, info["mismatched_keys"]))
+            mismatched = mismatched_shapes(info, model, weights_file(path))
+            raise CheckpointError(_mismatch_message(path, model.config, mismatched))
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
         if problems:
             raise CheckpointError(f"{path}: weights do not match an M3 model of this config: {problems}")

@@ -81,7 +81,12 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         self._log_sums: dict[str, float] = defaultdict(float)
         self._log_count = 0
         self._bad_steps = 0
+        self._stat_sums: dict[str, Tensor] = {}
+        self._stat_count = 0
+        self._sparse_start: Optional[dict[str, float]] = None
+        self._sparse_warned = False
         self._prepare_parameters(model, args)
+        self._prepare_sparse_head(model)
         self._choose_attention(model, args)
         super().__init__(model=model, args=args, **kwargs)
 
@@ -106,6 +111,19 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         if frozen:
             logger.info("frozen parameters: %d tensors (%s ...)", len(frozen), ", ".join(frozen[:3]))
 
+    def _prepare_sparse_head(self, model: nn.Module) -> None:
+        """The sparse-head levers of the loss config: detached hidden states into the head
+        (``sparse_stop_gradient``) and the anchor's copy of the head's initial parameters."""
+        cfg = self.m3_loss.config
+        head = unwrap_m3(model).sparse_linear
+        self._sparse_initial = None
+        if "sparse" not in self.m3_loss.heads:
+            return
+        if cfg.sparse_stop_gradient:
+            head.register_forward_pre_hook(lambda module, inputs: tuple(x.detach() for x in inputs))
+        if cfg.sparse_anchor_weight > 0:
+            self._sparse_initial = [p.detach().clone() for p in head.parameters()]
+
     @staticmethod
     def _choose_attention(model: nn.Module, args: M3TrainingArguments) -> None:
         """The training-time attention settings of :mod:`flagm3.attention`: the dropout on attention
@@ -126,22 +144,27 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""
         head_lr = getattr(self.args, "head_learning_rate", None)
-        if head_lr is None or self.optimizer is not None:
+        sparse_lr = getattr(self.args, "sparse_learning_rate", None)
+        if (head_lr is None and sparse_lr is None) or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list] = defaultdict(list)
+        groups: dict[tuple[Optional[float], bool], list] = defaultdict(list)
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
-                is_head = any(f"{h}." in name for h in HEAD_MODULES)
-                groups[(is_head, name in decay)].append(param)
+                lr = None  # the encoder's
+                if "sparse_linear." in name:
+                    lr = sparse_lr if sparse_lr is not None else head_lr
+                elif any(f"{h}." in name for h in HEAD_MODULES):
+                    lr = head_lr
+                groups[(lr, name in decay)].append(param)
         param_groups = [
             {
                 "params": params,
                 "weight_decay": self.args.weight_decay if with_decay else 0.0,
-                **({"lr": head_lr} if is_head else {}),
+                **({"lr": lr} if lr is not None else {}),
             }
-            for (is_head, with_decay), params in groups.items()
+            for (lr, with_decay), params in groups.items()
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -215,7 +238,12 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         q = self.encode(model, inputs["query"])
         p = self.encode(model, inputs["passage"])
         out = self.m3_loss_from_outputs(q, inputs["query"]["input_ids"], p, inputs["passage"]["input_ids"], inputs)
+        if self._sparse_initial is not None:
+            anchor = self.m3_loss.sparse_anchor(unwrap_m3(model).sparse_linear, self._sparse_initial)
+            out.loss = out.loss + anchor
+            out.stats["sparse_anchor"] = anchor.detach()
         self._record(out.logs, inputs)
+        self._record_stats(out.stats)
         return (out.loss, out) if return_outputs else out.loss
 
     # ------------------------------------------------------------------------------ training step
@@ -327,12 +355,46 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             self._log_sums[f"padding_{side}"] += chunked_padding_fraction(mask, chunks, CHUNK_OVERHEAD_TOKENS)
         self._log_count += 1
 
+    def _record_stats(self, stats: dict[str, Tensor]) -> None:
+        """Sum the loss's detached statistics on the device; they reach the host at logging steps only."""
+        for key, value in stats.items():
+            self._stat_sums[key] = self._stat_sums[key] + value if key in self._stat_sums else value
+        if stats:
+            self._stat_count += 1
+
+    def _check_sparse_health(self, logs: dict[str, float]) -> None:
+        """One WARNING when more than 5% of the passages have all-zero lexical vectors, or when the active tokens
+        per passage or query fall below half of their first logged value."""
+        if "sparse_active_passage" not in logs:
+            return
+        if self._sparse_start is None:
+            self._sparse_start = {k: v for k, v in logs.items() if k.startswith("sparse_")}
+        if self._sparse_warned:
+            return
+        start = self._sparse_start
+        halved = [side for side in ("passage", "query")
+                  if logs[f"sparse_active_{side}"] < 0.5 * start[f"sparse_active_{side}"]]
+        if logs["sparse_zero_passage"] > 0.05 or halved:
+            self._sparse_warned = True
+            logger.warning(
+                "sparse head collapsing at step %d: %.1f%% of passages have all-zero lexical weights, active tokens "
+                "per passage %.1f (%.1f at the start), per query %.1f (%.1f at the start); see "
+                "docs/heads-and-loss.md, 'Training the sparse head'",
+                self.state.global_step, 100 * logs["sparse_zero_passage"], logs["sparse_active_passage"],
+                start["sparse_active_passage"], logs["sparse_active_query"], start["sparse_active_query"],
+            )
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the per-head losses and the padding fractions, averaged since the last log."""
+        """Add the per-head losses, the padding fractions and the sparse health, averaged since the last log."""
         if "loss" in logs and self._log_count:
             logs.update({k: round(v / self._log_count, 6) for k, v in self._log_sums.items()})
             self._log_sums.clear()
             self._log_count = 0
+        if "loss" in logs and self._stat_count:
+            logs.update({k: round(float(v) / self._stat_count, 6) for k, v in self._stat_sums.items()})
+            self._stat_sums.clear()
+            self._stat_count = 0
+            self._check_sparse_health(logs)
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------- evaluation

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from flagm3 import CheckpointError, M3Config, M3Model, sparse_ignore_ids_from_tokenizer
+from flagm3.compat import enable_activation_checkpointing, is_activation_checkpointing
 from flagm3.convert_bge_m3 import checkpoint_layout
 from flagm3.modeling_m3 import pool
 
@@ -372,17 +373,21 @@ def test_unexpected_tensor_is_an_error(tiny_model, tmp_path):
 def test_push_to_hub_uploads_the_checkpoint(tiny_model):
     from huggingface_hub import HfApi, ModelCard, RepoUrl
     from huggingface_hub.errors import EntryNotFoundError
+    from transformers.utils import hub
 
     uploaded: dict[str, bytes] = {}
 
-    def fake_commit(self, repo_id, operations, **kwargs):
+    def fake_commit(*args, repo_id, operations, **kwargs):
         assert repo_id == "someone/m3-test"
         for op in operations:  # read now: the files live in a temporary directory
             uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
 
+    # transformers 5 calls HfApi's methods; 4.x calls huggingface_hub's module functions it imported by name.
+    owner = hub if hasattr(hub, "create_commit") else HfApi
+    commit = mock.Mock(side_effect=fake_commit)
     with (
-        mock.patch.object(HfApi, "create_repo", return_value=RepoUrl("https://huggingface.co/someone/m3-test")),
-        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=fake_commit) as commit,
+        mock.patch.object(owner, "create_repo", return_value=RepoUrl("https://huggingface.co/someone/m3-test")),
+        mock.patch.object(owner, "create_commit", commit),
         mock.patch.object(HfApi, "upload_folder", side_effect=AssertionError("unexpected upload_folder")),
         mock.patch.object(ModelCard, "load", side_effect=EntryNotFoundError("offline test: no card")),
     ):
@@ -406,8 +411,8 @@ def test_activation_checkpointing_backward(tiny_encoder_dir, batch):
         torch.manual_seed(0)
         model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=8).train()
         if checkpointing:
-            model.activation_checkpointing_enable()  # what the HF Trainer calls
-            assert model.is_activation_checkpointing
+            enable_activation_checkpointing(model)  # what the HF Trainer calls
+            assert is_activation_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.encoder.modules())
         out = model(**batch)
         (out.dense.sum() + out.sparse.sum() + out.colbert.pow(2).sum()).backward()
