@@ -41,7 +41,8 @@ def hybrid_metrics(
 ) -> List[float]:
     """``metric`` of the full-corpus hybrid ranking for each of ``weight_sets``, from one encoding of the
     corpus (one ``[queries, documents]`` score matrix per head)."""
-    from .evaluation import evaluate_run, retrieve, top_k_positions
+    from .evaluation.metrics import evaluate_run
+    from .evaluation.retrieval import retrieve, top_k_positions
 
     base, _, k = metric.partition("@")
     if not k.isdigit():
