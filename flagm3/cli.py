@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
+
+from .errors import check_file, check_model, user_errors
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -158,8 +161,15 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (``flagm3 eval: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flagm3", description=__doc__)
+    parser = _Parser(prog="flagm3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
                    add_help=False)
@@ -274,19 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Missing models and files named on the command line, found before anything loads."""
+    for option in ("model", "tokenizer"):
+        check_model(getattr(args, option, None), f"--{option}")
+    for option in ("input", "candidate_pool", "corpus"):
+        check_file(getattr(args, option, None), f"--{option.replace('_', '-')}")
+    if getattr(args, "data", None) and args.command == "eval" and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such directory (a BEIR-layout collection: corpus.jsonl, "
+                                "queries.jsonl, qrels/)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from .data import DataValidationError
         from .train import main as train_main
 
-        try:
-            train_main(argv[1:])
-        except DataValidationError as err:  # found before the model loads: a message, not a traceback
-            sys.exit(f"flagm3 train: {err}\nNothing was trained; `flagm3 validate DATA` prints a full summary.")
+        train_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    with user_errors(f"flagm3 {args.command}"):
+        _check_inputs(args)
+        args.func(args)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,11 @@ def render_model_card(
         if loss is not None:
             parts += ["", "Loss configuration (`M3Loss.get_config_dict()`):", "", "```json",
                       json.dumps(loss, indent=2, default=str), "```"]
+        differences = getattr(getattr(trainer, "args", None), "differences_from_flagembedding", None)
+        if callable(differences) and differences():
+            parts += ["", "Differences from the objective FlagEmbedding trains with the same arguments "
+                      "(`--loss_preset bge-m3` restores it):", ""]
+            parts += [f"- {line}" for line in differences()]
         results = training_results(trainer)
         if results:
             parts += ["", "Training results (last logged values):", ""]
