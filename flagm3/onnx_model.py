@@ -24,7 +24,8 @@ from .modeling_m3 import CheckpointError, M3Output
 class OnnxM3Model:
     """An onnxruntime session over ``DIR/model.onnx`` with the M3 config of ``DIR/flagm3_onnx.json``.
 
-    ``threads``: onnxruntime intra-op threads (0: its default). ``providers``: onnxruntime execution providers
+    ``threads``: onnxruntime intra-op threads (0: as many as torch uses, ``torch.get_num_threads()``, so
+    both backends compare on equal terms and follow ``OMP_NUM_THREADS``). ``providers``: onnxruntime execution providers
     (default: CUDA when :meth:`to` is given a CUDA device and onnxruntime has it, else CPU).
     """
 
@@ -55,9 +56,8 @@ class OnnxM3Model:
     def session(self) -> Any:
         if self._session is None:
             options = self._ort.SessionOptions()
-            if self._threads:
-                options.intra_op_num_threads = self._threads
-                options.inter_op_num_threads = 1
+            options.intra_op_num_threads = self._threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
             self._session = self._ort.InferenceSession(self.graph, options, providers=self._providers)
         return self._session
 
