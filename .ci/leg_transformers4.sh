@@ -37,7 +37,8 @@ set +e
 "$py" -m pytest -q -p no:cacheprovider \
     tests/test_compat.py tests/test_modeling.py tests/test_inference.py tests/test_scoring.py \
     tests/test_losses.py tests/test_gradcache.py tests/test_length_chunks.py tests/test_reliability.py \
-    tests/test_resume.py tests/test_cli_validate.py tests/test_data.py tests/test_xlmr.py
+    tests/test_attention.py tests/test_lora_bf16.py tests/test_resume.py tests/test_cli_validate.py \
+    tests/test_data.py tests/test_xlmr.py
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
