@@ -12,8 +12,8 @@
 #                   quality_seeds,report (default: all but quality_seeds, in that order; later stages read
 #                   earlier stages' outputs)
 #   quality_seeds   (its own stage, not in the default) 3 seeds x {FlagEmbedding, flagm3 default, flagm3 bge-m3}
-#                   x {Cranfield, CACM}: 18 trainings + evaluations (bench/quality_seeds.py; about 2 h on 2
-#                   loaded cores, 2 runs at a time; FLAGM3_SEEDS_ARGS adds options, e.g. "--steps 60")
+#                   x {Cranfield, CACM}: 18 trainings + evaluations (bench/quality_seeds.py; about 3 h on 2
+#                   cores shared with other jobs, 2 runs at a time; FLAGM3_SEEDS_ARGS adds options)
 #
 # Env: PYTHON (flagm3's interpreter, default python3); FLAGM3_REFERENCE_PYTHON (the FlagEmbedding venv's
 # python; default: built or reused by .ci/setup_reference_env.sh); FLAGM3_EXTRA_ARGS (extra `flagm3 train`
