@@ -195,7 +195,10 @@ def main() -> None:
     tasks = [(c, name, flags, s) for s in seeds for c in colls for name, flags in impls.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(cell, args, *t) for t in tasks]
-        base = {c: pool.submit(baselines, args, c) for c in colls if not args.no_baselines}
+        if args.collect_only:  # in this process, one collection after the other (FLAGM3_DATA_DIR is set)
+            base = {c: baselines(args, c) for c in colls if not args.no_baselines}
+        else:
+            base = {c: pool.submit(baselines, args, c) for c in colls if not args.no_baselines}
         cells, failed = [], []
         for t, f in zip(tasks, futures):
             try:
@@ -203,7 +206,7 @@ def main() -> None:
             except Exception as e:  # a failed cell is reported, the others still count
                 failed.append({"cell": list(t[:2]) + [t[3]], "error": str(e)})
                 print(f"[seeds] FAILED {t[0]} {t[1]} seed {t[3]}: {e}", file=sys.stderr, flush=True)
-        base = {c: f.result() for c, f in base.items()}
+        base = {c: f if isinstance(f, dict) else f.result() for c, f in base.items()}
     result = {
         "settings": {k: getattr(args, k) for k in ("steps", "query_max_len", "passage_max_len", "eval_max_length",
                                                    "split", "jobs")} | {"seeds": seeds, "impls": impls},

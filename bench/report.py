@@ -175,8 +175,9 @@ def seeds_targets(results: Path, default: str) -> tuple[list[dict], list[str]]:
         rows = [["model"] + list(RANKINGS)]
         for impl, s in summ.items():
             n = max((v["ndcg@10"]["n"] for v in s.values()), default=0)
-            rows.append([f"{impl} (n={n})"] + [f"{s[r]['ndcg@10']['mean']:.3f} ± {s[r]['ndcg@10']['std']:.3f}"
-                                              if r in s else "" for r in RANKINGS])
+            rows.append([f"{impl} (n={n})"] + [
+                (f"{s[r]['ndcg@10']['mean']:.3f} ± {s[r]['ndcg@10']['std']:.3f}" if n > 1
+                 else f"{s[r]['ndcg@10']['mean']:.3f}") if r in s else "" for r in RANKINGS])
         if "untouched" in data:
             rows.append(["untouched model"] + [f"{data['untouched'][r]['ndcg@10']:.3f}" for r in RANKINGS])
         if "bm25" in data:
