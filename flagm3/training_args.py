@@ -108,8 +108,8 @@ class M3TrainingArguments(TrainingArguments):
     loss_preset: str = field(
         default="flagm3",
         metadata={
-            "help": "bge-m3: the published objective exactly; flagm3 (measured default): the same with the "
-            "sparse head kept at its initialisation (in no loss term)."
+            "help": "bge-m3: the published objective exactly; flagm3 (measured default): every head trained, the "
+            "sparse head by its own in-batch term on detached hidden states (docs/heads-and-loss.md)."
         },
     )
     heads: Optional[str] = field(default=None, metadata={"help": "Heads to train, e.g. 'dense,sparse'."})

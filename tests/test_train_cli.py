@@ -415,7 +415,7 @@ def test_m3_sh_trains_unchanged(tmp_path, tiny_encoder_dir, caplog):
     assert len(warnings) == 1 and "--loss_preset bge-m3" in warnings[0], warnings
     differences = trainer.args.differences_from_flagembedding()
     assert differences and all(line.split(" = ")[0] in warnings[0] for line in differences)
-    assert "--head_loss_weights sparse=0.1" in warnings[0]
+    assert "--ensemble_weights sparse=0.3" in warnings[0] and "--sparse_hard_negatives True" in warnings[0]
 
     state = trainer.state
     steps = 4 * 4  # 4 epochs of 4 batches of 2 (one dataset per batch)

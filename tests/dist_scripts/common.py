@@ -58,7 +58,7 @@ def train_args(model: Path, data: Path, output_dir: Path, **overrides) -> list[s
         colbert_dim=16,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        loss_preset="bge-m3",  # every head in the loss (the flagm3 recipe keeps the sparse head fixed)
+        loss_preset="bge-m3",  # FlagEmbedding's objective: every head in every term
     )
     values.update(overrides)
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
