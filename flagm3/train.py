@@ -23,6 +23,7 @@ from .distributed import (
     shutdown_process_group,
 )
 from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
+from .recipe import prepare_for_training
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
@@ -65,8 +66,11 @@ def load_model(
     check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
     if corpus and _wants_idf_init(training_args, layout):
         init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
-    model.config.pooling = training_args.sentence_pooling_method
-    model.config.normalize_embeddings = training_args.normalize_embeddings
+    # the checkpoint's own pooling and normalisation, unless given explicitly
+    if training_args.sentence_pooling_method is not None:
+        model.config.pooling = training_args.sentence_pooling_method
+    if training_args.normalize_embeddings is not None:
+        model.config.normalize_embeddings = training_args.normalize_embeddings
     if model_args.use_lora:
         model = add_lora(model, model_args)
     return model
@@ -87,8 +91,8 @@ def _load_layout(path: str, layout: str, model_args, training_args, tokenizer, e
             path,
             tokenizer=tokenizer,
             colbert_dim=model_args.colbert_dim,
-            pooling=training_args.sentence_pooling_method,
-            normalize_embeddings=training_args.normalize_embeddings,
+            pooling=training_args.sentence_pooling_method or "cls",
+            normalize_embeddings=training_args.normalize_embeddings is not False,
             **encoder_kwargs,
         )
     if layout == "bge-m3":
@@ -162,6 +166,7 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     model = load_model(
         model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
     )
+    prepare_for_training(model, training_args)
     evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
     extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate
     return M3Trainer(

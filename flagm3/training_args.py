@@ -83,8 +83,19 @@ class M3TrainingArguments(TrainingArguments):
     negatives_cross_device: bool = field(default=False, metadata={"help": "Negatives from every process."})
     temperature: float = field(default=0.02)
     fix_position_embedding: bool = field(default=False)
-    sentence_pooling_method: str = field(default="cls", metadata={"choices": ["cls", "mean", "last_token"]})
-    normalize_embeddings: bool = field(default=True)
+    sentence_pooling_method: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Dense pooling (cls, mean, last_token). Default: the checkpoint's own (M3Config.pooling); cls "
+            "for fresh heads on a plain encoder. Given explicitly, it overrides the checkpoint's.",
+            "choices": ["cls", "mean", "last_token"],
+        },
+    )
+    normalize_embeddings: Optional[bool] = field(
+        default=None,
+        metadata={"help": "L2-normalise dense and ColBERT vectors. Default: the checkpoint's own "
+                  "(M3Config.normalize_embeddings); True for fresh heads. Given explicitly, it overrides the checkpoint's."},
+    )
     sub_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Cached-gradient (GradCache) training in chunks of this many texts."}
     )
@@ -117,10 +128,11 @@ class M3TrainingArguments(TrainingArguments):
         },
     )
     attention_dropout: Optional[float] = field(
-        default=None,
+        default=0.0,
         metadata={
-            "help": "Dropout on the encoder's attention probabilities during training. Default: the recipe's, "
-            "0 with loss_preset flagm3 (fused attention kernels: faster, less memory), the encoder's own with bge-m3."
+            "help": "Dropout on the encoder's attention probabilities during training (a recipe setting, whatever "
+            "the loss preset). Default 0: fused attention kernels, faster and leaner. BGE-M3's recipe keeps the "
+            "encoder's own (0.1 for XLM-RoBERTa): give that value to reproduce it. None (Python only): the encoder's own."
         },
     )
     recompute_attention: bool = field(

@@ -1,0 +1,77 @@
+"""Preparing a model for a training run: which parameters train, and the encoder's training-time attention.
+
+``flagm3 train`` calls :func:`prepare_for_training` between loading the model and building the trainer; code
+that builds an :class:`~flagm3.trainer.M3Trainer` itself calls it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .attention import set_attention_dropout, use_recompute_attention
+from .losses import M3LossConfig
+from .modeling_m3 import M3Model
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_m3(model: nn.Module) -> M3Model:
+    """The M3Model inside DDP/DeepSpeed/PEFT wrappers."""
+    while not isinstance(model, M3Model):
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            raise TypeError(f"expected an M3Model (possibly wrapped), got {type(model).__name__}")
+    return model
+
+
+def freeze_untrained(model: nn.Module, loss: M3LossConfig, fix_encoder: bool = False,
+                     fix_position_embedding: bool = False) -> list[str]:
+    """Freeze what must not train: heads in no loss term, the encoder's pooler (unused), and, when asked, the
+    encoder or its position embeddings. Returns the names newly frozen."""
+    m3 = unwrap_m3(model)
+    trained = {h for h in ("sparse", "colbert") if loss.trains(h)}
+    frozen = []
+    for name, param in m3.named_parameters():
+        unused_head = (name.startswith("sparse_linear") and "sparse" not in trained) or (
+            name.startswith("colbert_linear") and "colbert" not in trained
+        )
+        fixed = (fix_encoder and name.startswith("encoder.")) or (
+            fix_position_embedding and "position_embeddings" in name
+        )
+        if unused_head or name.startswith("encoder.pooler.") or fixed:
+            if param.requires_grad:
+                frozen.append(name)
+            param.requires_grad_(False)
+    if frozen:
+        logger.info("frozen parameters: %d tensors (%s ...)", len(frozen), ", ".join(frozen[:3]))
+    return frozen
+
+
+def set_training_attention(model: nn.Module, dropout: float | None, recompute: bool = False,
+                           gradient_checkpointing: bool = False) -> None:
+    """The training-time attention settings of :mod:`flagm3.attention`: the dropout on attention probabilities
+    (``None``: the encoder's own) and, when asked, probabilities recomputed in the backward pass (not with
+    gradient checkpointing, which recomputes whole layers)."""
+    encoder = unwrap_m3(model).encoder
+    if dropout is not None and not set_attention_dropout(encoder, dropout):
+        logger.warning("attention_dropout=%s: no attention module of %s has a dropout to set",
+                       dropout, type(encoder).__name__)
+    if recompute and not gradient_checkpointing and not use_recompute_attention(encoder):
+        logger.warning("recompute_attention: %s does not dispatch attention through transformers' "
+                       "AttentionInterface; attention is left as it is", type(encoder).__name__)
+
+
+def prepare_for_training(model: nn.Module, args: Any) -> nn.Module:
+    """Apply the recipe of ``M3TrainingArguments`` to ``model`` (in place): freezing and attention."""
+    freeze_untrained(model, args.loss_config(), fix_encoder=getattr(args, "fix_encoder", False),
+                     fix_position_embedding=getattr(args, "fix_position_embedding", False))
+    set_training_attention(model, getattr(args, "attention_dropout", None),
+                           recompute=getattr(args, "recompute_attention", False),
+                           gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
+    return model
