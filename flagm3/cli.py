@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -16,6 +16,23 @@ def _export(args: argparse.Namespace) -> None:
     source = resolve_checkpoint(args.model, {})
     model = M3Model.from_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if args.quantize and args.format != "onnx":
+        sys.exit("flagm3 export: --quantize applies to --format onnx only")
+    if args.format == "onnx":
+        from .export import export_onnx
+
+        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source)
+        print(f"wrote ONNX graph (dense, sparse, colbert outputs) to {graph}")
+        return
+    if args.format == "sentence-transformers":
+        from .export import export_sentence_transformers
+
+        summary = export_sentence_transformers(model, tokenizer, args.output, source=source)
+        for head, directory in summary["written"].items():
+            print(f"wrote the {head} head as sentence-transformers model to {directory}")
+        for head, reason in summary["left_out"].items():
+            print(f"left out the {head} head: {reason}")
+        return
     if args.format == "bge-m3":
         model.save_bge_m3(args.output, tokenizer)
     else:
@@ -46,6 +63,42 @@ def _eval(args: argparse.Namespace) -> None:
         query_instruction_for_retrieval=args.query_instruction,
         devices=args.device,
     )
+
+
+def _embedder(args: argparse.Namespace) -> Any:
+    from .inference import M3Embedder
+
+    return M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
+                      passage_max_length=args.max_passage_length, query_instruction_for_retrieval=args.query_instruction)
+
+
+def _index(args: argparse.Namespace) -> None:
+    from . import qdrant
+
+    embedder = _embedder(args)
+    total = sum(1 for line in open(args.corpus, encoding="utf-8") if line.strip())
+    client = qdrant.connect(args.qdrant)
+    summary = qdrant.index_corpus(embedder, client, args.collection, qdrant.read_corpus(args.corpus),
+                                  chunk_size=args.chunk_size, store_text=not args.no_text, total=total)
+    summary["points"] = client.count(args.collection).count
+    print(json.dumps(summary))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from . import qdrant
+
+    embedder = _embedder(args)
+    client = qdrant.connect(args.qdrant)
+    weights = dict(zip(("dense", "sparse", "colbert"), args.weights)) if args.weights else embedder.hybrid_weights
+    queries = qdrant.encode_queries(embedder, args.query)
+    results = qdrant.search(client, args.collection, queries, mode=args.mode, limit=args.limit,
+                            fusion=args.fusion, weights=weights, rerank=args.rerank,
+                            prefetch_limit=args.prefetch_limit, exact=args.exact)
+    for query, hits in zip(args.query, results):
+        print(json.dumps({"query": query, "hits": [
+            {"rank": rank, "doc_id": hit["doc_id"], "score": round(hit["score"], 6),
+             **({"text": hit["payload"]["text"]} if "text" in hit["payload"] else {})}
+            for rank, hit in enumerate(hits, 1)]}, ensure_ascii=False))
 
 
 def _mine(args: argparse.Namespace) -> None:
@@ -104,10 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
                    add_help=False)
 
-    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout (or to flagm3's)")
+    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout, flagm3's, ONNX or sentence-transformers")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--format", choices=["bge-m3", "flagm3"], default="bge-m3")
+    p.add_argument("--format", choices=["bge-m3", "flagm3", "onnx", "sentence-transformers"], default="bge-m3",
+                   help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
+                        "the dense head (and ColBERT in OUTPUT/colbert where supported)")
+    p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="retrieval metrics of every head and hybrid on a BEIR-layout dataset")
@@ -130,6 +186,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-instruction")
     p.add_argument("--device", help="e.g. cuda:0 (default: the first GPU, else CPU)")
     p.set_defaults(func=_eval)
+
+    def serving_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="model directory (flagm3, BGE-M3 layout or ONNX export)")
+        p.add_argument("--qdrant", required=True,
+                       help="Qdrant: a directory (embedded local mode), :memory:, or a server URL http(s)://...")
+        p.add_argument("--collection", required=True, help="Qdrant collection (one per model)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--max-query-length", type=int, default=512)
+        p.add_argument("--max-passage-length", type=int, default=512)
+        p.add_argument("--query-instruction")
+
+    p = sub.add_parser("index", help="index a corpus into Qdrant with all three heads (resumable)")
+    serving_args(p)
+    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text)")
+    p.add_argument("--chunk-size", type=int, default=256, help="documents encoded and upserted at a time")
+    p.add_argument("--no-text", action="store_true", help="do not store the passage text in the payload")
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser("search", help="search a Qdrant index: one head or the hybrid")
+    serving_args(p)
+    p.add_argument("--query", required=True, nargs="+", help="one or more query texts")
+    p.add_argument("--mode", choices=["dense", "sparse", "colbert", "hybrid"], default="hybrid",
+                   help="one head, or dense + sparse candidates fused (see --fusion)")
+    p.add_argument("--fusion", choices=["weights", "rrf"], default="weights",
+                   help="hybrid: weighted sum of exact head scores, or reciprocal rank fusion")
+    p.add_argument("--rerank", action="store_true", help="hybrid: rerank the candidates with ColBERT")
+    p.add_argument("--weights", type=float, nargs=3, metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
+    p.add_argument("--limit", type=int, default=10, help="hits per query")
+    p.add_argument("--prefetch-limit", type=int, default=100, help="hybrid: candidates per head")
+    p.add_argument("--exact", action="store_true", help="exact search (no HNSW approximation)")
+    p.set_defaults(func=_search)
 
     p = sub.add_parser("mine", help="mine hard negatives for a training JSONL")
     p.add_argument("--model", required=True)

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from .export import is_onnx_export, read_hybrid_weights
 from .modeling_m3 import M3Model, check_tokenizer_fits, resolve_checkpoint
 from .scoring import (
     HEADS,
@@ -158,6 +159,17 @@ def _lexical_dicts(pooled: PooledLexical) -> List[LexicalWeights]:
 
 
 # ------------------------------------------------------------------------------------------- embedder
+def _check_settings_agree(model: Any, what: str, normalize_embeddings: Optional[bool],
+                          pooling_method: Optional[str]) -> None:
+    """Refuse ``normalize_embeddings``/``pooling_method`` that differ from a fixed model's config."""
+    for name, wanted, actual in (
+        ("normalize_embeddings", normalize_embeddings, model.config.normalize_embeddings),
+        ("pooling_method", pooling_method, model.config.pooling),
+    ):
+        if wanted is not None and wanted != actual:
+            raise ValueError(f"{name}={wanted!r} but {what} has {actual!r}: change the config or leave {name} unset")
+
+
 def _resolve_device(devices: Any, model: Optional[M3Model]) -> torch.device:
     """First device of FlagEmbedding's ``devices`` argument; ``None``: the model's device, else CPU."""
     if devices is None:
@@ -178,7 +190,8 @@ class M3Embedder:
 
     Args (as ``BGEM3FlagModel``, same order):
         model_name_or_path: a local directory or hub id loaded with :meth:`M3Model.from_pretrained`
-            (flagm3 checkpoints and the BGE-M3 layout), or an ``M3Model`` instance (then pass ``tokenizer``).
+            (flagm3 checkpoints and the BGE-M3 layout), a directory written by ``flagm3 export --format
+            onnx`` (run with onnxruntime), or an ``M3Model`` instance (then pass ``tokenizer``).
         normalize_embeddings, pooling_method: ``None`` keeps the checkpoint's setting; with a path they
             override it; with a model instance they must agree with its config.
         use_fp16, use_bf16: compute under ``torch.autocast``. As FlagEmbedding, fp16 is ignored on CPU
@@ -225,16 +238,17 @@ class M3Embedder:
             if tokenizer is None:
                 raise ValueError("M3Embedder(model, tokenizer=...): a model instance needs its tokenizer")
             model = model_name_or_path
-            for name, wanted, actual in (
-                ("normalize_embeddings", normalize_embeddings, model.config.normalize_embeddings),
-                ("pooling_method", pooling_method, model.config.pooling),
-            ):
-                if wanted is not None and wanted != actual:
-                    raise ValueError(
-                        f"{name}={wanted!r} but the given model's config has {actual!r}: change the config or "
-                        f"leave {name} unset"
-                    )
+            _check_settings_agree(model, "the given model's config", normalize_embeddings, pooling_method)
             self.model_name_or_path = getattr(model.config, "_name_or_path", "")
+        elif is_onnx_export(model_name_or_path):  # flagm3 export --format onnx: run with onnxruntime
+            from .onnx_model import OnnxM3Model
+
+            model = OnnxM3Model(str(model_name_or_path))
+            _check_settings_agree(model, f"the ONNX graph in {model_name_or_path}", normalize_embeddings,
+                                  pooling_method)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
+            self.model_name_or_path = str(model_name_or_path)
         else:
             path = resolve_checkpoint(str(model_name_or_path), {"cache_dir": cache_dir})
             overrides: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -267,6 +281,9 @@ class M3Embedder:
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
         self.convert_to_numpy = convert_to_numpy  # accepted for compatibility: outputs are always numpy
+        # weights fitted by `flagm3 eval --fit-weights` (hybrid_weights.json beside the model), else None
+        self.hybrid_weights = (None if isinstance(model_name_or_path, M3Model)
+                               else read_hybrid_weights(self.model_name_or_path))
 
     # ------------------------------------------------------------------------------------ internals
     @property
@@ -501,7 +518,8 @@ class M3Embedder:
     ) -> Union[Dict[str, List[float]], Dict[str, float], List]:
         """Scores of ``(query, passage)`` pairs: ``dense``, ``sparse``, ``colbert`` and the weighted means
         ``sparse+dense = (w0 d + w1 s) / (w0 + w1)``, ``colbert+sparse+dense = (w0 d + w1 s + w2 c) / sum(w)``
-        with ``weights_for_different_modes = [w0, w1, w2]`` (default ``[1, 1, 1]``).
+        with ``weights_for_different_modes = [w0, w1, w2]`` (default: the model's fitted
+        :attr:`hybrid_weights` when it has them, else ``[1, 1, 1]`` as FlagEmbedding).
 
         Unlike ``BGEM3FlagModel.compute_score``, passage padding never takes part in ColBERT's MaxSim, so a
         pair's score does not depend on the other pairs of its batch (it equals :meth:`colbert_score`).
@@ -510,7 +528,11 @@ class M3Embedder:
             return []
         single = isinstance(sentence_pairs[0], str)
         pairs = [sentence_pairs] if single else list(sentence_pairs)
-        weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
+        if weights_for_different_modes is None:
+            fitted = self.hybrid_weights
+            weights = [1.0, 1.0, 1.0] if fitted is None else [fitted[h] for h in HEADS]
+        else:
+            weights = list(weights_for_different_modes)
         if len(weights) != 3:
             raise ValueError(f"weights_for_different_modes needs 3 weights (dense, sparse, colbert), got {weights}")
         q_feats = self._tokenize([p[0] for p in pairs], max_query_length or self.query_max_length,

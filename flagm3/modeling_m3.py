@@ -143,7 +143,9 @@ class M3Model(M3PreTrainedModel):
     def sparse_embedding(self, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """ReLU(Linear(hidden, 1)) per token, zero at padding and ignored ids. [B, L, H] -> [B, L]."""
         weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)
-        keep = attention_mask.bool() & ~torch.isin(input_ids, self.sparse_ignore_ids.to(input_ids.device))
+        # == and any rather than torch.isin: the same mask, and it exports to ONNX
+        ignored = (input_ids.unsqueeze(-1) == self.sparse_ignore_ids.to(input_ids.device)).any(-1)
+        keep = attention_mask.bool() & ~ignored
         return weights * keep.to(weights.dtype)
 
     def colbert_embedding(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
