@@ -65,7 +65,7 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
     tests every gradient; a step with a non-finite one is skipped (gradients dropped, the optimizer and the
     learning-rate schedule untouched), and ``max_consecutive_nonfinite_steps`` in a row stop training. Under
     DeepSpeed, whose gradients live in partitions, a micro-batch with a non-finite loss is back-propagated as
-    zero instead (one all-reduced flag), so DeepSpeed's own step bookkeeping runs as usual. With fp16 loss
+    zero gradients instead (one all-reduced flag), so DeepSpeed's own step bookkeeping runs as usual. With fp16 loss
     scaling the GradScaler skips such steps itself. Checkpoints are written atomically
     (:mod:`flagm3.checkpointing`).
     """
@@ -164,7 +164,8 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             if self.is_deepspeed_enabled and not self._finite_on_every_rank(loss):
                 self._skip_step(*self._nonfinite_loss())
                 self._step_logs.clear()
-                loss = torch.zeros((), device=loss.device, requires_grad=True)  # DeepSpeed still steps
+                # a zero gradient for every trained parameter: DeepSpeed reduces and steps as usual
+                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
         return (loss, out) if return_outputs else loss
 
     # -------------------------------------------------------------------------------- non-finite
