@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..data import trim_padding
 from ..modeling_m3 import M3Output, merge_outputs
 
-Encode = Callable[[nn.Module, dict], M3Output]
+Encode = Callable[[nn.Module, dict, Optional[list]], M3Output]  # (model, features, row lengths or None)
 FIELDS = ("dense", "sparse", "colbert")
 
 
@@ -59,10 +59,20 @@ class AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def _chunks(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    """Split a tokenised batch into chunks of ``size`` texts, each trimmed of its all-padding trailing columns."""
+def _chunks(features: dict[str, Tensor], size: int, lengths: Optional[list[int]] = None) -> list[dict[str, Tensor]]:
+    """Split a tokenised batch into chunks of ``size`` texts, each trimmed of its all-padding trailing columns.
+
+    ``lengths``: the rows' token counts of a right-padded batch, when known on the host (no device read)."""
     total = features["input_ids"].shape[0]
-    return [trim_padding({k: v[start : start + size] for k, v in features.items()}) for start in range(0, total, size)]
+    chunks = []
+    for start in range(0, total, size):
+        part = {k: v[start : start + size] for k, v in features.items()}
+        if lengths is None:
+            chunks.append(trim_padding(part))
+        else:
+            width = max(1, max(lengths[start : start + size]))
+            chunks.append({k: v[:, :width] for k, v in part.items()})
+    return chunks
 
 
 @dataclass
@@ -74,22 +84,29 @@ class CachedSide:
     states: list[RandomState]
     leaves: M3Output
     size: int
+    lengths: Optional[list[int]] = None
+
+    def chunk_lengths(self, i: int) -> Optional[list[int]]:
+        return None if self.lengths is None else self.lengths[i * self.size : (i + 1) * self.size]
 
 
-def encode_without_graph(encode: Encode, model: nn.Module, features: dict[str, Tensor], size: int) -> CachedSide:
-    """Step 1 for one side: ``encode(model, chunk)`` for each chunk of ``size`` texts, under ``no_grad``."""
-    chunks = _chunks(features, size)
-    states, outputs = [], []
+def encode_without_graph(encode: Encode, model: nn.Module, features: dict[str, Tensor], size: int,
+                         lengths: Optional[list[int]] = None) -> CachedSide:
+    """Step 1 for one side: ``encode(model, chunk, chunk_lengths)`` for each chunk of ``size`` texts, under
+    ``no_grad``. ``lengths``: the rows' token counts of a right-padded batch, if known on the host."""
+    side = CachedSide(chunks=_chunks(features, size, lengths), states=[], leaves=M3Output(), size=size,
+                      lengths=lengths)
+    outputs = []
     with torch.no_grad():
-        for chunk in chunks:
-            states.append(RandomState())
-            outputs.append(encode(model, chunk))
+        for i, chunk in enumerate(side.chunks):
+            side.states.append(RandomState())
+            outputs.append(encode(model, chunk, side.chunk_lengths(i)))
     total, length = features["attention_mask"].shape
     merged = merge_outputs(outputs, [range(s, min(s + size, total)) for s in range(0, total, size)], length)
     leaf = lambda t: None if t is None else t.detach().requires_grad_(True)  # noqa: E731
-    leaves = M3Output(dense=leaf(merged.dense), sparse=leaf(merged.sparse), colbert=leaf(merged.colbert),
-                      colbert_mask=merged.colbert_mask)
-    return CachedSide(chunks=chunks, states=states, leaves=leaves, size=size)
+    side.leaves = M3Output(dense=leaf(merged.dense), sparse=leaf(merged.sparse), colbert=leaf(merged.colbert),
+                           colbert_mask=merged.colbert_mask)
+    return side
 
 
 def _surrogate(out: M3Output, leaves: M3Output, start: int, size: int) -> Optional[Tensor]:
@@ -137,7 +154,7 @@ def attach_replay(loss: Tensor, encode: Encode, model: nn.Module, sides: list[Ca
         with torch.enable_grad(), autocast():
             for n, (side, i) in enumerate(jobs):
                 with _local_accumulation(model, last=n == len(jobs) - 1), side.states[i].restored():
-                    out = encode(model, side.chunks[i])
+                    out = encode(model, side.chunks[i], side.chunk_lengths(i))
                     surrogate = _surrogate(out, side.leaves, i * side.size, side.size)
                     if surrogate is not None:
                         (surrogate * grad_output.to(surrogate.dtype)).backward()

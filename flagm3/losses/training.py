@@ -80,6 +80,8 @@ class M3TrainingLoss(nn.Module):
         mask = features["attention_mask"]
         if self.max_length_chunks > 1 and lengths is None:
             lengths = self._lengths(mask)
+        elif lengths is not None and len(lengths) != mask.shape[0]:
+            raise ValueError(f"lengths has {len(lengths)} rows, the batch {mask.shape[0]}")
         if self.max_length_chunks < 2 or lengths is None:
             return _float_output(model(**features, heads=self.heads))
         chunks = split_by_length(features, self.max_length_chunks, CHUNK_OVERHEAD_TOKENS, lengths=lengths)
@@ -126,7 +128,7 @@ class M3TrainingLoss(nn.Module):
         q_feat, p_feat = inputs["query"], inputs["passage"]
         q_len, p_len = self._lengths(q_feat["attention_mask"]), self._lengths(p_feat["attention_mask"])
         if self.sub_batch_size and torch.is_grad_enabled():
-            out = self._cached(model, inputs, step)
+            out = self._cached(model, inputs, step, q_len, p_len)
         else:
             q = self.encode(model, q_feat, q_len)
             p = self.encode(model, p_feat, p_len)
@@ -136,12 +138,13 @@ class M3TrainingLoss(nn.Module):
                 features["attention_mask"], self.max_length_chunks, CHUNK_OVERHEAD_TOKENS, lengths=lengths)
         return out
 
-    def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int) -> M3LossOutput:
+    def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int, q_len: Optional[list[int]],
+                p_len: Optional[list[int]]) -> M3LossOutput:
         """GradCache: outputs without a graph, the objective's gradient w.r.t. them, and a loss whose backward
         replays the sub-batches (:mod:`flagm3.losses.gradcache`)."""
         size = self.sub_batch_size
-        q = encode_without_graph(self.encode, model, inputs["query"], size)
-        p = encode_without_graph(self.encode, model, inputs["passage"], size)
+        q = encode_without_graph(self.encode, model, inputs["query"], size, q_len)
+        p = encode_without_graph(self.encode, model, inputs["passage"], size, p_len)
         with torch.enable_grad():
             out = self.loss_from_outputs(q.leaves, inputs["query"]["input_ids"], p.leaves,
                                          inputs["passage"]["input_ids"], inputs, step)
