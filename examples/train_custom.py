@@ -120,12 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     model = model_class.from_encoder(
         model_args.model_name_or_path,
         tokenizer=tokenizer,
-        colbert_dim=model_args.colbert_dim,
+        colbert_dim=-1 if model_args.colbert_dim is None else model_args.colbert_dim,
         pooling=training_args.sentence_pooling_method or "cls",
         normalize_embeddings=training_args.normalize_embeddings is not False,
     )
     dataset = build_dataset(data_args, training_args, tokenizer)
-    if training_args.sparse_init != "none":  # as flagm3 train does for a fresh sparse head
+    if model_args.sparse_init != "none":  # as flagm3 train does for a fresh sparse head
         init_sparse_head_from_idf(model, tokenizer, dataset.passage_texts(), max_length=data_args.passage_max_len)
     loss = FlopsM3Loss(training_args.loss_config(), flops_weight=custom.flops_weight)
     prepare_for_training(model, training_args)  # freeze what no term trains; attention settings

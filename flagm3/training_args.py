@@ -37,7 +37,19 @@ class M3ModelArguments:
     cache_dir: Optional[str] = field(default=None)
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
-    colbert_dim: int = field(default=-1, metadata={"help": "ColBERT vector size; -1: the hidden size."})
+    colbert_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "ColBERT vector size of fresh heads (-1 or unset: the hidden size). A checkpoint keeps "
+                  "its own (M3Config.colbert_dim); a different explicit value is refused."},
+    )
+    sparse_init: str = field(
+        default="auto",
+        metadata={
+            "help": "Fresh sparse head: 'idf' fits it to the training passages' IDF, 'none' keeps the random "
+            "init, 'auto' does 'idf' when starting from a plain encoder (a checkpoint keeps its trained head).",
+            "choices": ["auto", "idf", "none"],
+        },
+    )
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
     )
@@ -140,14 +152,6 @@ class M3TrainingArguments(TrainingArguments):
         metadata={
             "help": "Recompute attention probabilities in the backward pass instead of storing them (CPU attention "
             "with dropout: about 0.7 GB less for MiniLM at 16 x 256 tokens, about 25% more step time)."
-        },
-    )
-    sparse_init: str = field(
-        default="auto",
-        metadata={
-            "help": "Fresh sparse head: 'idf' fits it to the training passages' IDF, 'none' keeps the random "
-            "init, 'auto' does 'idf' when starting from a plain encoder.",
-            "choices": ["auto", "idf", "none"],
         },
     )
     save_bge_m3_layout: bool = field(

@@ -55,3 +55,13 @@ def test_continuing_a_mean_pooled_checkpoint_keeps_mean_pooling(tiny_encoder_dir
 def test_fresh_heads_default_to_cls_and_normalised(tiny_encoder_dir, train_file, tmp_path):
     trainer = build(tiny_encoder_dir, train_file, tmp_path / "fresh")
     assert trainer.model.config.pooling == "cls" and trainer.model.config.normalize_embeddings is True
+
+
+def test_colbert_dim_of_a_checkpoint_is_kept_and_a_different_one_refused(tiny_encoder_dir, train_file, tmp_path):
+    first = build(tiny_encoder_dir, train_file, tmp_path / "first", "--colbert_dim", "16")
+    first.save_model()
+    first.processing_class.save_pretrained(str(tmp_path / "first"))
+    assert build(tmp_path / "first", train_file, tmp_path / "again").model.config.colbert_output_dim == 16
+    assert build(tmp_path / "first", train_file, tmp_path / "same", "--colbert_dim", "16").model.colbert_linear.out_features == 16
+    with pytest.raises(ValueError, match=r"--colbert_dim 8: .*first has a trained ColBERT head of size 16"):
+        build(tmp_path / "first", train_file, tmp_path / "other", "--colbert_dim", "8")
