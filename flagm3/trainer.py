@@ -58,10 +58,19 @@ def save_bge_m3_layout(model: M3Model, directory: str, state_dict: Optional[dict
         save_bge_m3_tokenizer(tokenizer, directory)
 
 
+def _largest_magnitude(tensors: list[Tensor]) -> Tensor:
+    """``max |t|`` over all ``tensors`` in fused kernels per device and dtype (NaN if any entry is NaN)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(tensors, norm_type=math.inf)
+    return torch.stack([t.detach().abs().max().float() for t in tensors]).max()
+
+
 class M3Trainer(AtomicCheckpointMixin, Trainer):
     """Trainer for :class:`flagm3.M3Model` on (query, group of passages) batches from ``flagm3.data``.
 
-    Non-finite steps: after the last micro-batch of each optimizer step one fused check (``torch._foreach_norm``, one host read)
+    Non-finite steps: after the last micro-batch of each optimizer step one fused check (the largest gradient
+    magnitude, one host read)
     tests every gradient; a step with a non-finite one is skipped (gradients dropped, the optimizer and the
     learning-rate schedule untouched), and ``max_consecutive_nonfinite_steps`` in a row stop training. Under
     DeepSpeed, whose gradients live in partitions, a micro-batch with a non-finite loss is back-propagated as
@@ -185,13 +194,13 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         return bad.item() == 0
 
     def _guard_gradients(self) -> None:
-        """Skip this optimizer step if any gradient is non-finite (one fused norm, one host read). Gradients are
+        """Skip this optimizer step if any gradient is non-finite (one fused max-norm, one host read). Gradients are
         the same on every process after DDP's all-reduce, so every process decides alike."""
         step_logs, self._step_logs = self._step_logs, []
         if self.is_deepspeed_enabled or self._loss_scaler() is not None:
             return  # DeepSpeed: partitioned gradients (guarded per micro-batch); fp16: the GradScaler skips
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        finite = not grads or bool(torch.isfinite(_largest_magnitude(grads)))
         if not finite:
             what, terms = self._nonfinite_loss(step_logs)
             self._skip_step(what or self._nonfinite_gradient_description(), terms)
