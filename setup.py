@@ -23,6 +23,7 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        "protobuf>=3.20",  # reads sentencepiece.bpe.model when a checkpoint has no tokenizer.json
         "numpy>=1.24",
         "scipy>=1.10",
         "tqdm>=4.66",

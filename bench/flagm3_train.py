@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     steady = intervals[args.warmup_steps:] or intervals
     steady_compute = timer.compute[args.warmup_steps:] or timer.compute
     sec_per_step = statistics.mean(steady)
-    breakdown = time_breakdown(trainer, collator.first_batch, args.breakdown_repeats)
+    breakdown = {}  # --breakdown-repeats 0: no breakdown (quality runs)
+    if args.breakdown_repeats:
+        breakdown = time_breakdown(trainer, collator.first_batch, args.breakdown_repeats)
     loss = trainer.m3_loss.config
     write_json(args.out, {
         "implementation": f"flagm3 (M3Trainer, loss_preset={args.loss_preset})",

@@ -10,6 +10,7 @@
 # Model FLOPs per step = 6 * (non-embedding encoder parameters) * (padded tokens) + 12 * layers * hidden *
 # sum(padded length^2) (attention), encoder only; MFU = achieved / peak bf16 (dense) FLOP/s of the card.
 # Self-checks: both runs finish all steps with finite losses and bf16 weights; otherwise it exits non-zero.
+# Writes bench/results/gpu.json (tokens/s are padded tokens, queries and passages, per second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -86,6 +87,8 @@ def flops(step_shapes):
 steady = list(range(warmup, len(times)))
 result = {"impl": impl, "steps": len(times), "seconds_per_step": sum(times[i] for i in steady) / len(steady),
           "flops_per_step": sum(flops(shapes[i]) for i in steady) / len(steady), "losses": losses,
+          "padded_tokens_per_step": sum(b * l for i in steady for b, l in shapes[i]) / len(steady),
+          "attn_implementation": getattr(cfg, "_attn_implementation", None),
           "weights_dtype": str(next(trainer.model_wrapped.parameters()).dtype), "gpu": torch.cuda.get_device_name(0),
           "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 assert all(math.isfinite(x) for x in losses), f"non-finite loss: {losses}"
@@ -115,13 +118,17 @@ peak = float(peak) if peak else next((v for k, v in peaks.items() if k in gpu), 
 problems = [f"{i}: {r['steps']} steps, expected {steps}" for i, r in runs.items() if r["steps"] != steps]
 problems += [f"{i}: weights {r['weights_dtype']}, expected bfloat16" for i, r in runs.items() if "bfloat16" not in r["weights_dtype"]]
 print(f"{gpu}, bf16, ZeRO-2, random BERT-base, batch {batch} x 4, q64/p256; steady state over the last steps")
-print(f"{'impl':10} {'s/step':>8} {'queries/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'GPU mem GiB':>11}")
+print(f"{'impl':10} {'attention':>10} {'s/step':>8} {'queries/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'GPU mem GiB':>11}")
 for i, r in runs.items():
     tf = r["flops_per_step"] / r["seconds_per_step"] / 1e12
     mfu = f"{tf / peak:.1%}" if peak else "n/a"
-    print(f"{i:10} {r['seconds_per_step']:8.3f} {batch / r['seconds_per_step']:10.1f} {tf:8.1f} {mfu:>6} {r['peak_gpu_mem_gib']:11.1f}")
+    r["tokens_per_second"] = r["padded_tokens_per_step"] / r["seconds_per_step"]
+    print(f"{i:10} {str(r['attn_implementation']):>10} {r['seconds_per_step']:8.3f} {batch / r['seconds_per_step']:10.1f} "
+          f"{r['tokens_per_second']:10.0f} {tf:8.1f} {mfu:>6} {r['peak_gpu_mem_gib']:11.1f}")
 ratio = runs["reference"]["seconds_per_step"] / runs["flagm3"]["seconds_per_step"]
 print(f"throughput flagm3 / reference: {ratio:.2f}x" + ("" if peak else " (set GPU_PEAK_TFLOPS for MFU)"))
+json.dump({"runs": runs, "throughput_ratio": ratio, "gpu_peak_tflops": peak, "problems": problems},
+          open("bench/results/gpu.json", "w"), indent=2)
 if problems:
     sys.exit("gpu.sh self-check failed: " + "; ".join(problems))
 EOF

@@ -245,7 +245,9 @@ def main() -> None:
     steady = intervals[args.warmup_steps:] or intervals
     steady_compute = timer.compute[args.warmup_steps:] or timer.compute
     sec_per_step = statistics.mean(steady)
-    breakdown = time_breakdown(runner.model, collator.first_batch, args.breakdown_repeats)
+    breakdown = {}  # --breakdown-repeats 0: no breakdown (quality runs)
+    if args.breakdown_repeats:
+        breakdown = time_breakdown(runner.model, collator.first_batch, args.breakdown_repeats)
     write_json(args.out, {
         "implementation": "FlagEmbedding 1.4.2 (EncoderOnlyEmbedderM3Runner / Trainer)",
         "workload": "cranfield train, all-MiniLM-L6-v2, unified + self-distill, CPU fp32",

@@ -4,7 +4,7 @@
 
 Reads from --results (whatever exists): train_reference.json, train_flagm3_bge-m3.json,
 train_flagm3_default.json (bench/reference_train.py, bench/flagm3_train.py), memory_250k.json,
-inference_speed.json, quality.json, eval_agreement.json. Writes summary.json (every target: measured value,
+inference_speed.json, quality.json, quality_seeds.json (bench/quality_seeds.py), eval_agreement.json. Writes summary.json (every target: measured value,
 threshold, met), report.md and report.png there, and prints the table.
 """
 
@@ -151,6 +151,94 @@ def quality_targets(results: Path, default: str) -> tuple[list[dict], list[list[
     return targets, table
 
 
+def seeds_targets(results: Path, default: str) -> tuple[list[dict], list[str]]:
+    """Targets and Markdown of the seeds stage (quality_seeds.json): per collection, mean ± std of nDCG@10 over
+    seeds for every implementation, with the untouched model and BM25."""
+    q = load(results, "quality_seeds.json")
+    if q is None:
+        return [], []
+    st = q["settings"]
+    lines = [f"## Quality over seeds (nDCG@10, mean ± std over seeds {', '.join(map(str, st['seeds']))})", "",
+             f"`bench/run.sh --stages quality_seeds`: every implementation trained {st['steps']} steps, batch 4 x "
+             f"group 4, queries {st['query_max_len']} / passages {st['passage_max_len']} tokens, lr 2e-5, one torch "
+             f"thread per run, {st['jobs']} runs at a time; evaluated on the {st['split']} split at "
+             f"{st['eval_max_length']} tokens by flagm3's evaluator. Took {q['wall_seconds'] / 60:.0f} min."]
+    if q.get("failed"):
+        lines += ["", "Not finished: " + "; ".join(" ".join(map(str, f["cell"])) for f in q["failed"]) + "."]
+    targets = []
+    for coll, data in q["collections"].items():
+        summ = data["summary"]
+        rows = [["model"] + list(RANKINGS)]
+        for impl, s in summ.items():
+            n = max((v["ndcg@10"]["n"] for v in s.values()), default=0)
+            rows.append([f"{impl} (n={n})"] + [f"{s[r]['ndcg@10']['mean']:.3f} ± {s[r]['ndcg@10']['std']:.3f}"
+                                              if r in s else "" for r in RANKINGS])
+        if "untouched" in data:
+            rows.append(["untouched model"] + [f"{data['untouched'][r]['ndcg@10']:.3f}" for r in RANKINGS])
+        if "bm25" in data:
+            rows.append(["BM25", f"{data['bm25']['ndcg@10']:.3f}"] + [""] * (len(RANKINGS) - 1))
+        lines += ["", f"### {coll}", "", markdown_table(rows)]
+        mine, ref = summ.get(default), summ.get("reference")
+        if mine is None:
+            continue
+        mean = {r: v["ndcg@10"]["mean"] for r, v in mine.items()}
+        for head in HEADS:
+            if ref is not None and head in ref:
+                other = ref[head]["ndcg@10"]["mean"]
+                targets.append(target(f"W4 {coll} (seeds) {default} {head} - reference's mean", mean[head] - other,
+                                      0.0, True, unit="", note=f"{mean[head]:.3f} vs {other:.3f}"))
+            if "untouched" in data:
+                other = data["untouched"][head]["ndcg@10"]
+                targets.append(target(f"W4 {coll} (seeds) {default} {head} - untouched model", mean[head] - other,
+                                      0.0, True, unit="", note=f"{mean[head]:.3f} vs {other:.3f}"))
+        if "bm25" in data:
+            bm25 = data["bm25"]["ndcg@10"]
+            targets.append(target(f"W4 {coll} (seeds) {default} sparse - BM25", mean["sparse"] - bm25, 0.0, True,
+                                  unit="", note=f"{mean['sparse']:.3f} vs {bm25:.3f}"))
+        best = max(mean[h] for h in HEADS)
+        t = target(f"W4 {coll} (seeds) {default} all - best single head", mean["all"] - best, 0.0, True, unit="",
+                   note=f"{mean['all']:.3f} vs {best:.3f}")
+        t["met"] = t["value"] > 0
+        targets.append(t)
+    return targets, lines + [""]
+
+
+def plot_seeds(results: Path) -> Optional[Path]:
+    """Bars of mean nDCG@10 with the seeds' standard deviation, one panel per collection."""
+    q = load(results, "quality_seeds.json")
+    if q is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colls = list(q["collections"])
+    fig, axes = plt.subplots(1, len(colls), figsize=(7 * len(colls), 4.5), squeeze=False)
+    for ax, coll in zip(axes[0], colls):
+        data = q["collections"][coll]
+        impls = list(data["summary"])
+        width = 0.8 / max(len(impls) + ("untouched" in data), 1)
+        for i, impl in enumerate(impls):
+            s = data["summary"][impl]
+            ax.bar([x + i * width for x in range(len(RANKINGS))],
+                   [s[r]["ndcg@10"]["mean"] if r in s else 0 for r in RANKINGS], width,
+                   yerr=[s[r]["ndcg@10"]["std"] if r in s else 0 for r in RANKINGS], capsize=2, label=impl)
+        if "untouched" in data:
+            ax.bar([x + len(impls) * width for x in range(len(RANKINGS))],
+                   [data["untouched"][r]["ndcg@10"] for r in RANKINGS], width, color="lightgray", label="untouched")
+        if "bm25" in data:
+            ax.axhline(data["bm25"]["ndcg@10"], color="k", ls="--", label="BM25")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(RANKINGS))], RANKINGS)
+        ax.set_ylabel(f"nDCG@10 ({coll} {q['settings']['split']})")
+        ax.set_title(f"{coll}: mean ± std over seeds")
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    out = results / "report_seeds.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def agreement_targets(results: Path) -> list[dict]:
     a = load(results, "eval_agreement.json")
     if a is None:
@@ -247,7 +335,8 @@ def main() -> None:
     train_t, train_table = training_targets(results)
     mem_t, mem_table = memory_targets(results)
     quality_t, quality_table = quality_targets(results, args.default_name)
-    targets = train_t + mem_t + inference_targets(results) + quality_t + agreement_targets(results)
+    seeds_t, seeds_lines = seeds_targets(results, args.default_name)
+    targets = train_t + mem_t + inference_targets(results) + quality_t + seeds_t + agreement_targets(results)
     rows = [["", "target", "measured", "threshold", "note"]]
     for t in targets:
         mark = {True: "✓", False: "✗", None: "·"}[t["met"]]
@@ -269,6 +358,10 @@ def main() -> None:
         sections += ["## Workload 2: 250k vocabulary, peak RSS by batch", "", markdown_table(mem_table), ""]
     if quality_table:
         sections += ["## Workload 4: quality (Cranfield test, flagm3 evaluator)", "", markdown_table(quality_table), ""]
+    sections += seeds_lines
+    seeds_png = plot_seeds(results)
+    if seeds_png:
+        sections += [f"![quality over seeds]({seeds_png.name})", ""]
     png = plot(results, targets, mem_table, quality_table)
     if png:
         sections += [f"![results]({png.name})", ""]

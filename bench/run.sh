@@ -8,8 +8,12 @@
 #   --parallel      run the three trainings at the same time, and the inference / quality / agreement
 #                   stages at the same time: on a busy shared machine all runs then see the same load
 #                   (and the whole takes about a third of the time); the memory stage always runs alone
-#   --stages LIST   comma-separated subset of: setup,train,train_lowmem,inference,quality,agreement,memory,report
-#                   (default: all, run in that order; later stages read earlier stages' outputs)
+#   --stages LIST   comma-separated subset of: setup,train,train_lowmem,inference,quality,agreement,memory,
+#                   quality_seeds,report (default: all but quality_seeds, in that order; later stages read
+#                   earlier stages' outputs)
+#   quality_seeds   (its own stage, not in the default) 3 seeds x {FlagEmbedding, flagm3 default, flagm3 bge-m3}
+#                   x {Cranfield, CACM}: 18 trainings + evaluations (bench/quality_seeds.py; about 2 h on 2
+#                   loaded cores, 2 runs at a time; FLAGM3_SEEDS_ARGS adds options, e.g. "--steps 60")
 #
 # Env: PYTHON (flagm3's interpreter, default python3); FLAGM3_REFERENCE_PYTHON (the FlagEmbedding venv's
 # python; default: built or reused by .ci/setup_reference_env.sh); FLAGM3_EXTRA_ARGS (extra `flagm3 train`
@@ -27,7 +31,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --parallel) PARALLEL=1 ;;
         --stages) STAGES="$2"; shift ;;
-        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,25p "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -158,6 +162,13 @@ wait_all
 if want memory; then
     step memory_250k "$PY" bench/memory_250k.py --reference-python "$FE" --budget-gib "$BUDGET" \
         --max-batch "$MAX_BATCH" --timeout "$TRIAL_TIMEOUT" --out "$RES/memory_250k.json"
+fi
+
+# ------------------------------------------------- quality over seeds, implementations and collections
+if want quality_seeds; then
+    # shellcheck disable=SC2086
+    step quality_seeds "$PY" bench/quality_seeds.py --reference-python "$FE" --out "$RES/quality_seeds.json" \
+        ${FLAGM3_SEEDS_ARGS:-} || true  # unfinished cells are listed in the JSON and the report
 fi
 
 if want report; then

@@ -195,6 +195,8 @@ def render_subcommand(name: str, parser: argparse.ArgumentParser) -> str:
 # (module, [names]) in page order; a class entry also documents its own public methods.
 API: list[tuple[str, str, list[str]]] = [
     ("model", "flagm3", ["M3Model", "M3Config", "M3Output", "CheckpointError", "sparse_ignore_ids_from_tokenizer"]),
+    ("convert", "flagm3.convert_bge_m3", ["save_bge_m3", "load_bge_m3_heads", "checkpoint_layout",
+                                          "resolve_checkpoint", "sep_as_eos"]),
     ("inference", "flagm3.inference", ["M3Embedder", "lexical_matrix", "compute_lexical_matching_scores",
                                        "LexicalDict"]),
     ("training", "flagm3", ["M3Trainer", "M3TrainingArguments", "M3ModelArguments", "M3DataArguments"]),

@@ -26,7 +26,9 @@ from typing import Any, Optional
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+from .compat import rotate_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -231,9 +233,4 @@ class AtomicCheckpointMixin:
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
         if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            rotate_checkpoints(self, run_dir, use_mtime=True)

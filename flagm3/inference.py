@@ -24,8 +24,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from .convert_bge_m3 import resolve_checkpoint
 from .export import is_onnx_export, read_hybrid_weights
-from .modeling_m3 import M3Model, check_tokenizer_fits, resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
     HEADS,
     PooledLexical,
@@ -36,6 +37,7 @@ from .scoring import (
     pool_lexical,
     sparse_scores_paired,
 )
+from .texts import format_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -388,12 +390,9 @@ class M3Embedder:
     @staticmethod
     def _with_instruction(sentences: Union[str, List[str]], instruction: Optional[str],
                           instruction_format: str) -> Union[str, List[str]]:
-        if instruction is None:
-            return sentences
-        fmt = instruction_format.replace("\\n", "\n")
         if isinstance(sentences, str):
-            return fmt.format(instruction, sentences)
-        return [fmt.format(instruction, s) for s in sentences]
+            return format_instruction(sentences, instruction, instruction_format)
+        return [format_instruction(s, instruction, instruction_format) for s in sentences]
 
     def encode(
         self,

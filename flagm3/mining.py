@@ -16,7 +16,6 @@ line keeps fewer negatives. The summary counts both cases.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -28,8 +27,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .evaluation import read_jsonl, with_instruction
 from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
+from .texts import read_jsonl, with_instruction, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +236,7 @@ def mine_hard_negatives(
     hybrid_weights: Sequence[float] = (1.0, 0.3),
     seed: int = 42,
     teacher_scores: bool = False,
+    teacher_score_temperature: float = 0.02,
     fill_random: bool = True,
     query_instruction_for_retrieval: Optional[str] = None,
     query_instruction_format: Optional[str] = None,
@@ -253,11 +253,15 @@ def mine_hard_negatives(
     union of every ``pos`` and ``neg`` passage of the input. Duplicate passages are merged.
     ``range_for_sampling``: 0-based ranks ``(start, end)`` (or ``"start-end"``) to draw from. ``use_hybrid``:
     rank by ``hybrid_weights[0] * dense + hybrid_weights[1] * sparse``. ``teacher_scores``: also write
-    ``pos_scores`` and ``neg_scores``, the mining score of each passage with the query (without it, stale
-    input ``pos_scores``/``neg_scores`` are dropped). Queries get the query instruction (default: the
+    ``pos_scores`` and ``neg_scores``, the mining score of each passage with the query divided by
+    ``teacher_score_temperature`` (logits, as a reranker's: training's ``teacher_temperature`` 1 then makes the
+    teacher distribution softmax(score / teacher_score_temperature)); without it, stale input
+    ``pos_scores``/``neg_scores`` are dropped. Queries get the query instruction (default: the
     embedder's); lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
     """
     start, end = _parse_range(range_for_sampling)
+    if teacher_score_temperature <= 0:
+        raise ValueError(f"teacher_score_temperature must be positive, got {teacher_score_temperature}")
     if negative_number < 1:
         raise ValueError(f"negative_number must be >= 1, got {negative_number}")
     if use_faiss and use_hybrid:
@@ -298,27 +302,30 @@ def mine_hard_negatives(
     ranked_lists = ranked.tolist()
 
     rng = random.Random(seed)
-    filled = short = total = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output_jsonl)), exist_ok=True)
-    with open(output_jsonl, "w", encoding="utf-8") as f:
+    counts = {"filled": 0, "short": 0, "total": 0}
+
+    def mined() -> Any:
         for record in tqdm(records, desc="Sampling negatives", disable=not show_progress):
             qi = query_of[record["query"]]
             chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start,
                                       end, negative_number, fill_random, len(pool))
             out = dict(record)
             out["neg"] = [pool[j] for j in chosen]
-            filled += used_fill
-            short += len(chosen) < negative_number
-            total += len(chosen)
+            counts["filled"] += used_fill
+            counts["short"] += len(chosen) < negative_number
+            counts["total"] += len(chosen)
             if teacher_scores:
                 p_rows = [row_of[t] for t in record["pos"]] + chosen
-                scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights)
+                scores = query_scores(q_dense, p_dense, qi, p_rows, q_lex, p_lex, weights) / teacher_score_temperature
                 out["pos_scores"] = scores[: len(record["pos"])].tolist()
                 out["neg_scores"] = scores[len(record["pos"]) :].tolist()
             else:
                 out.pop("pos_scores", None)
                 out.pop("neg_scores", None)
-            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            yield out
+
+    write_jsonl(output_jsonl, mined())
+    filled, short, total = counts["filled"], counts["short"], counts["total"]
     summary = {
         "lines": len(records),
         "queries": len(queries),
@@ -331,6 +338,7 @@ def mine_hard_negatives(
         "lines_filled_randomly": filled,
         "lines_short": short,
         "teacher_scores": teacher_scores,
+        "teacher_score_temperature": teacher_score_temperature if teacher_scores else None,
         "output": os.fspath(output_jsonl),
     }
     logger.info("hard-negative mining: %s", summary)

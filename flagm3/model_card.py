@@ -167,6 +167,25 @@ def training_results(trainer: Any) -> dict[str, float]:
     return out
 
 
+SPARSE_HEALTH = (("sparse_active", "active tokens per text"), ("sparse_zero", "share of all-zero lexical vectors"),
+                 ("sparse_weight", "mean weight of the active tokens"))
+
+
+def sparse_health_table(trainer: Any) -> list[str]:
+    """Markdown rows of the sparse head's health (queries and passages) at the first and last logged step."""
+    history = getattr(getattr(trainer, "state", None), "log_history", None) or []
+    logged = [e for e in history if _is_number(e.get("sparse_active_passage"))]
+    if not logged:
+        return []
+    first, last = logged[0], logged[-1]
+    rows = ["| statistic | queries, step {0} | queries, step {1} | passages, step {0} | passages, step {1} |"
+            .format(first.get("step", "?"), last.get("step", "?")), "|---|---:|---:|---:|---:|"]
+    for key, label in SPARSE_HEALTH:
+        values = [e.get(f"{key}_{side}") for side in ("query", "passage") for e in (first, last)]
+        rows.append(f"| {label} | " + " | ".join(f"{v:.4g}" if _is_number(v) else "-" for v in values) + " |")
+    return rows
+
+
 def framework_versions() -> dict[str, str]:
     versions = {"Python": platform.python_version(), "flagm3": __version__}
     for name in VERSION_PACKAGES:
@@ -288,6 +307,11 @@ def render_model_card(
         if results:
             parts += ["", "Training results (last logged values):", ""]
             parts += [f"- `{k}`: {v:.4f}" for k, v in results.items()]
+        health = sparse_health_table(trainer)
+        if health:
+            parts += ["", "Sparse head health while training (averaged over the first and the last logging "
+                      "interval; a head that collapses loses active tokens and gains all-zero vectors):", "",
+                      *health]
         parts.append("")
 
     if result_sets:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-import json
+import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import dataclass
@@ -13,19 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .compat import init_copy_, mismatched_shapes
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
+from .convert_bge_m3 import (
+    COLBERT_HEAD_FILE,
+    SPARSE_HEAD_FILE,
+    CheckpointError,
+    check_bge_m3_heads,
+    checkpoint_layout,
+    load_bge_m3_heads,
+    read_config,
+    resolve_checkpoint,
+    save_bge_m3,
+    weights_file,
+)
 
 logger = logging.getLogger(__name__)
 
-COLBERT_HEAD_FILE = "colbert_linear.pt"
-SPARSE_HEAD_FILE = "sparse_linear.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as an M3 model; the message names the file and the problem."""
+_ENCODER_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar("flagm3_encoder_on_meta", default=False)
 
 
 @dataclass
@@ -94,7 +101,7 @@ def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
 
 class M3PreTrainedModel(PreTrainedModel):
     config_class = M3Config
-    base_model_prefix = "m3"
+    base_model_prefix = "encoder"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -107,7 +114,7 @@ class M3PreTrainedModel(PreTrainedModel):
             # A non-persistent buffer is not in the checkpoint: from_pretrained (meta-device init) leaves it
             # uninitialised unless it is rebuilt here from the config.
             ids = torch.tensor(self.config.sparse_ignore_token_ids, dtype=torch.long)
-            init.copy_(self.sparse_ignore_ids, ids)
+            init_copy_(self.sparse_ignore_ids, ids)
 
 
 class M3Model(M3PreTrainedModel):
@@ -125,7 +132,9 @@ class M3Model(M3PreTrainedModel):
         backbone = config.backbone_config
         if attn is not None:
             backbone._attn_implementation = attn
-        self.encoder = AutoModel.from_config(backbone)
+        # from_encoder replaces the encoder at once: then it is built on the meta device (no memory, no init).
+        with torch.device("meta") if _ENCODER_ON_META.get() else contextlib.nullcontext():
+            self.encoder = AutoModel.from_config(backbone)
         hidden = config.encoder_hidden_size
         self.sparse_linear = nn.Linear(hidden, 1)
         self.colbert_linear = nn.Linear(hidden, config.colbert_output_dim)
@@ -214,7 +223,11 @@ class M3Model(M3PreTrainedModel):
         )
         if attn:
             config._attn_implementation = attn
-        model = cls(config)
+        placeholder = _ENCODER_ON_META.set(True)  # no random encoder is materialised only to be replaced
+        try:
+            model = cls(config)
+        finally:
+            _ENCODER_ON_META.reset(placeholder)
         model.encoder = encoder
         check_tokenizer_fits(model, tokenizer, encoder_name_or_path)
         return model.to(encoder.dtype)
@@ -231,7 +244,7 @@ class M3Model(M3PreTrainedModel):
         if layout == "bge-m3":
             return cls.from_bge_m3(path, **kwargs)
         if layout == "encoder":
-            model_type = _read_config(path).get("model_type")
+            model_type = read_config(path).get("model_type")
             raise CheckpointError(
                 f"{os.path.join(path, 'config.json')}: a plain '{model_type}' encoder checkpoint, not an M3 model "
                 f"(no M3 config and no {COLBERT_HEAD_FILE}/{SPARSE_HEAD_FILE}). Start from it with "
@@ -242,7 +255,8 @@ class M3Model(M3PreTrainedModel):
         # Load with mismatches allowed only to list them: transformers' own error names neither file nor field.
         model, info = super().from_pretrained(path, *args, ignore_mismatched_sizes=True, **kwargs)
         if info.get("mismatched_keys") and not allow_mismatch:
-            raise CheckpointError(_mismatch_message(path, model.config, info["mismatched_keys"]))
+            mismatched = mismatched_shapes(info, model, weights_file(path))
+            raise CheckpointError(_mismatch_message(path, model.config, mismatched))
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
         if problems:
             raise CheckpointError(f"{path}: weights do not match an M3 model of this config: {problems}")
@@ -250,45 +264,38 @@ class M3Model(M3PreTrainedModel):
 
     @classmethod
     def from_bge_m3(cls, path: str, tokenizer: Any = None, **encoder_kwargs: Any) -> M3Model:
-        """Import the original BGE-M3 layout: encoder files + ``colbert_linear.pt`` + ``sparse_linear.pt``."""
-        for name in (COLBERT_HEAD_FILE, SPARSE_HEAD_FILE):
-            if not os.path.isfile(os.path.join(path, name)):
-                raise CheckpointError(
-                    f"{os.path.join(path, name)} is missing: a BGE-M3 checkpoint needs both {COLBERT_HEAD_FILE} "
-                    f"and {SPARSE_HEAD_FILE} beside the encoder."
-                )
+        """Import the original BGE-M3 layout: encoder files + ``colbert_linear.pt`` + ``sparse_linear.pt``
+        (read and checked by :mod:`flagm3.convert_bge_m3`)."""
+        check_bge_m3_heads(path)  # before the encoder loads
         encoder_kwargs.pop("output_loading_info", None)
         model = cls.from_encoder(path, tokenizer=tokenizer, **encoder_kwargs)
-        hidden = model.config.encoder_hidden_size
-        colbert = _load_linear(os.path.join(path, COLBERT_HEAD_FILE), in_features=hidden, out_features=None)
-        sparse = _load_linear(os.path.join(path, SPARSE_HEAD_FILE), in_features=hidden, out_features=1)
-        model.config.colbert_dim = int(colbert["weight"].shape[0])
-        dtype = model.sparse_linear.weight.dtype
-        model.colbert_linear = nn.Linear(hidden, model.config.colbert_dim).to(dtype)
-        model.colbert_linear.load_state_dict(colbert)
-        model.sparse_linear.load_state_dict(sparse)
+        heads = load_bge_m3_heads(path, model.config.encoder_hidden_size)
+        model.config.colbert_dim = int(heads["colbert_linear"]["weight"].shape[0])
+        if model.colbert_linear.out_features != model.config.colbert_dim:
+            model.colbert_linear = nn.Linear(model.config.encoder_hidden_size, model.config.colbert_dim).to(
+                model.sparse_linear.weight.dtype
+            )
+        model.colbert_linear.load_state_dict(heads["colbert_linear"])
+        model.sparse_linear.load_state_dict(heads["sparse_linear"])
         return model
 
     def save_bge_m3(self, save_directory: str, tokenizer: Any = None) -> None:
-        """Write the original BGE-M3 layout, loadable by FlagEmbedding's ``BGEM3FlagModel``."""
-        os.makedirs(save_directory, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
-        self.encoder.save_pretrained(save_directory, state_dict=state, safe_serialization=True)
-        for name, head in ((COLBERT_HEAD_FILE, self.colbert_linear), (SPARSE_HEAD_FILE, self.sparse_linear)):
-            torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-                       os.path.join(save_directory, name))
-        if tokenizer is not None:
-            save_bge_m3_tokenizer(tokenizer, save_directory)
+        """Write the original BGE-M3 layout, loadable by FlagEmbedding's ``BGEM3FlagModel``
+        (:func:`flagm3.convert_bge_m3.save_bge_m3`)."""
+        save_bge_m3(self, save_directory, tokenizer)
 
 
-# --------------------------------------------------------------------------------- checkpoint helpers
-def save_bge_m3_tokenizer(tokenizer: Any, directory: str) -> None:
-    """Save ``tokenizer`` for the BGE-M3 layout. FlagEmbedding's ``BGEM3FlagModel`` needs an EOS token; BERT
-    tokenizers have none, so a copy with ``eos_token = sep_token`` is saved (their encodings are unchanged)."""
-    if getattr(tokenizer, "eos_token", "") is None and getattr(tokenizer, "sep_token", None) is not None:
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.eos_token = tokenizer.sep_token
-    tokenizer.save_pretrained(directory)
+# ------------------------------------------------------------------------------------------ checks
+def unwrap_m3(model: nn.Module) -> M3Model:
+    """The M3Model inside DDP/DeepSpeed/PEFT wrappers."""
+    while not isinstance(model, M3Model):
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            raise TypeError(f"expected an M3Model (possibly wrapped), got {type(model).__name__}")
+    return model
 
 
 def check_tokenizer_fits(model: nn.Module, tokenizer: Any, model_source: Any = None) -> None:
@@ -309,13 +316,6 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: Any, model_source: Any = N
     )
 
 
-def _weights_file(path: str) -> str:
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return path
-
-
 def _mismatch_message(path: str, config: M3Config, mismatched: Iterable) -> str:
     """Which tensors of the weights file disagree with config.json, and the config field to blame."""
     mismatched = sorted(mismatched)
@@ -330,62 +330,8 @@ def _mismatch_message(path: str, config: M3Config, mismatched: Iterable) -> str:
             hints.append(f"backbone_config.vocab_size={config.backbone_config.vocab_size} in config.json but the "
                          f"embedding matrix has {ckpt[0]} rows")
     hint = (": " + "; ".join(hints)) if hints else ""
-    return (f"{_weights_file(path)}: weights do not match {os.path.join(path, 'config.json')}{hint} ({shapes}). "
+    return (f"{weights_file(path)}: weights do not match {os.path.join(path, 'config.json')}{hint} ({shapes}). "
             "Fix the config (or re-save the model) so that both describe the same model.")
-
-
-def _read_config(path: str) -> dict:
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise CheckpointError(f"{config_file} is missing: {path} is not a model directory.")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_file}: not valid JSON ({err}).") from err
-
-
-def checkpoint_layout(path: str) -> str:
-    """``flagm3`` (own format), ``bge-m3`` (encoder + head .pt files) or ``encoder`` (a plain encoder)."""
-    config = _read_config(path)
-    if config.get("model_type") == M3Config.model_type:
-        return "flagm3"
-    has_heads = [os.path.isfile(os.path.join(path, n)) for n in (COLBERT_HEAD_FILE, SPARSE_HEAD_FILE)]
-    return "bge-m3" if any(has_heads) else "encoder"
-
-
-def resolve_checkpoint(name_or_path: str, kwargs: dict) -> str:
-    """A local directory for ``name_or_path``: itself, or a snapshot of the hub repository it names."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        name_or_path,
-        revision=kwargs.pop("revision", None),
-        cache_dir=kwargs.get("cache_dir"),
-        token=kwargs.get("token"),
-        allow_patterns=["*.json", "*.safetensors", "*.pt", "*.model", "*.txt", "*.bin"],
-    )
-
-
-def _load_linear(file: str, in_features: int, out_features: Optional[int]) -> dict[str, Tensor]:
-    """Load a Linear layer's state dict safely (``weights_only=True``) and check its shape against the encoder."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files, non-tensor objects
-        raise CheckpointError(f"{file}: cannot be read as a weights-only state dict ({err}).") from err
-    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{file}: expected a Linear state dict with 'weight' and 'bias', found {keys}.")
-    weight, bias = state["weight"], state["bias"]
-    out = weight.shape[0] if out_features is None else out_features
-    if weight.ndim != 2 or tuple(weight.shape) != (out, in_features) or tuple(bias.shape) != (out,):
-        raise CheckpointError(
-            f"{file}: head weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit an encoder of hidden "
-            f"size {in_features} (expected weight ({out}, {in_features})): a head from another model?"
-        )
-    return state
 
 
 AutoConfig.register(M3Config.model_type, M3Config, exist_ok=True)

@@ -165,22 +165,6 @@ def index_corpus(
     return {"indexed": indexed, "skipped": skipped, "seconds": time.perf_counter() - start}
 
 
-def read_corpus(path: str) -> Iterator[Tuple[str, str]]:
-    """``(doc_id, text)`` of a BEIR ``corpus.jsonl`` (``_id``, optional ``title``, ``text``), text as the
-    evaluator reads it: ``(title + " " + text).strip()``."""
-    from .evaluation import read_jsonl
-
-    try:  # the evaluation package (flagm3/evaluation/beir.py)
-        from .evaluation.beir import _field
-    except ImportError:  # the single evaluation module
-        from .evaluation import _field
-
-    for lineno, record in read_jsonl(path):
-        title = _field(path, lineno, record, "title", required=False)
-        text = _field(path, lineno, record, "text", required=False)
-        yield _field(path, lineno, record, "_id"), (title + " " + text).strip()
-
-
 def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
     chunk: List[Any] = []
     for item in items:
@@ -379,3 +363,63 @@ def retrieve(
         bar.update(len(batch))
     bar.close()
     return runs
+
+
+def evaluate_qdrant(
+    embedder: Any,
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    location: Optional[str] = None,
+    collection: str = "flagm3-eval",
+    rankings: Sequence[str] = HEADS + tuple(HYBRID_NAMES),
+    weights: Optional[Mapping[str, float]] = None,
+    k_values: Sequence[int] = (1, 10, 100),
+    metrics: Optional[Sequence[str]] = None,
+    top_k: Optional[int] = None,
+    prefetch_limit: int = 100,
+    max_query_length: Optional[int] = None,
+    max_passage_length: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    exact: bool = True,
+    show_progress: bool = True,
+    return_runs: bool = False,
+) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Any]]:
+    """The default evaluator's metrics, retrieved through a Qdrant collection: ``(results, info)``.
+
+    ``location`` (default: a temporary directory, embedded local mode) holds ``collection``; the corpus is
+    indexed into it first (resumably: documents already there are skipped). Documents a head does not return
+    (sparse: no shared token) score 0 and fill its ranking up to ``top_k`` in the evaluator's tie order
+    (document id, descending), so the per-head metrics are those of the full ranking. ``info``: index time,
+    search time, and with ``return_runs`` the runs ``{ranking: {qid: {doc_id: score}}}``.
+    """
+    import tempfile
+
+    from .evaluation import METRICS, evaluate_run
+
+    top_k = top_k or max(k_values)
+    with tempfile.TemporaryDirectory(prefix="flagm3-qdrant-") as tmp:
+        client = connect(location or tmp)
+        try:
+            indexed = index_corpus(embedder, client, collection, corpus, max_length=max_passage_length,
+                                   batch_size=batch_size, show_progress=show_progress)
+            start = time.perf_counter()
+            runs = retrieve(embedder, client, collection, queries, rankings=rankings, weights=weights, top_k=top_k,
+                            prefetch_limit=prefetch_limit, max_query_length=max_query_length,
+                            batch_size=batch_size, exact=exact, show_progress=show_progress)
+            seconds = time.perf_counter() - start
+        finally:
+            client.close()
+    by_id_desc = sorted(corpus, reverse=True)
+    for name in HEADS:
+        for run in runs.get(name, {}).values():
+            for doc_id in by_id_desc:
+                if len(run) >= min(top_k, len(corpus)):
+                    break
+                run.setdefault(doc_id, 0.0)
+    results = {name: evaluate_run(run, qrels, k_values, metrics or METRICS) for name, run in runs.items()}
+    info = {"index": indexed, "search_seconds": seconds, "queries": len(queries),
+            "location": location or "temporary embedded index", "collection": collection}
+    if return_runs:
+        info["runs"] = runs
+    return results, info

@@ -13,21 +13,9 @@ from torch import nn
 
 from .attention import set_attention_dropout, use_recompute_attention
 from .losses import M3LossConfig
-from .modeling_m3 import M3Model
+from .modeling_m3 import unwrap_m3
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap_m3(model: nn.Module) -> M3Model:
-    """The M3Model inside DDP/DeepSpeed/PEFT wrappers."""
-    while not isinstance(model, M3Model):
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            raise TypeError(f"expected an M3Model (possibly wrapped), got {type(model).__name__}")
-    return model
 
 
 def freeze_untrained(model: nn.Module, loss: M3LossConfig, fix_encoder: bool = False,
@@ -67,10 +55,20 @@ def set_training_attention(model: nn.Module, dropout: float | None, recompute: b
                        "AttentionInterface; attention is left as it is", type(encoder).__name__)
 
 
+def detach_sparse_input(model: nn.Module) -> None:
+    """The sparse head reads detached hidden states (``sparse_stop_gradient``): its loss terms train the head,
+    not the encoder."""
+    unwrap_m3(model).sparse_linear.register_forward_pre_hook(lambda module, inputs: tuple(x.detach() for x in inputs))
+
+
 def prepare_for_training(model: nn.Module, args: Any) -> nn.Module:
-    """Apply the recipe of ``M3TrainingArguments`` to ``model`` (in place): freezing and attention."""
-    freeze_untrained(model, args.loss_config(), fix_encoder=getattr(args, "fix_encoder", False),
+    """Apply the recipe of ``M3TrainingArguments`` to ``model`` (in place): freezing, the sparse head's input,
+    and attention."""
+    loss = args.loss_config()
+    freeze_untrained(model, loss, fix_encoder=getattr(args, "fix_encoder", False),
                      fix_position_embedding=getattr(args, "fix_position_embedding", False))
+    if loss.sparse_stop_gradient and "sparse" in loss.heads:
+        detach_sparse_input(model)
     set_training_attention(model, getattr(args, "attention_dropout", None),
                            recompute=getattr(args, "recompute_attention", False),
                            gradient_checkpointing=getattr(args, "gradient_checkpointing", False))

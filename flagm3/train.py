@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
+from .convert_bge_m3 import checkpoint_layout, resolve_checkpoint
 from .data import M3TrainDataset
 from .distributed import (
     check_deepspeed_config,
@@ -22,7 +23,7 @@ from .distributed import (
     setup_process_group,
     shutdown_process_group,
 )
-from .modeling_m3 import M3Model, check_tokenizer_fits, checkpoint_layout, resolve_checkpoint
+from .modeling_m3 import M3Model, check_tokenizer_fits
 from .recipe import prepare_for_training
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .checkpointing import AtomicCheckpointMixin
+from .convert_bge_m3 import save_bge_m3
 from .data import M3BatchSampler, M3Collator, M3TrainDataset
 from .distributed import world, zero3_enabled
 from .losses import M3Loss, M3TrainingLoss
-from .modeling_m3 import COLBERT_HEAD_FILE, SPARSE_HEAD_FILE, M3Model, save_bge_m3_tokenizer
-from .recipe import unwrap_m3
+from .modeling_m3 import unwrap_m3
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -38,24 +38,6 @@ __all__ = ["M3Trainer", "NonFiniteLossError", "unwrap_m3"]
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss or gradient."""
-
-
-def save_bge_m3_layout(model: M3Model, directory: str, state_dict: Optional[dict], tokenizer: Any = None) -> None:
-    """The BGE-M3 layout of ``model``, from ``state_dict`` when the Trainer passes one: under ZeRO-3 the
-    module's own parameters are empty partitions and only the gathered state dict holds the weights."""
-    if state_dict is None:
-        model.save_bge_m3(directory, tokenizer)
-        return
-    os.makedirs(directory, exist_ok=True)
-
-    def part(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
-
-    model.encoder.save_pretrained(directory, state_dict=part("encoder."), safe_serialization=True)
-    for name, prefix in ((COLBERT_HEAD_FILE, "colbert_linear."), (SPARSE_HEAD_FILE, "sparse_linear.")):
-        torch.save(part(prefix), os.path.join(directory, name))
-    if tokenizer is not None:
-        save_bge_m3_tokenizer(tokenizer, directory)
 
 
 def _largest_magnitude(tensors: list[Tensor]) -> Tensor:
@@ -114,27 +96,34 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         self._last_logs: dict[str, Any] = {}
         self._bad_steps = 0
         self._skipped_step: Optional[int] = None  # the last step (1-based) marked as skipped
+        self._sparse_start: Optional[dict[str, float]] = None  # the first logged sparse health
+        self._sparse_warned = False
         super().__init__(model=model, args=args, **kwargs)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""
         head_lr = getattr(self.args, "head_learning_rate", None)
-        if head_lr is None or self.optimizer is not None:
+        sparse_lr = getattr(self.args, "sparse_learning_rate", None)
+        if (head_lr is None and sparse_lr is None) or self.optimizer is not None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: dict[tuple[bool, bool], list] = defaultdict(list)
+        groups: dict[tuple[Optional[float], bool], list] = defaultdict(list)
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
-                is_head = any(f"{h}." in name for h in HEAD_MODULES)
-                groups[(is_head, name in decay)].append(param)
+                lr = None  # the encoder's
+                if "sparse_linear." in name:
+                    lr = sparse_lr if sparse_lr is not None else head_lr
+                elif any(f"{h}." in name for h in HEAD_MODULES):
+                    lr = head_lr
+                groups[(lr, name in decay)].append(param)
         param_groups = [
             {
                 "params": params,
                 "weight_decay": self.args.weight_decay if with_decay else 0.0,
-                **({"lr": head_lr} if is_head else {}),
+                **({"lr": lr} if lr is not None else {}),
             }
-            for (is_head, with_decay), params in groups.items()
+            for (lr, with_decay), params in groups.items()
         ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -169,7 +158,7 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         out = self.training_loss(model, inputs, step=self.state.global_step)
         loss = out.loss
         if model.training and torch.is_grad_enabled():
-            self._record(out.logs)
+            self._record(out.logs, out.stats)
             if self.is_deepspeed_enabled and not self._finite_on_every_rank(loss):
                 self._skip_step(*self._nonfinite_loss())
                 self._step_logs.clear()
@@ -244,13 +233,13 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         return getattr(self.accelerator, "scaler", None)
 
     # ---------------------------------------------------------------------------------- logging
-    def _record(self, logs: dict[str, Any]) -> None:
-        """Add one micro-batch's terms to the sums logged next (device tensors: no host read here); a
-        micro-batch with a non-finite loss adds nothing."""
+    def _record(self, logs: dict[str, Any], stats: Optional[dict[str, Tensor]] = None) -> None:
+        """Add one micro-batch's terms and statistics (``sparse_health``) to the sums logged next (device
+        tensors: no host read here); a micro-batch with a non-finite loss adds nothing but its padding."""
         self._last_logs = logs
         self._step_logs.append(logs)
         finite = torch.isfinite(logs["loss"])
-        for key, value in logs.items():
+        for key, value in {**logs, **(stats or {})}.items():
             if key == "loss":
                 continue
             if torch.is_tensor(value):  # a loss term: counted only with a finite loss
@@ -280,7 +269,31 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             self._log_sums.clear()
             self._log_count = 0
             self._host_count = 0
+            self._check_sparse_health(logs)
         super().log(logs, *args, **kwargs)
+
+    def _check_sparse_health(self, logs: dict[str, float]) -> None:
+        """One WARNING when more than 5% of the passages have all-zero lexical vectors, or when the active tokens
+        per passage or query fall below half of their first logged value."""
+        if "sparse_active_passage" not in logs:
+            return
+        if self._sparse_start is None:
+            self._sparse_start = {k: v for k, v in logs.items() if k.startswith("sparse_")}
+        if self._sparse_warned:
+            return
+        start = self._sparse_start
+        halved = [side for side in ("passage", "query")
+                  if logs[f"sparse_active_{side}"] < 0.5 * start[f"sparse_active_{side}"]]
+        if logs["sparse_zero_passage"] > 0.05 or halved:
+            self._sparse_warned = True
+            logger.warning(
+                "sparse head collapsing at step %d: %.1f%% of passages have all-zero lexical weights, active tokens "
+                "per passage %.1f (%.1f at the start), per query %.1f (%.1f at the start); see "
+                "docs/heads-and-loss.md, 'Training the sparse head'",
+                self.state.global_step, 100 * logs["sparse_zero_passage"], logs["sparse_active_passage"],
+                start["sparse_active_passage"], logs["sparse_active_query"], start["sparse_active_query"],
+            )
+
 
     # ------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -314,5 +327,5 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             if hasattr(model, "merge_and_unload"):
                 logger.warning("save_bge_m3_layout: skipped for a LoRA model; merge the adapter first.")
             else:
-                save_bge_m3_layout(unwrap_m3(model), os.path.join(output_dir, "bge-m3"), state_dict,
-                                   self.processing_class)
+                save_bge_m3(unwrap_m3(model), os.path.join(output_dir, "bge-m3"), self.processing_class,
+                            state_dict=state_dict)

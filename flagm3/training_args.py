@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 from transformers import TrainingArguments
 
+from .compat import TRANSFORMERS_5
 from .losses import M3LossConfig
 from .scoring import HEADS
 
@@ -79,7 +80,11 @@ class M3DataArguments:
     passage_instruction_format: str = field(default="{}{}")
     knowledge_distillation: bool = field(default=False, metadata={"help": "Distil pos_scores/neg_scores."})
     same_dataset_within_batch: bool = field(default=False)
-    group_by_length: bool = field(default=True, metadata={"help": "Batch passages of similar length."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch records of similar passage length (less padding; changes who the in-batch negatives "
+                  "are). Off by default: random batches, as FlagEmbedding's."},
+    )
     sample_negatives_from_corpus: bool = field(
         default=True, metadata={"help": "Records without negatives get some from other records."}
     )
@@ -116,6 +121,8 @@ class M3TrainingArguments(TrainingArguments):
     use_self_distill: bool = field(default=True)
     self_distill_start_step: int = field(default=-1)
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
+    if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
+        group_by_length: bool = field(default=False, init=False)
     # --- flagm3 additions
     loss_preset: str = field(
         default="flagm3",
@@ -132,6 +139,29 @@ class M3TrainingArguments(TrainingArguments):
     self_distill_weights: Optional[str] = field(default=None, metadata={"help": "e.g. 'dense=1,sparse=0.1'."})
     head_temperatures: Optional[str] = field(default=None, metadata={"help": "e.g. 'sparse=0.05'."})
     head_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the heads."})
+    sparse_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the sparse head (default: head_learning_rate)."}
+    )
+    teacher_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "Teacher scores become softmax(scores / teacher_temperature). Default 1 (reranker "
+                  "logits, as FlagEmbedding's data has them; `flagm3 mine --teacher-scores` writes such logits)."},
+    )
+    sparse_stop_gradient: Optional[bool] = field(
+        default=None,
+        metadata={"help": "The sparse head reads detached hidden states: its loss terms train the head, not the "
+                  "encoder. Default: the recipe's."},
+    )
+    sparse_hard_negatives: Optional[bool] = field(
+        default=None,
+        metadata={"help": "False: the sparse head's own InfoNCE leaves out each query's hard negatives (in-batch "
+                  "negatives only). Default: the recipe's."},
+    )
+    sparse_anchor_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the sparse head's squared relative distance to its initial (IDF-fitted) "
+                  "parameters. Default: the recipe's."},
+    )
     max_length_chunks: int = field(
         default=4,
         metadata={
@@ -175,6 +205,10 @@ class M3TrainingArguments(TrainingArguments):
             use_self_distill=self.use_self_distill,
             self_distill_start_step=self.self_distill_start_step,
             kd_loss_type=self.kd_loss_type,
+            teacher_temperature=self.teacher_temperature,
+            sparse_stop_gradient=self.sparse_stop_gradient,
+            sparse_hard_negatives=self.sparse_hard_negatives,
+            sparse_anchor_weight=self.sparse_anchor_weight,
         )
         for attr, text in (
             ("head_weights", self.head_loss_weights),

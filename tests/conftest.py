@@ -98,6 +98,56 @@ def make_encoder_dir(directory: Path, seed: int = 0, eos_as_sep: bool = False) -
     return directory
 
 
+def train_sentencepiece(directory: Path) -> Path:
+    """A SentencePiece unigram model trained on SENTENCES (one thread: deterministic), as BGE-M3 ships it:
+    ``directory/sentencepiece.bpe.model``. No BOS/EOS/PAD pieces; UNK is piece 0 (the fairseq layout that
+    ``XLMRobertaTokenizer`` expects)."""
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES), model_prefix=str(directory / "sentencepiece.bpe"), vocab_size=150,
+        model_type="unigram", bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2,
+    )
+    (directory / "sentencepiece.bpe.vocab").unlink()
+    return directory / "sentencepiece.bpe.model"
+
+
+def tiny_xlmr_config(vocab_size: int, **overrides):
+    """BGE-M3's architecture in miniature: XLM-R, pad 1 (positions start at 2), one token type."""
+    from transformers import XLMRobertaConfig
+
+    values = dict(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return XLMRobertaConfig(**values)
+
+
+def make_xlmr_dir(directory: Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a random tiny ``XLMRobertaModel`` with a SentencePiece tokenizer trained here to ``directory``
+    (``sentencepiece.bpe.model`` beside ``tokenizer.json``, as BAAI/bge-m3 ships; fairseq ids:
+    ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` last)."""
+    import shutil
+
+    from transformers import XLMRobertaModel, XLMRobertaTokenizerFast  # 5.x: one class, both names
+
+    spm_model = train_sentencepiece(directory.parent / f"{directory.name}-spm")
+    max_length = config_overrides.get("max_position_embeddings", 130) - 2
+    tokenizer = XLMRobertaTokenizerFast.from_pretrained(str(spm_model.parent), model_max_length=max_length)
+    tokenizer.save_pretrained(str(directory))
+    shutil.copy(spm_model, directory / spm_model.name)
+    torch.manual_seed(seed)
+    XLMRobertaModel(tiny_xlmr_config(len(tokenizer), **config_overrides)).save_pretrained(str(directory))
+    return directory
+
+
+ENCODERS = {"bert": make_encoder_dir, "xlmr": make_xlmr_dir}
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny models

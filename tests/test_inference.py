@@ -70,6 +70,10 @@ def assert_lexical_close(ours: dict, ref: dict, atol: float = 1e-5) -> None:
 
 # ------------------------------------------------------------------------------------------- encoding
 def test_encode_matches_independent_implementation(embedder, tiny_model, tiny_tokenizer):
+    with torch.no_grad():  # a sparse bias that keeps every token of TEXTS[2] (repeats) above the ReLU
+        ids = tiny_tokenizer(TEXTS[2], return_tensors="pt")
+        pre = tiny_model.sparse_linear(tiny_model.encoder(**ids).last_hidden_state).squeeze(-1)
+        tiny_model.sparse_linear.bias.sub_(pre.min() - 0.01)
     out = embedder.encode(TEXTS, max_length=MAX_LENGTH, return_sparse=True, return_colbert_vecs=True)
     refs = [reference_encode(tiny_model, tiny_tokenizer, t, MAX_LENGTH) for t in TEXTS]
     assert out["dense_vecs"].shape == (len(TEXTS), 32) and out["dense_vecs"].dtype == np.float32

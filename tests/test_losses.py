@@ -372,7 +372,7 @@ def test_overrides_from_training_arguments(batch, tmp_path):
 
 def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
     """loss = ((L_d + L_c + L_ens) / 3 + (KL_d + KL_c) / 2) / 2 with ens = dense + ColBERT logits: terms of
-    weight 0 are neither computed nor counted, so the sparse head is not even needed."""
+    weight 0 are neither computed nor counted: the sparse head is not scored (only its health is measured)."""
     q, q_ids, p, p_ids, _ = batch
     config = M3LossConfig.preset("flagm3")
     assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, False, True]
@@ -388,7 +388,9 @@ def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
     distill = (ref_kl(target, lg["dense"]) + ref_kl(target, lg["colbert"])) / 2
     assert_close(out.loss, (contrastive + distill) / 2)
     assert "loss_sparse" not in out.logs and "self_distill_sparse" not in out.logs
-    assert M3Loss(config).heads == ("dense", "colbert")
+    assert config.computed_heads() == ("dense", "colbert")  # scored
+    assert M3Loss(config).heads == ("dense", "sparse", "colbert")  # encoded: the sparse head for its health
+    assert set(out.stats) == {f"sparse_{k}_{s}" for k in ("active", "zero", "weight") for s in ("query", "passage")}
     out.loss.backward()
     assert ql.sparse.grad is None or not ql.sparse.grad.any()
     assert pl.sparse.grad is None or not pl.sparse.grad.any()
@@ -419,7 +421,7 @@ def test_presets_and_head_selection(tmp_path):
     dense_only = M3TrainingArguments(output_dir=str(tmp_path), unified_finetuning=False, report_to=[])
     assert tuple(dense_only.loss_config().heads) == ("dense",)
     picked = M3TrainingArguments(output_dir=str(tmp_path), heads="sparse, dense", report_to=[])
-    assert M3Loss(picked.loss_config()).heads == ("dense",)  # flagm3: the sparse head is in no term
+    assert picked.loss_config().computed_heads() == ("dense",)  # flagm3: the sparse head is in no term
     picked = M3TrainingArguments(output_dir=str(tmp_path), heads="sparse, dense", loss_preset="bge-m3", report_to=[])
     assert M3Loss(picked.loss_config()).heads == ("dense", "sparse")
 
@@ -485,3 +487,101 @@ def test_self_distillation_is_its_own_switch(batch):
     with pytest.raises(ValueError, match="every loss term has weight 0"):
         M3LossConfig.preset("bge-m3", use_self_distill=False,
                             head_weights={"dense": 0.0, "sparse": 0.0, "colbert": 0.0, "ensemble": 0.0})
+
+
+# ---------------------------------------------------------------------- sparse-head levers, teacher temperature
+@pytest.mark.parametrize("kd", ["kl_div", "m3_kd_loss"])
+def test_teacher_temperature_divides_the_teacher_scores(batch, kd):
+    """softmax(scores / T): T = 0.5 on the scores equals T = 1 on the scores doubled, and differs from T = 1."""
+    q, q_ids, p, p_ids, teacher = batch
+    scores = teacher.float()
+    cooled = M3Loss(M3LossConfig.preset("bge-m3", kd_loss_type=kd, teacher_temperature=0.5))
+    plain = M3Loss(M3LossConfig.preset("bge-m3", kd_loss_type=kd))
+    out = cooled(q, q_ids, p, p_ids, group_size=G, teacher_scores=scores)
+    expected, _ = bge_m3_reference(q, q_ids, p, p_ids, True, teacher=(scores * 2).double(), kd=kd)
+    assert_close(out.loss, expected, tol=1e-7)
+    assert not math.isclose(float(plain(q, q_ids, p, p_ids, group_size=G, teacher_scores=scores).loss),
+                            float(out.loss), rel_tol=1e-6)
+    args = M3TrainingArguments(output_dir="unused", teacher_temperature=0.5, report_to=[])
+    assert args.loss_config().teacher_temperature == 0.5
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        M3LossConfig.preset("bge-m3", teacher_temperature=0.0)
+
+
+def test_sparse_term_without_hard_negatives(batch):
+    """sparse_hard_negatives=False: the sparse InfoNCE of query b runs over its positive and the other groups'
+    passages; the other heads, the ensemble and self-distillation keep every passage."""
+    q, q_ids, p, p_ids, _ = batch
+    out = M3Loss(M3LossConfig.preset("bge-m3", sparse_hard_negatives=False))(q, q_ids, p, p_ids, group_size=G)
+    lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
+    lg["ensemble"] = lg["dense"] + 0.3 * lg["sparse"] + lg["colbert"]
+    pos = [b * G for b in range(B)]
+    terms = {h: ref_info_nce(v, pos) for h, v in lg.items()}
+    allowed = [[j for j in range(B * G) if j == pos[b] or not pos[b] < j < pos[b] + G] for b in range(B)]
+    terms["sparse"] = sum(ref_ce(lg["sparse"][b], pos[b], allowed[b]) for b in range(B)) / B
+    contrastive = (terms["dense"] + terms["ensemble"] + 0.1 * terms["sparse"] + terms["colbert"]) / 4
+    target = torch.softmax(lg["ensemble"], -1)
+    sd = (ref_kl(target, lg["dense"]) + 0.1 * ref_kl(target, lg["sparse"]) + ref_kl(target, lg["colbert"])) / 3
+    assert_close(out.loss, (contrastive + sd) / 2)
+    assert_close(out.logs["loss_sparse"], terms["sparse"])
+    assert_close(out.logs["loss_dense"], terms["dense"])
+
+
+def test_sparse_health_statistics():
+    """Active tokens per text, share of all-zero texts, mean weight of the active tokens."""
+    from flagm3.losses import sparse_health
+
+    weights = torch.tensor([[0.5, 0.0, 1.5, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    stats = sparse_health(weights)
+    assert stats["active"].item() == pytest.approx(1.0)  # (2 + 0 + 1) / 3
+    assert stats["zero"].item() == pytest.approx(1 / 3)
+    assert stats["weight"].item() == pytest.approx(4.0 / 3)  # (0.5 + 1.5 + 2) / 3 active tokens
+    assert all(not v.requires_grad and v.dim() == 0 for v in stats.values())
+    q, q_ids = make_side(torch.Generator().manual_seed(3), B, 6)
+    p, p_ids = make_side(torch.Generator().manual_seed(4), B * G, 9)
+    out = M3Loss(M3LossConfig.preset("flagm3"))(q, q_ids, p, p_ids, group_size=G)
+    assert set(out.stats) == {f"sparse_{k}_{s}" for k in ("active", "zero", "weight") for s in ("query", "passage")}
+    assert_close(out.stats["sparse_active_passage"], (p.sparse > 0).sum(1).double().mean().float())
+
+
+def test_sparse_anchor_is_the_relative_squared_distance():
+    head = torch.nn.Linear(3, 1)
+    initial = [t.detach().clone() for t in head.parameters()]
+    loss_fn = M3Loss(M3LossConfig.preset("bge-m3", sparse_anchor_weight=2.0))
+    assert loss_fn.sparse_anchor(head, initial).item() == 0.0
+    with torch.no_grad():
+        head.weight += 0.5
+    norm = sum(float((t ** 2).sum()) for t in initial)
+    assert loss_fn.sparse_anchor(head, initial).item() == pytest.approx(2.0 * 3 * 0.25 / norm, rel=1e-6)
+    with pytest.raises(ValueError, match="sparse_anchor_weight"):
+        M3LossConfig.preset("bge-m3", sparse_anchor_weight=-1.0)
+
+
+def _sparse_grads(model, tokenizer, tmp_path, **overrides):
+    """Encoder and sparse-head gradients of the sparse InfoNCE term alone, through the training loss's encode."""
+    from flagm3.recipe import prepare_for_training
+    from flagm3.trainer import M3Trainer
+
+    args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_preset="bge-m3",
+                               **overrides)
+    trainer = M3Trainer(model=prepare_for_training(model, args), args=args, processing_class=tokenizer)
+    texts = ["a query about wings", "boundary layer flow", "a paper on wings and flow", "heat transfer"]
+    q = tokenizer(texts[:2], return_tensors="pt", padding=True)
+    p = tokenizer(texts[2:] * 2, return_tensors="pt", padding=True)
+    model.zero_grad(set_to_none=True)
+    qo, po = (trainer.training_loss.encode(trainer.model, dict(side)) for side in (q, p))
+    sparse = trainer.m3_loss.head_logits("sparse", qo, q["input_ids"], po, p["input_ids"], None)
+    info_nce(sparse, torch.tensor([0, 2])).backward()
+    encoder = [t.grad.abs().sum() for n, t in model.named_parameters() if n.startswith("encoder.")
+               and t.grad is not None]
+    return sum(encoder, torch.zeros(())), model.sparse_linear.weight.grad.abs().sum()
+
+
+def test_sparse_stop_gradient_leaves_the_encoder_alone(tiny_model, tiny_tokenizer, tmp_path):
+    """sparse_stop_gradient: the sparse term's gradient reaches the sparse head, never the encoder."""
+    with torch.no_grad():  # every token active, so the sparse scores depend on the encoder
+        tiny_model.sparse_linear.bias.fill_(5.0)
+    encoder, head = _sparse_grads(tiny_model, tiny_tokenizer, tmp_path)
+    assert encoder > 0 and head > 0
+    encoder, head = _sparse_grads(tiny_model, tiny_tokenizer, tmp_path / "stop", sparse_stop_gradient=True)
+    assert encoder == 0 and head > 0

@@ -184,3 +184,15 @@ def test_without_bge_m3_layout_the_card_says_how_to_export(tmp_path):
     assert "flagm3 export --model acme/model --output acme/model-bge-m3" in card
     assert 'BGEM3FlagModel("acme/model-bge-m3"' in card
     assert 'M3Embedder("acme/model"' in card
+
+
+def test_card_records_the_sparse_health_the_trainer_logged(trained):
+    """The health rows are the first and last logged sparse statistics (the trainer logs them every step here)."""
+    trainer, model_args, data_args = trained
+    card = render_model_card(trainer.args.output_dir, trainer, model_args, data_args)
+    logged = [e for e in trainer.state.log_history if "sparse_active_passage" in e]
+    assert len(logged) == 2 and {"sparse_zero_query", "sparse_weight_passage"} <= set(logged[0])
+    row = next(line for line in card.splitlines() if line.startswith("| active tokens per text |"))
+    values = [float(v) for v in row.strip("|").split("|")[1:]]
+    expected = [e[f"sparse_active_{side}"] for side in ("query", "passage") for e in (logged[0], logged[-1])]
+    assert values == pytest.approx(expected, rel=1e-3)

@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from flagm3 import CheckpointError, M3Config, M3Model, sparse_ignore_ids_from_tokenizer
-from flagm3.modeling_m3 import checkpoint_layout, pool
+from flagm3.compat import enable_activation_checkpointing, is_activation_checkpointing
+from flagm3.convert_bge_m3 import checkpoint_layout
+from flagm3.modeling_m3 import pool
 
 TEXTS = [
     "the boundary layer on a flat plate in supersonic flow",
@@ -107,6 +109,40 @@ def test_default_colbert_dim_is_hidden_size(tiny_encoder_dir):
     assert model.config.colbert_dim == -1 and model.config.colbert_output_dim == 32
     assert tuple(model.colbert_linear.weight.shape) == (32, 32)
     assert tuple(model.sparse_linear.weight.shape) == (1, 32)
+
+
+def test_from_encoder_builds_no_second_encoder(tiny_encoder_dir, monkeypatch):
+    """The pretrained encoder is the only one materialised: the model's own (replaced) encoder stays on the
+    meta device, so a large encoder never needs twice its memory. Heads and the ignored-id buffer are real."""
+    built = []
+    from_config = AutoModel.from_config
+
+    def recording_from_config(*args, **kwargs):
+        encoder = from_config(*args, **kwargs)
+        built.append({p.device.type for p in encoder.parameters()})
+        return encoder
+
+    monkeypatch.setattr(AutoModel, "from_config", recording_from_config)
+    model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16)
+    assert built and all(devices == {"meta"} for devices in built)
+    assert {t.device.type for t in model.state_dict().values()} | {model.sparse_ignore_ids.device.type} == {"cpu"}
+    reference = BertModel.from_pretrained(str(tiny_encoder_dir))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    for head in (model.sparse_linear, model.colbert_linear):
+        bound = 1 / head.in_features**0.5  # torch's default Linear init
+        assert head.weight.abs().max() <= bound and head.weight.std() > 0
+    assert model.sparse_ignore_ids.tolist() == model.config.sparse_ignore_token_ids
+
+
+def test_base_model_is_the_encoder(tiny_model, tmp_path):
+    assert tiny_model.base_model_prefix == "encoder" and tiny_model.base_model is tiny_model.encoder
+    tiny_model.save_pretrained(tmp_path)
+    for loaded in (M3Model.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert loaded.base_model is loaded.encoder
+        state = loaded.state_dict()
+        assert state.keys() == tiny_model.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in tiny_model.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------- pooling
@@ -337,17 +373,21 @@ def test_unexpected_tensor_is_an_error(tiny_model, tmp_path):
 def test_push_to_hub_uploads_the_checkpoint(tiny_model):
     from huggingface_hub import HfApi, ModelCard, RepoUrl
     from huggingface_hub.errors import EntryNotFoundError
+    from transformers.utils import hub
 
     uploaded: dict[str, bytes] = {}
 
-    def fake_commit(self, repo_id, operations, **kwargs):
+    def fake_commit(*args, repo_id, operations, **kwargs):
         assert repo_id == "someone/m3-test"
         for op in operations:  # read now: the files live in a temporary directory
             uploaded[op.path_in_repo] = Path(op.path_or_fileobj).read_bytes()
 
+    # transformers 5 calls HfApi's methods; 4.x calls huggingface_hub's module functions it imported by name.
+    owner = hub if hasattr(hub, "create_commit") else HfApi
+    commit = mock.Mock(side_effect=fake_commit)
     with (
-        mock.patch.object(HfApi, "create_repo", return_value=RepoUrl("https://huggingface.co/someone/m3-test")),
-        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=fake_commit) as commit,
+        mock.patch.object(owner, "create_repo", return_value=RepoUrl("https://huggingface.co/someone/m3-test")),
+        mock.patch.object(owner, "create_commit", commit),
         mock.patch.object(HfApi, "upload_folder", side_effect=AssertionError("unexpected upload_folder")),
         mock.patch.object(ModelCard, "load", side_effect=EntryNotFoundError("offline test: no card")),
     ):
@@ -371,8 +411,8 @@ def test_activation_checkpointing_backward(tiny_encoder_dir, batch):
         torch.manual_seed(0)
         model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=8).train()
         if checkpointing:
-            model.activation_checkpointing_enable()  # what the HF Trainer calls
-            assert model.is_activation_checkpointing
+            enable_activation_checkpointing(model)  # what the HF Trainer calls
+            assert is_activation_checkpointing(model)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.encoder.modules())
         out = model(**batch)
         (out.dense.sum() + out.sparse.sum() + out.colbert.pow(2).sum()).backward()

@@ -16,7 +16,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, make_encoder_dir
+from conftest import SENTENCES, make_encoder_dir, make_xlmr_dir
 
 from flagm3 import M3Model
 from flagm3.inference import M3Embedder
@@ -99,12 +99,19 @@ def assert_parity(model_dir: Path, spec: dict, ref: dict) -> None:
         np.testing.assert_allclose(ours_cs[key][~quirk], theirs[key][~quirk], atol=ATOL, rtol=0, err_msg=key)
 
 
-def test_parity_tiny_bge_m3_layout(reference_python, tmp_path):
-    encoder_dir = make_encoder_dir(tmp_path / "encoder", seed=3, eos_as_sep=True)
+def tiny_encoder(kind: str, directory: Path) -> Path:
+    """A random tiny encoder with its tokenizer: BERT + WordPiece (EOS = SEP), or BGE-M3's own architecture,
+    XLM-R + SentencePiece (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3)."""
+    return make_encoder_dir(directory, seed=3, eos_as_sep=True) if kind == "bert" else make_xlmr_dir(directory, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr"])
+def test_parity_tiny_bge_m3_layout(reference_python, tmp_path, kind):
+    encoder_dir = tiny_encoder(kind, tmp_path / "encoder")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-    assert tokenizer.eos_token == "[SEP]"
+    assert tokenizer.eos_token == ("[SEP]" if kind == "bert" else "</s>")
     torch.manual_seed(3)
     M3Model.from_encoder(str(encoder_dir)).save_bge_m3(str(tmp_path / "bge"), tokenizer)
     queries = [*SENTENCES[:5], "wing wing flow wing", "ζ shock ζ"]
@@ -114,6 +121,11 @@ def test_parity_tiny_bge_m3_layout(reference_python, tmp_path):
     ref = run_reference(reference_python, tmp_path / "bge", spec, tmp_path)
     assert ref["fe_version"] == "1.4.2"
     assert max(len(ids) for ids in ref["passages"]["input_ids"]) == 14  # truncation exercised
+    if kind == "xlmr":  # SentencePiece ids, and FlagEmbedding drops <s>, </s>, <pad>, <unk> (not <mask>)
+        assert ref["dropped_special_ids"] == [0, 1, 2, 3]
+        assert all(ids[0] == 0 and ids[-1] == 2 for ids in ref["queries"]["input_ids"])
+        unknown = ref["queries"]["input_ids"][queries.index("ζ shock ζ")]
+        assert 3 in unknown and "3" not in ref["queries"]["lexical_weights"][queries.index("ζ shock ζ")]
     assert_parity(tmp_path / "bge", spec, ref)
 
 

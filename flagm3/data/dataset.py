@@ -30,12 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
+from ..texts import format_instruction, unescape_newlines
 from .validation import DataInput, LoadedSource, Record, ValidationReport, load_and_validate
-
-
-def _unescape_newlines(fmt: str) -> str:
-    """FlagEmbedding accepts ``\\n`` typed on a command line as a newline in instruction formats."""
-    return fmt.replace("\\n", "\n")
 
 
 class M3TrainDataset(Dataset):
@@ -70,9 +66,9 @@ class M3TrainDataset(Dataset):
             raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
         self.train_group_size = train_group_size
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
-        self.query_instruction_format = _unescape_newlines(query_instruction_format)
+        self.query_instruction_format = unescape_newlines(query_instruction_format)
         self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
-        self.passage_instruction_format = _unescape_newlines(passage_instruction_format)
+        self.passage_instruction_format = unescape_newlines(passage_instruction_format)
         self.knowledge_distillation = knowledge_distillation
         self.seed = seed
         self.epoch = 0
@@ -134,9 +130,7 @@ class M3TrainDataset(Dataset):
 
     def _format_query(self, record: Record) -> str:
         instruction = record.prompt if record.prompt is not None else self.query_instruction_for_retrieval
-        if instruction is None:
-            return record.query
-        return self.query_instruction_format.format(instruction, record.query)
+        return format_instruction(record.query, instruction, self.query_instruction_format)
 
     def _corpus_negatives(self, record: Record, pool: List[str], k: int, rng: random.Random) -> List[str]:
         """``k`` negatives drawn from ``pool`` (texts of the dataset), never one of the record's positives;
@@ -178,9 +172,8 @@ class M3TrainDataset(Dataset):
         else:
             passages += self._corpus_negatives(record, self._pools[d], k, rng)
 
-        if self.passage_instruction_for_retrieval is not None:
-            fmt, instruction = self.passage_instruction_format, self.passage_instruction_for_retrieval
-            passages = [fmt.format(instruction, p) for p in passages]
+        passages = [format_instruction(p, self.passage_instruction_for_retrieval, self.passage_instruction_format)
+                    for p in passages]
         return {
             "query": self._format_query(record),
             "passages": passages,

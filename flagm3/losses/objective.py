@@ -97,6 +97,15 @@ class M3LossConfig:
         default_factory=lambda: {"dense": 1.0, "sparse": 0.1, "colbert": 1.0}
     )
     kd_loss_type: str = "kl_div"
+    # teacher scores (pos_scores/neg_scores) become softmax(scores / teacher_temperature); 1 suits reranker logits
+    teacher_temperature: float = 1.0
+    # --- sparse-head levers (docs/heads-and-loss.md, "Training the sparse head")
+    # the sparse head reads detached hidden states: no loss term moves the encoder through the sparse head
+    sparse_stop_gradient: bool = False
+    # False: the sparse head's own InfoNCE leaves out each query's own hard negatives (in-batch negatives only)
+    sparse_hard_negatives: bool = True
+    # weight of ||theta - theta_0||^2 / ||theta_0||^2, the sparse head's distance to its initial (IDF-fitted) fit
+    sparse_anchor_weight: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M3LossConfig:
@@ -131,6 +140,10 @@ class M3LossConfig:
             raise ValueError(f"kd_loss_type must be 'kl_div' or 'm3_kd_loss', got {self.kd_loss_type!r}")
         if self.temperature <= 0 or any(t <= 0 for t in self.head_temperatures.values()):
             raise ValueError("temperatures must be positive")
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
+        if self.sparse_anchor_weight < 0:
+            raise ValueError(f"sparse_anchor_weight must be >= 0, got {self.sparse_anchor_weight}")
         if not self.contrastive_terms() and not self.distilled_heads():
             raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
                              f"self-distillation {'on' if self.use_self_distill else 'off'}")
@@ -187,6 +200,29 @@ class M3LossOutput:
     loss: Tensor
     logs: Dict[str, Tensor]
     logits: Dict[str, Tensor]
+    stats: Dict[str, Tensor] = field(default_factory=dict)  # detached 0-d tensors (sparse_health); no host sync
+
+
+def sparse_health(weights: Tensor) -> Dict[str, Tensor]:
+    """Health of lexical token weights ``[N, L]`` (0 at padding and ignored ids), as detached 0-d tensors:
+    ``active`` (mean number of tokens with a positive weight per text), ``zero`` (share of texts with none) and
+    ``weight`` (mean weight of the active tokens)."""
+    weights = weights.detach()
+    active = (weights > 0).sum(1).float()
+    return {
+        "active": active.mean(),
+        "zero": (active == 0).float().mean(),
+        "weight": weights.sum() / active.sum().clamp(min=1),
+    }
+
+
+def own_negatives_mask(logits: Tensor, positive_index: Tensor, group_size: int) -> Tensor:
+    """``logits`` [B, P] with each query's own group negatives (columns ``pos(b)+1 .. pos(b)+G-1``) at the
+    dtype's minimum: InfoNCE against the positive and the other queries' passages only."""
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    offset = cols.unsqueeze(0) - positive_index.unsqueeze(1)
+    own = (offset > 0) & (offset < group_size)
+    return logits.masked_fill(own, torch.finfo(logits.dtype).min)
 
 
 # --------------------------------------------------------------------------------------------- module
@@ -200,8 +236,11 @@ class M3Loss(nn.Module):
 
     @property
     def heads(self) -> tuple[str, ...]:
-        """The heads the model must compute for this loss (those in some term with a non-zero weight)."""
-        return self.config.computed_heads()
+        """The heads the model computes for this loss: those in some term with a non-zero weight, and the sparse
+        head whenever it is configured (its health statistics are logged even while no term trains it; its
+        outputs cost one ``Linear(H, 1)``, its scores are what a term would cost and are skipped)."""
+        computed = set(self.config.computed_heads()) | ({"sparse"} & set(self.config.heads))
+        return tuple(h for h in HEADS if h in computed)
 
     def get_config_dict(self) -> dict:
         return asdict(self.config)
@@ -263,7 +302,9 @@ class M3Loss(nn.Module):
         """
         cfg = self.config
         batch = q_ids.shape[0]
-        teacher_probs = torch.softmax(teacher_scores.float(), dim=-1) if teacher_scores is not None else None
+        teacher_probs = None
+        if teacher_scores is not None:
+            teacher_probs = torch.softmax(teacher_scores.float() / cfg.teacher_temperature, dim=-1)
         if no_in_batch_neg:
             # each query is scored against its own group only: its positive is column 0
             positive_index = torch.zeros(batch, dtype=torch.long, device=q_ids.device)
@@ -275,11 +316,13 @@ class M3Loss(nn.Module):
         terms_on = cfg.contrastive_terms()
         distilled = cfg.distilled_heads() if cfg.distills(step) else ()
         members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
-        needed = [h for h in self.heads if h in terms_on or h in distilled or h in members]
+        needed = [h for h in HEADS if h in terms_on or h in distilled or h in members]
         logits = {h: self.head_logits(h, q, q_ids, p, p_ids, sizes) for h in needed}
         if members:
             logits["ensemble"] = hybrid_scores(logits, members)
-        terms = {t: self.contrastive(logits[t], positive_index, group_size, teacher_probs) for t in terms_on}
+        own = sizes is None and teacher_probs is None  # hard negatives can be left out of plain InfoNCE only
+        terms = {t: self.contrastive(self.own_logits(t, logits[t], positive_index, group_size) if own else logits[t],
+                                     positive_index, group_size, teacher_probs) for t in terms_on}
         parts = []
         if terms:
             parts.append(sum(cfg.head_weight(t) * value for t, value in terms.items()) / len(terms))
@@ -291,4 +334,22 @@ class M3Loss(nn.Module):
             logs.update({f"self_distill_{h}": v.detach() for h, v in distill.items()})
         loss = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
         logs["loss"] = loss.detach()
-        return M3LossOutput(loss=loss, logs=logs, logits=logits)
+        stats = {}
+        if q.sparse is not None and p.sparse is not None:
+            for side, out in (("query", q), ("passage", p)):
+                stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
+        return M3LossOutput(loss=loss, logs=logs, logits=logits, stats=stats)
+
+    def own_logits(self, head: str, logits: Tensor, positive_index: Tensor, group_size: int) -> Tensor:
+        """The logits [B, P] of ``head``'s own InfoNCE term: the sparse head's without each query's hard negatives
+        when ``sparse_hard_negatives`` is off (teacher-score terms and ``no_in_batch_neg`` keep them)."""
+        if head != "sparse" or self.config.sparse_hard_negatives:
+            return logits
+        return own_negatives_mask(logits, positive_index, group_size)
+
+    def sparse_anchor(self, module: nn.Module, initial: Sequence[Tensor]) -> Tensor:
+        """``sparse_anchor_weight * ||theta - theta_0||^2 / ||theta_0||^2`` over the sparse head's parameters."""
+        params = list(module.parameters())
+        dist = sum(((p - p0.to(p)) ** 2).sum() for p, p0 in zip(params, initial))
+        norm = sum((p0 ** 2).sum() for p0 in initial).clamp(min=1e-12)
+        return self.config.sparse_anchor_weight * dist / norm.to(dist)

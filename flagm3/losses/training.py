@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..data import chunked_padding_fraction, split_by_length
 from ..data.sampler import CHUNK_OVERHEAD_TOKENS
 from ..distributed import gather_passages, world
-from ..modeling_m3 import M3Output, merge_outputs
+from ..modeling_m3 import M3Output, merge_outputs, unwrap_m3
 from .gradcache import attach_replay, encode_without_graph
 from .objective import M3Loss, M3LossOutput
 
@@ -54,6 +54,7 @@ class M3TrainingLoss(nn.Module):
         self.sub_batch_size = int(sub_batch_size) if sub_batch_size else None
         self.max_length_chunks = int(max_length_chunks)
         self.negatives_cross_device = bool(negatives_cross_device)
+        self._sparse_initial: Optional[list[Tensor]] = None  # the sparse head's parameters, for the anchor
 
     @classmethod
     def from_args(cls, objective: M3Loss, args: Any) -> M3TrainingLoss:
@@ -133,10 +134,24 @@ class M3TrainingLoss(nn.Module):
             q = self.encode(model, q_feat, q_len)
             p = self.encode(model, p_feat, p_len)
             out = self.loss_from_outputs(q, q_feat["input_ids"], p, p_feat["input_ids"], inputs, step)
+        anchor = self.sparse_anchor(model)
+        if anchor is not None:
+            out.loss = out.loss + anchor
+            out.stats["sparse_anchor"] = anchor.detach()
         for side, features, lengths in (("passage", p_feat, p_len), ("query", q_feat, q_len)):
             out.logs[f"padding_{side}"] = chunked_padding_fraction(
                 features["attention_mask"], self.max_length_chunks, CHUNK_OVERHEAD_TOKENS, lengths=lengths)
         return out
+
+    def sparse_anchor(self, model: nn.Module) -> Optional[Tensor]:
+        """The objective's pull of the sparse head towards its parameters at the first training batch
+        (``sparse_anchor_weight``; ``None`` when off or the sparse head is not in the loss)."""
+        if self.objective.config.sparse_anchor_weight <= 0 or "sparse" not in self.objective.config.computed_heads():
+            return None
+        head = unwrap_m3(model).sparse_linear
+        if self._sparse_initial is None:
+            self._sparse_initial = [p.detach().clone() for p in head.parameters()]
+        return self.objective.sparse_anchor(head, self._sparse_initial)
 
     def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int, q_len: Optional[list[int]],
                 p_len: Optional[list[int]]) -> M3LossOutput:

@@ -74,7 +74,7 @@ def poison(trainer: Any, spec: str) -> None:
         current = trainer.state.global_step + 1
         calls = seen[current] = seen.get(current, 0) + 1  # one call per side and micro-batch, when not chunked
         if current == step and (calls - 1) // 2 == micro:
-            return output * float("inf")
+            return output.abs() * float("inf")
         return None
 
     unwrap_m3(trainer.model).sparse_linear.register_forward_hook(hook)

@@ -1,0 +1,89 @@
+"""Fit the hybrid weights (dense, sparse, ColBERT) of a model on a dev split, and store them beside it.
+
+:func:`fit_hybrid_weights` scores every dev query against the whole corpus once per head, then ranks by
+:func:`flagm3.scoring.hybrid_scores` for each weight triple of a small grid and keeps the one with the best
+metric (BGE-M3's 1 : 0.3 : 1 wins ties). :func:`save_hybrid_weights` writes ``hybrid_weights.json`` beside
+the model, where ``M3Embedder`` (``compute_score``), ``flagm3 eval``, ``flagm3 search`` and the exports read
+it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from .export import HYBRID_WEIGHTS_FILE
+from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS, hybrid_scores
+
+# dense 0 or 1 (only the ratios matter for a ranking), sparse and ColBERT relative to it
+WEIGHT_GRID: Dict[str, Sequence[float]] = {
+    "dense": (0.0, 1.0),
+    "sparse": (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0),
+    "colbert": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+}
+
+
+def fit_hybrid_weights(
+    embedder: Any,
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    metric: str = "ndcg@10",
+    grid: Mapping[str, Sequence[float]] = WEIGHT_GRID,
+    max_query_length: int = 512,
+    max_passage_length: int = 512,
+    batch_size: Optional[int] = None,
+    show_progress: bool = True,
+) -> Dict[str, Any]:
+    """The grid's best weights for ``metric`` of the full-corpus hybrid ranking on ``qrels``' queries.
+
+    Returns ``{"weights": {head: w}, "metric", "value", "baseline_weights" (1 : 0.3 : 1), "baseline_value",
+    "grid_size", "queries", "documents"}``. Memory: one ``[queries, documents]`` score matrix per head.
+    """
+    from .evaluation import evaluate_run, retrieve, top_k_positions
+
+    base, _, k = metric.partition("@")
+    if not k.isdigit():
+        raise ValueError(f"metric must look like 'ndcg@10', got {metric!r}")
+    judged = {qid: queries[qid] for qid in qrels}
+    doc_ids = sorted(corpus, reverse=True)  # column order = the evaluator's tie order
+    runs = retrieve(embedder, corpus, judged, heads=HEADS, hybrids=(), top_k=len(corpus),
+                    max_query_length=max_query_length, max_passage_length=max_passage_length,
+                    batch_size=batch_size, show_progress=show_progress)
+    qids = list(judged)
+    matrices = {h: torch.tensor([[runs[h][q].get(d, 0.0) for d in doc_ids] for q in qids], dtype=torch.float64)
+                for h in HEADS}
+
+    def value(weights: Mapping[str, float]) -> float:
+        fused = hybrid_scores(matrices, weights)
+        top = top_k_positions(fused, int(k))
+        run = {q: {doc_ids[j]: float(fused[i, j]) for j in top[i].tolist()} for i, q in enumerate(qids)}
+        return evaluate_run(run, qrels, (int(k),), (base,))[metric]
+
+    baseline = dict(BGE_M3_ENSEMBLE_WEIGHTS)
+    best, best_value, tried = baseline, value(baseline), 0
+    for combo in itertools.product(*(grid[h] for h in HEADS)):
+        weights = dict(zip(HEADS, map(float, combo)))
+        if not any(weights.values()):
+            continue
+        tried += 1
+        score = value(weights)
+        if score > best_value + 1e-12:
+            best, best_value = weights, score
+    return {"weights": best, "metric": metric, "value": best_value, "baseline_weights": baseline,
+            "baseline_value": value(baseline), "grid_size": tried, "queries": len(qids), "documents": len(doc_ids)}
+
+
+def save_hybrid_weights(model_dir: str, fitted: Mapping[str, Any]) -> str:
+    """Write ``fitted`` (from :func:`fit_hybrid_weights`, plus anything to record) to
+    ``model_dir/hybrid_weights.json``; return the file's path."""
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"{model_dir}: fitted hybrid weights are stored beside a local model directory")
+    path = os.path.join(model_dir, HYBRID_WEIGHTS_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(fitted), f, indent=2)
+    return path
