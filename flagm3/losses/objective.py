@@ -179,7 +179,7 @@ class M3LossConfig:
         return terms
 
     def computed_heads(self) -> tuple[str, ...]:
-        """Heads whose outputs some term needs (the others are not even encoded)."""
+        """Heads whose scores some term needs (the others are not scored)."""
         needed = {t for t in self.contrastive_terms() if t != "ensemble"} | set(self.distilled_heads())
         if "ensemble" in self.contrastive_terms() or self.distilled_heads():
             needed |= set(self.ensemble_members())
