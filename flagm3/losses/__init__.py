@@ -9,6 +9,8 @@ from .objective import (
     info_nce,
     kl_distill,
     m3_kd_loss,
+    own_negatives_mask,
+    sparse_health,
 )
 from .training import M3TrainingLoss
 
@@ -21,4 +23,6 @@ __all__ = [
     "info_nce",
     "kl_distill",
     "m3_kd_loss",
+    "own_negatives_mask",
+    "sparse_health",
 ]
