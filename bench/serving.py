@@ -42,7 +42,7 @@ from flagm3 import M3Embedder, M3Model  # noqa: E402
 from flagm3 import qdrant as fq  # noqa: E402
 from flagm3.evaluation import evaluate_retrieval, evaluate_run, load_beir, subsample  # noqa: E402
 from flagm3.export import export_onnx  # noqa: E402
-from flagm3.hybrid_weights import fit_hybrid_weights  # noqa: E402
+from flagm3.hybrid_weights import fit_hybrid_weights, hybrid_metrics  # noqa: E402
 
 MODES = {  # name -> search() keyword arguments
     "dense": dict(mode="dense"),
@@ -163,14 +163,11 @@ def main() -> None:
     dev_corpus, dev_queries, dev_qrels = subsample(*load_beir(data_dir(), "dev"), args.max_docs or None)
     fitted = fit_hybrid_weights(embedder, dev_corpus, dev_queries, dev_qrels, max_query_length=args.max_length,
                                 max_passage_length=args.max_length, batch_size=args.batch_size, show_progress=False)
-    test = {}
-    for name, weights in (("1:0.3:1", fitted["baseline_weights"]), ("fitted", fitted["weights"])):
-        metrics = evaluate_retrieval(embedder, corpus, queries, qrels, hybrid_weights=weights, k_values=(10,),
-                                     metrics=("ndcg",), max_query_length=args.max_length,
-                                     max_passage_length=args.max_length, batch_size=args.batch_size,
-                                     show_progress=False)
-        test[name] = {"all": metrics["all"]["ndcg@10"], "dense+sparse": metrics["dense+sparse"]["ndcg@10"]}
-    result["fitted_weights"] = {**fitted, "test_ndcg@10": test}
+    values = hybrid_metrics(embedder, corpus, queries, qrels, [fitted["baseline_weights"], fitted["weights"]],
+                            max_query_length=args.max_length, max_passage_length=args.max_length,
+                            batch_size=args.batch_size, show_progress=False)
+    result["fitted_weights"] = {**fitted, "test_ndcg@10": {"1:0.3:1": {"all": values[0]},
+                                                           "fitted": {"all": values[1]}}}
     write_json(args.out, result)
     print_table(result)
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
+
+from .errors import check_file, check_model, user_errors
+from .mining import DENSE_SPARSE_WEIGHTS
+from .scoring import HEADS
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -95,7 +100,7 @@ def _search(args: argparse.Namespace) -> None:
 
     embedder = _embedder(args)
     client = qdrant.connect(args.qdrant)
-    weights = dict(zip(("dense", "sparse", "colbert"), args.weights)) if args.weights else embedder.hybrid_weights
+    weights = dict(zip(HEADS, args.weights)) if args.weights else embedder.hybrid_weights
     queries = qdrant.encode_queries(embedder, args.query)
     results = qdrant.search(client, args.collection, queries, mode=args.mode, limit=args.limit,
                             fusion=args.fusion, weights=weights, rerank=args.rerank,
@@ -158,8 +163,15 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (``flagm3 eval: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flagm3", description=__doc__)
+    parser = _Parser(prog="flagm3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
                    add_help=False)
@@ -184,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
                    help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--heads", nargs="+", default=["dense", "sparse", "colbert"], choices=["dense", "sparse", "colbert"])
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full",
                    help="score the whole corpus, or rerank the top of the dense+sparse ranking")
@@ -242,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"))
     p.add_argument("--negative-number", type=int, default=15)
     p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
-    p.add_argument("--hybrid-weights", type=float, nargs=2, default=[1.0, 0.3], metavar=("DENSE", "SPARSE"))
+    p.add_argument("--hybrid-weights", type=float, nargs=2, default=list(DENSE_SPARSE_WEIGHTS), metavar=("DENSE", "SPARSE"))
     p.add_argument("--teacher-scores", action="store_true",
                    help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
     p.add_argument("--teacher-score-temperature", type=float, default=0.02,
@@ -274,19 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Missing models and files named on the command line, found before anything loads."""
+    for option in ("model", "tokenizer"):
+        check_model(getattr(args, option, None), f"--{option}")
+    for option in ("input", "candidate_pool", "corpus"):
+        check_file(getattr(args, option, None), f"--{option.replace('_', '-')}")
+    if getattr(args, "data", None) and args.command == "eval" and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such directory (a BEIR-layout collection: corpus.jsonl, "
+                                "queries.jsonl, qrels/)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from .data import DataValidationError
         from .train import main as train_main
 
-        try:
-            train_main(argv[1:])
-        except DataValidationError as err:  # found before the model loads: a message, not a traceback
-            sys.exit(f"flagm3 train: {err}\nNothing was trained; `flagm3 validate DATA` prints a full summary.")
+        train_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    with user_errors(f"flagm3 {args.command}"):
+        _check_inputs(args)
+        args.func(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -27,24 +27,22 @@ WEIGHT_GRID: Dict[str, Sequence[float]] = {
 }
 
 
-def fit_hybrid_weights(
+def hybrid_metrics(
     embedder: Any,
     corpus: Mapping[str, str],
     queries: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
+    weight_sets: Iterable[Mapping[str, float]],
     metric: str = "ndcg@10",
-    grid: Mapping[str, Sequence[float]] = WEIGHT_GRID,
     max_query_length: int = 512,
     max_passage_length: int = 512,
     batch_size: Optional[int] = None,
     show_progress: bool = True,
-) -> Dict[str, Any]:
-    """The grid's best weights for ``metric`` of the full-corpus hybrid ranking on ``qrels``' queries.
-
-    Returns ``{"weights": {head: w}, "metric", "value", "baseline_weights" (1 : 0.3 : 1), "baseline_value",
-    "grid_size", "queries", "documents"}``. Memory: one ``[queries, documents]`` score matrix per head.
-    """
-    from .evaluation import evaluate_run, retrieve, top_k_positions
+) -> List[float]:
+    """``metric`` of the full-corpus hybrid ranking for each of ``weight_sets``, from one encoding of the
+    corpus (one ``[queries, documents]`` score matrix per head)."""
+    from .evaluation.metrics import evaluate_run
+    from .evaluation.retrieval import retrieve, top_k_positions
 
     base, _, k = metric.partition("@")
     if not k.isdigit():
@@ -64,18 +62,38 @@ def fit_hybrid_weights(
         run = {q: {doc_ids[j]: float(fused[i, j]) for j in top[i].tolist()} for i, q in enumerate(qids)}
         return evaluate_run(run, qrels, (int(k),), (base,))[metric]
 
+    return [value(weights) for weights in weight_sets]
+
+
+def fit_hybrid_weights(
+    embedder: Any,
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    metric: str = "ndcg@10",
+    grid: Mapping[str, Sequence[float]] = WEIGHT_GRID,
+    max_query_length: int = 512,
+    max_passage_length: int = 512,
+    batch_size: Optional[int] = None,
+    show_progress: bool = True,
+) -> Dict[str, Any]:
+    """The grid's best weights for ``metric`` of the full-corpus hybrid ranking on ``qrels``' queries.
+
+    Returns ``{"weights": {head: w}, "metric", "value", "baseline_weights" (1 : 0.3 : 1), "baseline_value",
+    "grid_size", "queries", "documents"}``; the baseline wins ties.
+    """
     baseline = dict(BGE_M3_ENSEMBLE_WEIGHTS)
-    best, best_value, tried = baseline, value(baseline), 0
-    for combo in itertools.product(*(grid[h] for h in HEADS)):
-        weights = dict(zip(HEADS, map(float, combo)))
-        if not any(weights.values()):
-            continue
-        tried += 1
-        score = value(weights)
+    candidates = [dict(zip(HEADS, map(float, combo))) for combo in itertools.product(*(grid[h] for h in HEADS))]
+    candidates = [w for w in candidates if any(w.values())]
+    values = hybrid_metrics(embedder, corpus, queries, qrels, [baseline, *candidates], metric, max_query_length,
+                            max_passage_length, batch_size, show_progress)
+    best, best_value = baseline, values[0]
+    for weights, score in zip(candidates, values[1:]):
         if score > best_value + 1e-12:
             best, best_value = weights, score
     return {"weights": best, "metric": metric, "value": best_value, "baseline_weights": baseline,
-            "baseline_value": value(baseline), "grid_size": tried, "queries": len(qids), "documents": len(doc_ids)}
+            "baseline_value": values[0], "grid_size": len(candidates), "queries": len(qrels),
+            "documents": len(corpus)}
 
 
 def save_hybrid_weights(model_dir: str, fitted: Mapping[str, Any]) -> str:

@@ -395,7 +395,7 @@ def evaluate_qdrant(
     """
     import tempfile
 
-    from .evaluation import METRICS, evaluate_run
+    from .evaluation.metrics import METRICS, evaluate_run
 
     top_k = top_k or max(k_values)
     with tempfile.TemporaryDirectory(prefix="flagm3-qdrant-") as tmp:

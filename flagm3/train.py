@@ -7,15 +7,15 @@ Arguments are FlagEmbedding's M3 names plus flagm3's (see :mod:`flagm3.training_
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from typing import Optional, Sequence
 
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoTokenizer, set_seed
 
+from .arguments import parse_train_args
 from .convert_bge_m3 import checkpoint_layout, resolve_checkpoint
-from .data import M3TrainDataset
+from .data import DataValidationError, M3TrainDataset
 from .distributed import (
     check_deepspeed_config,
     full_weights_on_load,
@@ -23,23 +23,20 @@ from .distributed import (
     setup_process_group,
     shutdown_process_group,
 )
+from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .recipe import prepare_for_training
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
-from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
+from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
 
 logger = logging.getLogger("flagm3.train")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    parser = HfArgumentParser((M3ModelArguments, M3DataArguments, M3TrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    """``(model_args, data_args, training_args)`` from a command line or one ``.json``/``.yaml`` file;
+    FlagEmbedding's arguments that transformers 5 dropped are mapped or noted (:mod:`flagm3.arguments`)."""
+    return parse_train_args(argv)
 
 
 def load_model(
@@ -171,8 +168,12 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
         trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir,
         token=model_args.token,
+        use_fast=model_args.use_fast_tokenizer,
     )
     check_deepspeed_config(training_args)
+    warning = recipe_warning(training_args)
+    if warning:
+        logger.warning(warning)
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)
@@ -194,9 +195,17 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
-    model_args, data_args, training_args = parse_args(argv)
+    """``flagm3 train``: a user's mistake (bad argument, missing model, invalid data) ends in a message and a
+    non-zero exit code, not a traceback."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    trainer = build_trainer(model_args, data_args, training_args)
+    model_args, data_args, training_args = parse_args(argv)
+    with user_errors("flagm3 train"):
+        check_model(model_args.model_name_or_path, "--model_name_or_path")
+        check_model(model_args.tokenizer_name, "--tokenizer_name")
+        try:
+            trainer = build_trainer(model_args, data_args, training_args)
+        except DataValidationError as err:  # found before the model loads: every problem, one per line
+            sys.exit(f"flagm3 train: {err}\nNothing was trained; `flagm3 validate DATA` prints a full summary.")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()

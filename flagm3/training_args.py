@@ -3,12 +3,12 @@ so an existing launch script ports by changing the module name. Parsed with ``Hf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from transformers import TrainingArguments
 
-from .compat import TRANSFORMERS_5
+from .compat import TRANSFORMERS_5, after_training_arguments, before_training_arguments
 from .losses import M3LossConfig
 from .scoring import HEADS
 
@@ -38,6 +38,7 @@ class M3ModelArguments:
     cache_dir: Optional[str] = field(default=None)
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Load the fast (Rust) tokenizer if there is one."})
     colbert_dim: Optional[int] = field(
         default=None,
         metadata={"help": "ColBERT vector size of fresh heads (-1 or unset: the hidden size). A checkpoint keeps "
@@ -123,6 +124,9 @@ class M3TrainingArguments(TrainingArguments):
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
     if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
         group_by_length: bool = field(default=False, init=False)
+        warmup_steps: float = field(  # 4.x: an int; a fraction as in 5.x (compat.before_training_arguments)
+            default=0, metadata={"help": "Linear warmup steps; a value below 1 is a fraction of the total steps."}
+        )
     # --- flagm3 additions
     loss_preset: str = field(
         default="flagm3",
@@ -192,14 +196,20 @@ class M3TrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False)
 
-    def loss_config(self) -> M3LossConfig:
-        """The objective these arguments describe: the preset, then every explicitly given knob."""
+    def __post_init__(self) -> None:
+        before_training_arguments(self)  # transformers 4.x differences (flagm3.compat)
+        super().__post_init__()
+        after_training_arguments(self)
+
+    def loss_config(self, preset: Optional[str] = None) -> M3LossConfig:
+        """The objective these arguments describe: the preset (``--loss_preset`` unless ``preset`` is given),
+        then every explicitly given knob."""
         if self.heads:
             heads = tuple(h.strip() for h in self.heads.split(",") if h.strip())
         else:
             heads = HEADS if self.unified_finetuning else ("dense",)
         config = M3LossConfig.preset(
-            self.loss_preset,
+            preset or self.loss_preset,
             heads=heads,
             temperature=self.temperature,
             use_self_distill=self.use_self_distill,
@@ -221,3 +231,40 @@ class M3TrainingArguments(TrainingArguments):
                 setattr(config, attr, {**getattr(config, attr), **given})
         config.validate()
         return config
+
+    def differences_from_flagembedding(self) -> list[str]:
+        """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
+        same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
+        line per differing setting, naming the flag that restores FlagEmbedding's value; empty when they agree."""
+        ours, theirs = asdict(self.loss_config()), asdict(self.loss_config(preset="bge-m3"))
+        trained = set(ours["heads"]) | ({"ensemble"} if len(ours["heads"]) > 1 else set())
+        lines = []
+        for name, value in ours.items():
+            reference = theirs.get(name)
+            if value == reference:
+                continue
+            flag = _LOSS_FLAGS.get(name, name)
+            if isinstance(value, dict) and isinstance(reference, dict):
+                for key in sorted(set(value) | set(reference)):
+                    untrained = key in (*HEADS, "ensemble") and key not in trained  # its weight changes nothing
+                    if value.get(key) != reference.get(key) and not untrained:
+                        lines.append(f"{name}[{key}] = {value.get(key)} (FlagEmbedding: {reference.get(key)}; "
+                                     f"--{flag} {key}={reference.get(key)})")
+            else:
+                shown = ",".join(reference) if isinstance(reference, (list, tuple)) else reference
+                lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
+        return lines
+
+
+# M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
+_LOSS_FLAGS = {"head_weights": "head_loss_weights"}
+
+
+def recipe_warning(args: M3TrainingArguments) -> Optional[str]:
+    """The one warning ``flagm3 train`` logs when the recipe trains another objective than FlagEmbedding's
+    flags ask for (see :meth:`M3TrainingArguments.differences_from_flagembedding`); ``None`` when it does not."""
+    lines = args.differences_from_flagembedding()
+    if not lines:
+        return None
+    return (f"--loss_preset {args.loss_preset} trains another objective than FlagEmbedding's for these flags: "
+            + "; ".join(lines) + ". --loss_preset bge-m3 restores all of it.")

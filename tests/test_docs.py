@@ -79,11 +79,10 @@ def shown_default(value) -> str:
 
 
 def train_parser():
-    from transformers import HfArgumentParser
+    """The parser of ``flagm3 train``: the argument classes plus FlagEmbedding's legacy arguments."""
+    from flagm3.arguments import M3ArgumentParser
 
-    from flagm3.training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
-
-    return HfArgumentParser((M3ModelArguments, M3DataArguments, M3TrainingArguments))
+    return M3ArgumentParser()
 
 
 def flagm3_train_fields() -> dict[str, dataclasses.Field]:
@@ -215,7 +214,12 @@ def test_readme_quick_start_commands():
     assert "flagm3 demo" in commands
     assert "python3 -m pytest -q" in commands
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert "python3 -m pytest -q" in ci, ".ci/run no longer runs the README's test command"
+    # .ci/run runs the README's demo and test blocks as written, read from README.md by .ci/readme_command.py
+    for name, expected in (("demo", "flagm3 demo"), ("test", "python3 -m pytest -q")):
+        assert f'"$(python3 .ci/readme_command.py {name})"' in ci, f".ci/run no longer runs the README's {name} command"
+        out = subprocess.run([sys.executable, str(REPO / ".ci" / "readme_command.py"), name], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out.startswith("pip install torch==") and out.endswith(expected), out
 
 
 # ------------------------------------------------------------------------------------------- api reference

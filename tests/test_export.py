@@ -134,3 +134,28 @@ def test_sentence_transformers_export(model_dir, tmp_path, capsys):
     expected = [[float(embedder.colbert_score(reference["colbert_vecs"][i], d)) for d in reference["colbert_vecs"]]
                 for i in range(len(QUERIES))]
     np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+def test_exports_of_the_bge_m3_architecture(tmp_path):
+    """XLM-RoBERTa (positions from the padding id, SentencePiece) as BGE-M3: ONNX and sentence-transformers."""
+    pytest.importorskip("onnxruntime")
+    from conftest import make_xlmr_dir
+    from transformers import AutoTokenizer
+
+    from flagm3.export import export_onnx
+
+    encoder = make_xlmr_dir(tmp_path / "xlmr")
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder))
+    torch.manual_seed(0)
+    model = M3Model.from_encoder(str(encoder), tokenizer=tokenizer).eval()  # ColBERT size = hidden, CLS pooling
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(0.1)
+    export_onnx(model, tokenizer, str(tmp_path / "onnx"))
+    reference = _encode_all(M3Embedder(model, tokenizer=tokenizer))
+    _assert_same_outputs(reference, _encode_all(M3Embedder(str(tmp_path / "onnx"))), atol=1e-4)
+    st = pytest.importorskip("sentence_transformers")
+    from flagm3.export import export_sentence_transformers
+
+    export_sentence_transformers(model, tokenizer, str(tmp_path / "st"))
+    dense = st.SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(SENTENCES, convert_to_numpy=True)
+    np.testing.assert_allclose(dense, reference["dense_vecs"], atol=1e-5)
