@@ -117,8 +117,7 @@ if want train; then
         --out "$RES/train_reference.json" &
     [ "$PARALLEL" = 1 ] || wait_all
     FLAGM3_EXTRA_ARGS="" step train_flagm3_bge-m3 "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" \
-        --loss-preset bge-m3 --output-dir "$F3_BGE" --out "$RES/train_flagm3_bge-m3.json" \
-        -- --attention_dropout 0.1 &  # FlagEmbedding's recipe keeps the encoder's attention dropout
+        --loss-preset bge-m3 --output-dir "$F3_BGE" --out "$RES/train_flagm3_bge-m3.json" &
     [ "$PARALLEL" = 1 ] || wait_all
     step train_flagm3_default "$PY" bench/flagm3_train.py "${TRAIN_COMMON[@]}" --output-dir "$F3_DEF" \
         --out "$RES/train_flagm3_default.json" &

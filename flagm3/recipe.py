@@ -69,7 +69,7 @@ def prepare_for_training(model: nn.Module, args: Any) -> nn.Module:
                      fix_position_embedding=getattr(args, "fix_position_embedding", False))
     if loss.sparse_stop_gradient and "sparse" in loss.heads:
         detach_sparse_input(model)
-    set_training_attention(model, getattr(args, "attention_dropout", None),
+    set_training_attention(model, args.training_attention_dropout(),
                            recompute=getattr(args, "recompute_attention", False),
                            gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     return model

@@ -174,11 +174,11 @@ class M3TrainingArguments(TrainingArguments):
         },
     )
     attention_dropout: Optional[float] = field(
-        default=0.0,
+        default=None,
         metadata={
-            "help": "Dropout on the encoder's attention probabilities during training (a recipe setting, whatever "
-            "the loss preset). Default 0: fused attention kernels, faster and leaner. BGE-M3's recipe keeps the "
-            "encoder's own (0.1 for XLM-RoBERTa): give that value to reproduce it. None (Python only): the encoder's own."
+            "help": "Dropout on the encoder's attention probabilities during training. Default: the recipe's "
+            "(RECIPE_ATTENTION_DROPOUT): 0 with loss_preset flagm3 (fused attention kernels: faster, leaner), the "
+            "encoder's own with bge-m3 (as FlagEmbedding trains)."
         },
     )
     recompute_attention: bool = field(
@@ -232,6 +232,12 @@ class M3TrainingArguments(TrainingArguments):
         config.validate()
         return config
 
+    def training_attention_dropout(self) -> Optional[float]:
+        """``attention_dropout`` when given, else the recipe's (``None``: keep the encoder's own)."""
+        if self.attention_dropout is not None:
+            return self.attention_dropout
+        return RECIPE_ATTENTION_DROPOUT.get(self.loss_preset)
+
     def differences_from_flagembedding(self) -> list[str]:
         """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
         same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
@@ -255,6 +261,10 @@ class M3TrainingArguments(TrainingArguments):
                 lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
         return lines
 
+
+# The attention dropout each recipe (--loss_preset) trains with; None keeps the encoder's own (0.1 for BERT and
+# XLM-RoBERTa). 0 lets PyTorch's fused attention kernels run (docs/performance.md).
+RECIPE_ATTENTION_DROPOUT: Dict[str, Optional[float]] = {"flagm3": 0.0, "bge-m3": None}
 
 # M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
 _LOSS_FLAGS = {"head_weights": "head_loss_weights"}

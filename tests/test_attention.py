@@ -87,9 +87,9 @@ def test_recipe_attention_settings(tiny_encoder_dir, tmp_path):
         assert all(layer.attention.output.dropout.p == 0.1 for layer in encoder.encoder.layer)  # hidden: kept
         return encoder.config._attn_implementation, dropouts
 
-    assert trainer_attention() == ("sdpa", [0.0, 0.0])  # the default recipe: no dropout on attention probabilities
-    assert trainer_attention(loss_preset="bge-m3") == ("sdpa", [0.0, 0.0])  # a recipe setting, not the preset's
-    assert trainer_attention(attention_dropout=None) == ("sdpa", [0.1, 0.1])  # the encoder's own
+    assert trainer_attention() == ("sdpa", [0.0, 0.0])  # the flagm3 recipe: no dropout on attention probabilities
+    assert trainer_attention(loss_preset="bge-m3") == ("sdpa", [0.1, 0.1])  # FlagEmbedding's: the encoder's own
+    assert trainer_attention(attention_dropout=0.0, loss_preset="bge-m3") == ("sdpa", [0.0, 0.0])
     assert trainer_attention(loss_preset="bge-m3", attention_dropout=0.05) == ("sdpa", [0.05, 0.05])
     recompute = RECOMPUTE_SDPA if TRANSFORMERS_5 else "sdpa"  # 4.x: left as it is, with a warning (NO_INTERFACE)
     assert trainer_attention(recompute_attention=True, attention_dropout=0.1) == (recompute, [0.1, 0.1])
