@@ -90,10 +90,13 @@ def main() -> None:
     collection = load_beir(data_dir(), args.split)
     corpus, queries, qrels = subsample(*collection, args.max_docs or None)
     texts = list(corpus.values())
+    described = args.model
     if args.model is None:
         args.model = make_untouched(work / "untouched", collection[0], args.colbert_dim, args.seed)
+        described = (f"{os.path.relpath(args.model, REPO_ROOT)} (all-MiniLM-L6-v2, fresh heads, seed {args.seed}, "
+                     f"ColBERT {args.colbert_dim}, IDF-fitted sparse head)")
     throughput_texts = sorted(texts, key=len)[:: max(1, len(texts) // args.throughput_texts)][: args.throughput_texts]
-    result = {"model": args.model, "threads": args.threads, "batch_size": args.batch_size,
+    result = {"model": described, "threads": args.threads, "batch_size": args.batch_size,
               "max_length": args.max_length, "documents": len(corpus), "queries": len(queries),
               "machine_load_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -194,7 +197,7 @@ def make_untouched(target: Path, corpus, colbert_dim: int, seed: int) -> str:
 def markdown(r: dict) -> str:
     """The results as the Markdown tables docs/serving.md quotes."""
     base = r["backends"]["pytorch"]["texts_per_second"]
-    lines = [f"Model `{r['model']}`; Cranfield test, {r['documents']} documents, {r['queries']} queries; "
+    lines = [f"Model: {r['model']}; Cranfield test, {r['documents']} documents, {r['queries']} queries; "
              f"{r['threads']} threads, batch {r['batch_size']}, max length {r['max_length']}; {r['date']}, "
              f"load average at start {r['machine_load_at_start'][0]:.1f}.", "",
              "| backend | encode texts/s | vs PyTorch | nDCG@10 dense | sparse | colbert | dense+sparse | all |",
