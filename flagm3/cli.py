@@ -9,6 +9,8 @@ import sys
 from typing import Any, Optional, Sequence
 
 from .errors import check_file, check_model, user_errors
+from .mining import DENSE_SPARSE_WEIGHTS
+from .scoring import HEADS
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -98,7 +100,7 @@ def _search(args: argparse.Namespace) -> None:
 
     embedder = _embedder(args)
     client = qdrant.connect(args.qdrant)
-    weights = dict(zip(("dense", "sparse", "colbert"), args.weights)) if args.weights else embedder.hybrid_weights
+    weights = dict(zip(HEADS, args.weights)) if args.weights else embedder.hybrid_weights
     queries = qdrant.encode_queries(embedder, args.query)
     results = qdrant.search(client, args.collection, queries, mode=args.mode, limit=args.limit,
                             fusion=args.fusion, weights=weights, rerank=args.rerank,
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
                    help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--heads", nargs="+", default=["dense", "sparse", "colbert"], choices=["dense", "sparse", "colbert"])
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full",
                    help="score the whole corpus, or rerank the top of the dense+sparse ranking")
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"))
     p.add_argument("--negative-number", type=int, default=15)
     p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
-    p.add_argument("--hybrid-weights", type=float, nargs=2, default=[1.0, 0.3], metavar=("DENSE", "SPARSE"))
+    p.add_argument("--hybrid-weights", type=float, nargs=2, default=list(DENSE_SPARSE_WEIGHTS), metavar=("DENSE", "SPARSE"))
     p.add_argument("--teacher-scores", action="store_true",
                    help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
     p.add_argument("--teacher-score-temperature", type=float, default=0.02,

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from transformers import AutoConfig, PretrainedConfig
 
+HEADS = ("dense", "sparse", "colbert")  # the three retrieval heads, in this order everywhere
 POOLING_METHODS = ("cls", "mean", "last_token")
 
 

@@ -27,12 +27,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from .configuration_m3 import HEADS
 from .modeling_m3 import M3Model
 
 ONNX_CONFIG_FILE = "flagm3_onnx.json"
 ONNX_FILE = "model.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask")
-ONNX_OUTPUTS = ("dense", "sparse", "colbert")
+ONNX_OUTPUTS = HEADS
 ST_EXPORT_FILE = "flagm3_export.json"
 ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
 # Hybrid weights fitted by `flagm3 eval --fit-weights`, beside the model; they travel with its exports.
@@ -123,7 +124,7 @@ def read_hybrid_weights(path: Any) -> Optional[Dict[str, float]]:
     try:
         with open(file, encoding="utf-8") as f:
             saved = json.load(f)
-        return {head: float(saved["weights"][head]) for head in ("dense", "sparse", "colbert")}
+        return {head: float(saved["weights"][head]) for head in HEADS}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{file}: expected {{\"weights\": {{\"dense\": w, \"sparse\": w, \"colbert\": w}}}} "
                          f"({err})") from err

@@ -5,19 +5,17 @@ meaning and numbers as ``BGEM3FlagModel`` (``encode``, ``encode_queries``, ``enc
 ``compute_score`` and the scoring helpers), and streams length-sorted batches of raw head outputs through
 :meth:`M3Embedder.iter_outputs` for evaluation. All scores come from :mod:`flagm3.scoring`.
 
-Vectorised lexical scoring: :func:`lexical_matrix` turns lexical weights into a ``scipy.sparse`` matrix
-``[N, vocab]`` and :func:`compute_lexical_matching_scores` scores queries x corpus with one sparse product.
+Lexical dicts are scored by one sparse matrix product (:func:`flagm3.scoring.lexical_matrix`,
+:func:`flagm3.scoring.compute_lexical_matching_scores`, also importable from here).
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from itertools import chain
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import scipy.sparse
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,52 +30,22 @@ from .scoring import (
     PooledLexical,
     colbert_scores,
     colbert_scores_paired,
+    compute_lexical_matching_scores,
     dense_scores_paired,
     hybrid_scores,
     pool_lexical,
     sparse_scores_paired,
+)
+from .scoring import (
+    lexical_matrix as lexical_matrix,  # re-exported: flagm3.inference.lexical_matrix
 )
 from .texts import format_instruction
 
 logger = logging.getLogger(__name__)
 
 LexicalWeights = Dict[str, float]
-LexicalInput = Union[PooledLexical, Sequence[Mapping[str, float]], scipy.sparse.spmatrix]
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 _TOKENIZE_CHUNK = 4096  # texts tokenised per call before length sorting
-
-
-# ------------------------------------------------------------------------------------ lexical matrices
-def lexical_matrix(
-    lexical: LexicalInput, num_columns: Optional[int] = None, dtype: Any = np.float32
-) -> scipy.sparse.csr_matrix:
-    """Lexical weights as a sparse ``[N, num_columns]`` matrix (row ``i``: weight of each token id in text ``i``).
-
-    ``lexical``: a :class:`~flagm3.scoring.PooledLexical` (from :func:`~flagm3.scoring.pool_lexical`), a
-    list of ``{str(token_id): weight}`` dicts (``encode(...)["lexical_weights"]``) or a sparse matrix.
-    ``num_columns`` defaults to the largest token id + 1 (pass the vocabulary size to fix it).
-    """
-    if scipy.sparse.issparse(lexical):
-        matrix = scipy.sparse.csr_matrix(lexical, dtype=dtype)
-        if num_columns is not None and num_columns != matrix.shape[1]:
-            if num_columns < matrix.shape[1] and matrix.nnz and matrix.indices.max() >= num_columns:
-                raise ValueError(f"token id {matrix.indices.max()} does not fit num_columns={num_columns}")
-            matrix.resize(matrix.shape[0], num_columns)
-        return matrix
-    if isinstance(lexical, PooledLexical):
-        rows = lexical.rows.detach().cpu().numpy()
-        cols = lexical.token_ids.detach().cpu().numpy()
-        data = lexical.weights.detach().float().cpu().numpy()
-        num_rows = lexical.num_rows
-    else:
-        rows, cols, data = _dicts_to_coordinates(lexical)
-        num_rows = len(lexical)
-    needed = int(cols.max()) + 1 if cols.size else 0
-    if num_columns is None:
-        num_columns = needed
-    elif needed > num_columns:
-        raise ValueError(f"token id {needed - 1} does not fit num_columns={num_columns}")
-    return scipy.sparse.csr_matrix((data.astype(dtype), (rows, cols)), shape=(num_rows, num_columns))
 
 
 def _drops_arrays(method: Any) -> Any:
@@ -115,39 +83,6 @@ class LexicalDict(dict):
 
     def __reduce__(self) -> Any:
         return (dict, (dict(self),))
-
-
-def _dicts_to_coordinates(dicts: Sequence[Mapping[str, float]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices, token ids and weights of a list of ``{str(token_id): weight}`` dicts."""
-    counts = np.fromiter((len(d) for d in dicts), dtype=np.int64, count=len(dicts))
-    if all(getattr(d, "arrays", None) is not None for d in dicts):  # encode()'s own dicts: no key parsing
-        rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
-        if not dicts:
-            return rows, np.empty(0, np.int64), np.empty(0, np.float64)
-        return rows, np.concatenate([d.arrays[0] for d in dicts]), np.concatenate([d.arrays[1] for d in dicts])
-    total = int(counts.sum())
-    try:
-        cols = np.fromiter(map(int, chain.from_iterable(dicts)), dtype=np.int64, count=total)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            "lexical weights must be dicts keyed by token id (str(int), as encode() returns them), "
-            f"not by token text: {err}"
-        ) from err
-    data = np.fromiter(chain.from_iterable(d.values() for d in dicts), dtype=np.float64, count=total)
-    rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
-    return rows, cols, data
-
-
-def compute_lexical_matching_scores(queries_lexical: LexicalInput, corpus_lexical: LexicalInput) -> np.ndarray:
-    """``sum_t w_q(t) * w_p(t)`` for every query and passage, by one sparse matrix product: ``[Q, P]``.
-
-    Each side is anything :func:`lexical_matrix` takes; their column counts are aligned.
-    """
-    q = lexical_matrix(queries_lexical)
-    p = lexical_matrix(corpus_lexical)
-    columns = max(q.shape[1], p.shape[1])
-    q, p = lexical_matrix(q, columns), lexical_matrix(p, columns)
-    return np.asarray((q @ p.T).toarray())
 
 
 def _lexical_dicts(pooled: PooledLexical) -> List[LexicalWeights]:
@@ -549,7 +484,7 @@ class M3Embedder:
             )
             scores["colbert"][idx] = colbert_scores_paired(q["colbert"], q["colbert_mask"], p["colbert"],
                                                            p["colbert_mask"])
-        named = dict(zip(("dense", "sparse", "colbert"), weights))
+        named = dict(zip(HEADS, weights))
         result = {
             "colbert": scores["colbert"],
             "sparse": scores["sparse"],

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .modeling_m3 import M3Output
 from .scoring import (
+    BGE_M3_ENSEMBLE_WEIGHTS,
     HEADS,
     colbert_scores,
     colbert_scores_paired,
@@ -88,7 +89,7 @@ class M3LossConfig:
     head_weights: Dict[str, float] = field(
         default_factory=lambda: {"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0}
     )
-    ensemble_weights: Dict[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 0.3, "colbert": 1.0})
+    ensemble_weights: Dict[str, float] = field(default_factory=lambda: dict(BGE_M3_ENSEMBLE_WEIGHTS))
     use_self_distill: bool = True
     self_distill_start_step: int = -1
     self_distill_weights: Dict[str, float] = field(

@@ -27,11 +27,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .scoring import PooledLexical, dense_scores, hybrid_scores, pool_lexical
+from .evaluation.retrieval import encode_texts
+from .scoring import (
+    BGE_M3_ENSEMBLE_WEIGHTS,
+    compute_lexical_matching_scores,
+    dense_scores,
+    hybrid_scores,
+)
 from .texts import read_jsonl, with_instruction, write_jsonl
 
 logger = logging.getLogger(__name__)
 
+DENSE_SPARSE_WEIGHTS = (BGE_M3_ENSEMBLE_WEIGHTS["dense"], BGE_M3_ENSEMBLE_WEIGHTS["sparse"])  # the hybrid
 _SCORE_BLOCK_ELEMENTS = 1 << 24  # entries of one [queries, pool] score block in the torch search
 _FAISS_DENSE_ONLY = "faiss searches dense vectors only: use_faiss=True cannot be combined with use_hybrid"
 
@@ -83,35 +90,15 @@ def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
 def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int], sparse: bool,
             desc: str, show_progress: bool) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
     """Dense vectors ``[N, H]`` and, with ``sparse``, pooled lexical weights as a CSR ``[N, vocab]``."""
-    from .inference import lexical_matrix
-
-    heads = ("dense", "sparse") if sparse else ("dense",)
-    dense: Optional[Tensor] = None
-    rows, ids, weights = [], [], []
     logger.info("%s: encoding %d texts", desc, len(texts))
-    for indices, out in embedder.iter_outputs(
-        texts, max_length=max_length, batch_size=batch_size, heads=heads, show_progress=show_progress
-    ):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        if dense is None:
-            dense = torch.zeros(len(texts), out["dense"].shape[-1])
-        dense[index] = out["dense"].float()
-        if sparse:
-            pooled = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
-            rows.append(index[pooled.rows])
-            ids.append(pooled.token_ids)
-            weights.append(pooled.weights)
-    lexical = None
-    if sparse:
-        pooled = PooledLexical(torch.cat(rows), torch.cat(ids), torch.cat(weights), len(texts))
-        lexical = lexical_matrix(pooled, num_columns=len(embedder.tokenizer))
-    return dense, lexical
+    heads = ("dense", "sparse") if sparse else ("dense",)
+    encoded = encode_texts(embedder, texts, max_length, batch_size, heads, show_progress,
+                           num_columns=len(embedder.tokenizer))
+    return encoded.dense, encoded.lexical
 
 
 def _lexical_block(q_lex: scipy.sparse.csr_matrix, p_lex: scipy.sparse.csr_matrix) -> Tensor:
     """All-pairs lexical scores ``sum_t w_q(t) * w_p(t)`` (one sparse product): ``[Q, P]``."""
-    from .inference import compute_lexical_matching_scores
-
     return torch.from_numpy(compute_lexical_matching_scores(q_lex, p_lex)).float()
 
 
@@ -122,7 +109,7 @@ def search(
     k: int,
     q_lex: Optional[scipy.sparse.csr_matrix] = None,
     p_lex: Optional[scipy.sparse.csr_matrix] = None,
-    weights: Sequence[float] = (1.0, 0.3),
+    weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
     use_faiss: Optional[bool] = None,
     batch_size: int = 256,
     show_progress: bool = True,
@@ -167,7 +154,7 @@ def query_scores(
     p_rows: Sequence[int],
     q_lex: Optional[scipy.sparse.csr_matrix] = None,
     p_lex: Optional[scipy.sparse.csr_matrix] = None,
-    weights: Sequence[float] = (1.0, 0.3),
+    weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
 ) -> Tensor:
     """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``."""
     scores = {"dense": dense_scores(q_dense[q_row : q_row + 1], p_dense[list(p_rows)])[0]}
@@ -233,7 +220,7 @@ def mine_hard_negatives(
     range_for_sampling: Union[str, Sequence[int]] = (10, 100),
     negative_number: int = 15,
     use_hybrid: bool = False,
-    hybrid_weights: Sequence[float] = (1.0, 0.3),
+    hybrid_weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
     seed: int = 42,
     teacher_scores: bool = False,
     teacher_score_temperature: float = 0.02,

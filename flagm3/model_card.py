@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS
 from .version import __version__
 
 TAGS = ("sentence-similarity", "retrieval", "bge-m3", "dense", "sparse", "colbert")
@@ -202,6 +203,7 @@ def usage_snippets(model_id: str, bge_m3_path: str, pooling: str = "cls",
     """Markdown with two code blocks: flagm3's ``M3Embedder`` and FlagEmbedding's ``BGEM3FlagModel``."""
     query, passage = (json.dumps(t, ensure_ascii=False) for t in example)
     pooling_arg = "" if pooling == "cls" else f', pooling_method="{pooling}"'
+    weights = [BGE_M3_ENSEMBLE_WEIGHTS[h] for h in HEADS]
     return f'''With flagm3 (loads this directory; its config keeps the pooling and normalisation):
 
 ```python
@@ -215,7 +217,7 @@ p = model.encode_corpus(passages, return_dense=True, return_sparse=True, return_
 dense = q["dense_vecs"] @ p["dense_vecs"].T
 sparse = model.compute_lexical_matching_score(q["lexical_weights"], p["lexical_weights"])
 colbert = model.colbert_score(q["colbert_vecs"][0], p["colbert_vecs"][0])
-scores = model.compute_score(list(zip(queries, passages)), weights_for_different_modes=[1.0, 0.3, 1.0])
+scores = model.compute_score(list(zip(queries, passages)), weights_for_different_modes={weights})
 print(dense, sparse, float(colbert), scores["colbert+sparse+dense"])
 ```
 
@@ -226,7 +228,7 @@ from FlagEmbedding import BGEM3FlagModel
 
 model = BGEM3FlagModel("{bge_m3_path}", use_fp16=False{pooling_arg})
 out = model.encode([{passage}], return_dense=True, return_sparse=True, return_colbert_vecs=True)
-print(model.compute_score([({query}, {passage})], weights_for_different_modes=[1.0, 0.3, 1.0]))
+print(model.compute_score([({query}, {passage})], weights_for_different_modes={weights}))
 ```'''
 
 
@@ -245,7 +247,18 @@ def render_model_card(
     description: Optional[str] = None,
     example: Optional[tuple[str, str]] = None,
 ) -> str:
-    """The model card's text; arguments as :func:`write_model_card`."""
+    """The model card's text (Markdown with YAML front matter) of the model in ``output_dir``.
+
+    Args:
+        output_dir: the model directory (the card's usage snippet loads it, unless ``model_id`` is given).
+        trainer: an :class:`~flagm3.trainer.M3Trainer` (arguments, loss config, training data, log history).
+        model_args, data_args: ``M3ModelArguments`` / ``M3DataArguments`` (base model; group size, lengths).
+        metrics: ``{ranking: {metric: value}}``, ``{set name: {ranking: {metric: value}}}`` or flat
+            ``eval_<ranking>_<metric>`` keys; default: the trainer's last evaluation, if any.
+        base_model: overrides the base model named by ``model_args`` (a hub id goes into the front matter).
+        model_id: name used in the usage snippet; datasets: hub dataset ids; language; description: a
+            paragraph under the title; example: ``(query, passage)`` for the usage snippet.
+    """
     base = _base_model(base_model, model_args, trainer)
     data_args = data_args if data_args is not None else getattr(trainer, "data_args", None)
     model_id = model_id or output_dir
@@ -340,28 +353,9 @@ def render_model_card(
     return "\n".join(parts)
 
 
-def write_model_card(
-    output_dir: str,
-    trainer: Any = None,
-    model_args: Any = None,
-    data_args: Any = None,
-    metrics: Optional[Mapping[str, Any]] = None,
-    base_model: Optional[str] = None,
-    **kwargs: Any,
-) -> str:
-    """Write ``<output_dir>/README.md`` and return its path.
-
-    Args:
-        output_dir: the model directory (the card's usage snippet loads it, unless ``model_id`` is given).
-        trainer: an :class:`~flagm3.trainer.M3Trainer` (arguments, loss config, training data, log history).
-        model_args, data_args: ``M3ModelArguments`` / ``M3DataArguments`` (base model; group size, lengths).
-        metrics: ``{ranking: {metric: value}}``, ``{set name: {ranking: {metric: value}}}`` or flat
-            ``eval_<ranking>_<metric>`` keys; default: the trainer's last evaluation, if any.
-        base_model: overrides the base model named by ``model_args`` (a hub id goes into the front matter).
-        kwargs: ``model_id`` (name used in the usage snippet), ``datasets`` (hub dataset ids),
-            ``language``, ``description`` (a paragraph under the title), ``example`` ((query, passage)).
-    """
-    text = render_model_card(output_dir, trainer, model_args, data_args, metrics, base_model, **kwargs)
+def write_model_card(output_dir: str, *args: Any, **kwargs: Any) -> str:
+    """Write :func:`render_model_card`'s text (same arguments) to ``<output_dir>/README.md``; return its path."""
+    text = render_model_card(output_dir, *args, **kwargs)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as f:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .compat import init_copy_, mismatched_shapes
-from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
+from .configuration_m3 import HEADS, M3Config, sparse_ignore_ids_from_tokenizer
 from .convert_bge_m3 import (
     COLBERT_HEAD_FILE,
     SPARSE_HEAD_FILE,
@@ -167,7 +167,7 @@ class M3Model(M3PreTrainedModel):
         input_ids: Tensor,
         attention_mask: Tensor,
         token_type_ids: Optional[Tensor] = None,
-        heads: Iterable[str] = ("dense", "sparse", "colbert"),
+        heads: Iterable[str] = HEADS,
         **encoder_kwargs: Any,
     ) -> M3Output:
         """Encode a batch. ``input_ids``/``attention_mask`` [B, L]; ``heads`` selects the outputs computed."""
@@ -177,9 +177,9 @@ class M3Model(M3PreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs
         ).last_hidden_state
         heads = set(heads)
-        unknown = heads - {"dense", "sparse", "colbert"}
+        unknown = heads - set(HEADS)
         if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from dense, sparse, colbert")
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {', '.join(HEADS)}")
         return M3Output(
             dense=self.dense_embedding(hidden, attention_mask) if "dense" in heads else None,
             sparse=self.sparse_embedding(hidden, input_ids, attention_mask) if "sparse" in heads else None,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .configuration_m3 import M3Config
+from .configuration_m3 import HEADS, M3Config
 from .export import ONNX_CONFIG_FILE
 from .modeling_m3 import CheckpointError, M3Output
 
@@ -88,7 +88,7 @@ class OnnxM3Model:
         return SimpleNamespace(num_embeddings=int(self.config.backbone_config.vocab_size))
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None,
-                 heads: Iterable[str] = ("dense", "sparse", "colbert")) -> M3Output:
+                 heads: Iterable[str] = HEADS) -> M3Output:
         """Run the graph on ``input_ids``/``attention_mask`` [B, L]; ``token_type_ids`` must be zero (one
         segment, which is what the graph was traced with)."""
         if token_type_ids is not None and bool(token_type_ids.any()):
@@ -96,7 +96,7 @@ class OnnxM3Model:
         heads = set(heads)
         feeds = {"input_ids": np.ascontiguousarray(input_ids.cpu().numpy(), dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask.cpu().numpy(), dtype=np.int64)}
-        names = [h for h in ("dense", "sparse", "colbert") if h in heads]
+        names = [h for h in HEADS if h in heads]
         values = dict(zip(names, self.session.run(names, feeds)))
         as_tensor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in values.items()}
         return M3Output(dense=as_tensor.get("dense"), sparse=as_tensor.get("sparse"), colbert=as_tensor.get("colbert"),

@@ -4,17 +4,24 @@ Training, inference and evaluation all score through this module. Shapes: ``Q`` 
 ``N`` query-passage pairs, ``L`` tokens, ``H`` hidden size, ``D`` ColBERT size.
 
 *All-pairs* functions return a ``[Q, P]`` matrix; ``*_paired`` functions score ``q[i]`` with ``p[i]`` and
-return ``[N]``.
+return ``[N]``. For retrieval over many texts, lexical weights also go into a ``scipy.sparse`` CSR matrix
+``[N, vocab]`` (:func:`lexical_matrix`), scored queries x corpus by one sparse product
+(:func:`compute_lexical_matching_scores`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from itertools import chain
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
+import scipy.sparse
 import torch
 from torch import Tensor
 
-# Elements of one intermediate [Q, chunk, Lq, Lp] token-score block (ColBERT) before chunking kicks in.
+from .configuration_m3 import HEADS as HEADS  # re-exported: the heads scored here
+
+# Elements of one intermediate ColBERT token-score block ([Q, chunk, Lq, Lp], or [pairs, Lq, Lp]).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
 
 
@@ -98,6 +105,92 @@ def sparse_scores_paired(q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weig
     return (vq * vp).new_zeros(n).index_add(0, unique_keys // id_base, vq * vp)
 
 
+def concat_lexical(parts: Sequence[Tuple[Tensor, PooledLexical]], num_rows: int) -> PooledLexical:
+    """Pooled weights of several batches as one :class:`PooledLexical` over ``num_rows`` texts.
+
+    ``parts``: per batch, ``(rows, pooled)`` with ``rows`` [b] (long) the text index of each batch row and
+    ``pooled`` the batch's :func:`pool_lexical` output.
+    """
+    if not parts:
+        empty = torch.empty(0, dtype=torch.long)
+        return PooledLexical(empty, empty, torch.empty(0), num_rows)
+    return PooledLexical(
+        torch.cat([rows[pooled.rows] for rows, pooled in parts]),
+        torch.cat([pooled.token_ids for _, pooled in parts]),
+        torch.cat([pooled.weights for _, pooled in parts]),
+        num_rows,
+    )
+
+
+LexicalInput = Union[PooledLexical, Sequence[Mapping[str, float]], scipy.sparse.spmatrix]
+
+
+def lexical_matrix(
+    lexical: LexicalInput, num_columns: Optional[int] = None, dtype: Any = np.float32
+) -> scipy.sparse.csr_matrix:
+    """Lexical weights as a sparse ``[N, num_columns]`` matrix (row ``i``: weight of each token id in text ``i``).
+
+    ``lexical``: a :class:`PooledLexical` (from :func:`pool_lexical`), a
+    list of ``{str(token_id): weight}`` dicts (``encode(...)["lexical_weights"]``) or a sparse matrix.
+    ``num_columns`` defaults to the largest token id + 1 (pass the vocabulary size to fix it).
+    """
+    if scipy.sparse.issparse(lexical):
+        matrix = scipy.sparse.csr_matrix(lexical, dtype=dtype)
+        if num_columns is not None and num_columns != matrix.shape[1]:
+            if num_columns < matrix.shape[1] and matrix.nnz and matrix.indices.max() >= num_columns:
+                raise ValueError(f"token id {matrix.indices.max()} does not fit num_columns={num_columns}")
+            matrix.resize(matrix.shape[0], num_columns)
+        return matrix
+    if isinstance(lexical, PooledLexical):
+        rows = lexical.rows.detach().cpu().numpy()
+        cols = lexical.token_ids.detach().cpu().numpy()
+        data = lexical.weights.detach().float().cpu().numpy()
+        num_rows = lexical.num_rows
+    else:
+        rows, cols, data = _dicts_to_coordinates(lexical)
+        num_rows = len(lexical)
+    needed = int(cols.max()) + 1 if cols.size else 0
+    if num_columns is None:
+        num_columns = needed
+    elif needed > num_columns:
+        raise ValueError(f"token id {needed - 1} does not fit num_columns={num_columns}")
+    return scipy.sparse.csr_matrix((data.astype(dtype), (rows, cols)), shape=(num_rows, num_columns))
+
+
+def _dicts_to_coordinates(dicts: Sequence[Mapping[str, float]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices, token ids and weights of a list of ``{str(token_id): weight}`` dicts (a dict that carries
+    ``arrays = (token_ids, weights)``, as ``M3Embedder.encode``'s do, is not parsed)."""
+    counts = np.fromiter((len(d) for d in dicts), dtype=np.int64, count=len(dicts))
+    if all(getattr(d, "arrays", None) is not None for d in dicts):  # encode()'s own dicts: no key parsing
+        rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
+        if not dicts:
+            return rows, np.empty(0, np.int64), np.empty(0, np.float64)
+        return rows, np.concatenate([d.arrays[0] for d in dicts]), np.concatenate([d.arrays[1] for d in dicts])
+    total = int(counts.sum())
+    try:
+        cols = np.fromiter(map(int, chain.from_iterable(dicts)), dtype=np.int64, count=total)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            "lexical weights must be dicts keyed by token id (str(int), as encode() returns them), "
+            f"not by token text: {err}"
+        ) from err
+    data = np.fromiter(chain.from_iterable(d.values() for d in dicts), dtype=np.float64, count=total)
+    rows = np.repeat(np.arange(len(dicts), dtype=np.int64), counts)
+    return rows, cols, data
+
+
+def compute_lexical_matching_scores(queries_lexical: LexicalInput, corpus_lexical: LexicalInput) -> np.ndarray:
+    """``sum_t w_q(t) * w_p(t)`` for every query and passage, by one sparse matrix product: ``[Q, P]``.
+
+    Each side is anything :func:`lexical_matrix` takes; their column counts are aligned.
+    """
+    q = lexical_matrix(queries_lexical)
+    p = lexical_matrix(corpus_lexical)
+    columns = max(q.shape[1], p.shape[1])
+    q, p = lexical_matrix(q, columns), lexical_matrix(p, columns)
+    return np.asarray((q @ p.T).toarray())
+
+
 # --------------------------------------------------------------------------------------------- colbert
 def _maxsim(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask: Tensor, pattern: str) -> Tensor:
     token_scores = torch.einsum(pattern, q_vecs, p_vecs)  # [..., Lq, Lp]
@@ -143,7 +236,6 @@ def colbert_scores_paired(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask
 
 
 # ---------------------------------------------------------------------------------------------- hybrid
-HEADS = ("dense", "sparse", "colbert")
 BGE_M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 
 

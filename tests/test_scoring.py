@@ -9,9 +9,12 @@ from flagm3.scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
     colbert_scores,
     colbert_scores_paired,
+    compute_lexical_matching_scores,
+    concat_lexical,
     dense_scores,
     dense_scores_paired,
     hybrid_scores,
+    lexical_matrix,
     pool_lexical,
     sparse_scores,
     sparse_scores_paired,
@@ -91,6 +94,20 @@ def test_pool_lexical_by_hand():
     got = sorted(zip(pooled.rows.tolist(), pooled.token_ids.tolist(), pooled.weights.tolist()))
     assert got == [(0, 5, 0.5), (0, 7, 2.0), (1, 7, 3.0)]  # zero weights (pads, token 3) dropped
     assert pooled.num_rows == 2
+
+
+def test_batches_into_one_csr_matrix_by_hand():
+    """Batches of texts 2, 0 and 1 (out of order, as length-sorted encoding gives them) become CSR rows 0..2."""
+    first = pool_lexical(torch.tensor([[4, 4, 9], [9, 2, 0]]), torch.tensor([[1.0, 3.0, 0.5], [2.0, 0.0, 0.0]]))
+    second = pool_lexical(torch.tensor([[2, 2]]), torch.tensor([[0.25, 0.75]]))
+    pooled = concat_lexical([(torch.tensor([2, 0]), first), (torch.tensor([1]), second)], num_rows=4)
+    matrix = lexical_matrix(pooled, num_columns=10).toarray()
+    expected = torch.zeros(4, 10)
+    expected[2, 4], expected[2, 9], expected[0, 9], expected[1, 2] = 3.0, 0.5, 2.0, 0.75  # max per (text, id)
+    assert matrix.shape == (4, 10) and (matrix == expected.numpy()).all()  # row 3: no batch, stays empty
+    scores = compute_lexical_matching_scores(pooled, [{"9": 2.0, "2": 1.0}])
+    assert scores.tolist() == [[4.0], [0.75], [1.0], [0.0]]
+    assert concat_lexical([], num_rows=2).num_rows == 2
 
 
 COLBERT_Q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])

@@ -332,18 +332,29 @@ class _Options:
     train_group_size: Optional[int] = None
 
 
-def _check_texts(obj: dict, name: str, issue: Any) -> Optional[List[str]]:
-    """``obj[name]`` must be a list of strings; report problems through ``issue(kind, field, msg)``."""
+def _check_array(obj: dict, name: str, issue: Any, element: str, item_problem: Any = None) -> Optional[list]:
+    """``obj[name]`` must be an array of JSON ``element`` values (``"string"``, ``"number"``) for which
+    ``item_problem(item)`` (optional) gives no ``(kind, message)``. Every problem is reported through
+    ``issue(kind, field, msg)``; returns the list, or None when there was one."""
     value = obj[name]
     if not isinstance(value, (list, tuple)):
-        issue(WRONG_TYPE, name, f"expected an array of strings, got {_json_type(value)}")
+        issue(WRONG_TYPE, name, f"expected an array of {element}s, got {_json_type(value)}")
         return None
     good = True
-    for j, text in enumerate(value):
-        if not isinstance(text, str):
-            issue(WRONG_TYPE, f"{name}[{j}]", f"expected a string, got {_json_type(text)}")
+    for j, item in enumerate(value):
+        if _json_type(item) != element:
+            problem = (WRONG_TYPE, f"expected a {element}, got {_json_type(item)}")
+        else:
+            problem = item_problem(item) if item_problem is not None else None
+        if problem is not None:
+            issue(problem[0], f"{name}[{j}]", problem[1])
             good = False
     return list(value) if good else None
+
+
+def _check_texts(obj: dict, name: str, issue: Any) -> Optional[List[str]]:
+    """``obj[name]`` must be a list of strings; report problems through ``issue(kind, field, msg)``."""
+    return _check_array(obj, name, issue, "string")
 
 
 def _keep_where(
@@ -361,22 +372,12 @@ def _check_scores(
     obj: dict, name: str, n: Optional[int], texts_field: str, issue: Any
 ) -> Optional[List[float]]:
     """``obj[name]`` must be a list of ``n`` finite numbers."""
-    value = obj[name]
-    if not isinstance(value, (list, tuple)):
-        issue(WRONG_TYPE, name, f"expected an array of numbers, got {_json_type(value)}")
+    value = _check_array(obj, name, issue, "number",
+                         lambda s: None if math.isfinite(s) else (BAD_SCORE, f"score is {s}"))
+    if isinstance(obj[name], (list, tuple)) and n is not None and len(obj[name]) != n:
+        issue(LENGTH_MISMATCH, name, f"has {len(obj[name])} score(s) but '{texts_field}' has {n} text(s)")
         return None
-    good = True
-    for j, s in enumerate(value):
-        if _json_type(s) != "number":
-            issue(WRONG_TYPE, f"{name}[{j}]", f"expected a number, got {_json_type(s)}")
-            good = False
-        elif not math.isfinite(s):
-            issue(BAD_SCORE, f"{name}[{j}]", f"score is {s}")
-            good = False
-    if n is not None and len(value) != n:
-        issue(LENGTH_MISMATCH, name, f"has {len(value)} score(s) but '{texts_field}' has {n} text(s)")
-        good = False
-    return [float(s) for s in value] if good else None
+    return None if value is None else [float(s) for s in value]
 
 
 def _check_record(
@@ -567,29 +568,16 @@ def load_and_validate(
 
 
 def validate_data(
-    paths: Union[DataInput, Sequence[DataInput]],
-    tokenizer: Any = None,
-    query_max_len: Optional[int] = 32,
-    passage_max_len: Optional[int] = 128,
-    sample_negatives_from_corpus: bool = True,
-    knowledge_distillation: bool = False,
-    train_group_size: Optional[int] = None,
-    raise_on_error: bool = False,
+    paths: Union[DataInput, Sequence[DataInput]], raise_on_error: bool = False, **options: Any
 ) -> ValidationReport:
     """Validate training data (files, directories, ``datasets.Dataset``s); see the module docstring.
 
-    Returns the report (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with
-    ``raise_on_error=True`` raises one :class:`DataValidationError` listing the problems instead.
+    ``options`` are :func:`load_and_validate`'s (``tokenizer``, ``query_max_len``, ``passage_max_len``,
+    ``sample_negatives_from_corpus``, ``knowledge_distillation``, ``train_group_size``). Returns the report
+    (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with ``raise_on_error=True`` raises one
+    :class:`DataValidationError` listing the problems instead.
     """
-    _, report = load_and_validate(
-        paths,
-        tokenizer=tokenizer,
-        query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
-        sample_negatives_from_corpus=sample_negatives_from_corpus,
-        knowledge_distillation=knowledge_distillation,
-        train_group_size=train_group_size,
-    )
+    _, report = load_and_validate(paths, **options)
     if raise_on_error:
         report.raise_if_errors()
     return report

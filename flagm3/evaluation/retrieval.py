@@ -12,17 +12,23 @@ import logging
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import scipy.sparse
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..scoring import (
+    BGE_M3_ENSEMBLE_WEIGHTS,
+    DEFAULT_BLOCK_ELEMENTS,
     HEADS,
     PooledLexical,
     colbert_scores,
     colbert_scores_paired,
+    compute_lexical_matching_scores,
+    concat_lexical,
     dense_scores,
     hybrid_scores,
+    lexical_matrix,
     pool_lexical,
 )
 from ..texts import with_instruction
@@ -32,9 +38,7 @@ logger = logging.getLogger(__name__)
 
 HYBRIDS = {"dense+sparse": ("dense", "sparse"), "all": ("dense", "sparse", "colbert")}
 RANKINGS = HEADS + tuple(HYBRIDS)
-DEFAULT_HYBRID_WEIGHTS = (1.0, 0.3, 1.0)  # dense : sparse : ColBERT, as BGE-M3's ensemble
-# Elements of one [pairs, Lq, Lp] token-score block when ColBERT reranks candidate pairs.
-_PAIR_BLOCK_ELEMENTS = 1 << 25
+DEFAULT_HYBRID_WEIGHTS = tuple(BGE_M3_ENSEMBLE_WEIGHTS[h] for h in HEADS)  # dense : sparse : ColBERT
 
 
 def top_k_positions(scores: Tensor, k: int) -> Tensor:
@@ -96,52 +100,53 @@ class RunningTopK:
         }
 
 
-class _EncodedQueries:
-    """Query outputs of every head: dense stacked ``[Q, H]``, lexical weights as a CSR ``[Q, vocab]``,
-    ColBERT vectors kept per encoding batch (no padding to a common length)."""
+class EncodedTexts:
+    """Outputs of the asked heads for ``num`` texts, ready to search with: ``dense`` stacked ``[N, H]`` (fp32),
+    ``lexical`` weights as a CSR ``[N, vocab]``, ``batches`` of ColBERT vectors as encoded
+    (``(rows [b], {"colbert": [b, L, D], "colbert_mask": [b, L]})``, no padding to a common length)."""
 
-    def __init__(self, embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int],
-                 heads: Sequence[str], show_progress: bool) -> None:
-        from ..inference import lexical_matrix
-
-        self.num = len(texts)
+    def __init__(self, num: int) -> None:
+        self.num = num
         self.dense: Optional[Tensor] = None
-        self.lexical = None
+        self.lexical: Optional[scipy.sparse.csr_matrix] = None
         self.batches: list[tuple[Tensor, dict[str, Tensor]]] = []
-        pooled: list[PooledLexical] = []
-        for indices, out in embedder.iter_outputs(
-            texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads),
-            show_progress=show_progress,
-        ):
-            rows = torch.as_tensor(indices, dtype=torch.long)
-            if "dense" in heads:
-                if self.dense is None:
-                    self.dense = torch.zeros(self.num, out["dense"].shape[-1])
-                self.dense[rows] = out["dense"].float()
-            if "sparse" in heads:
-                p = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
-                pooled.append(PooledLexical(rows[p.rows], p.token_ids, p.weights, self.num))
-            if "colbert" in heads:
-                colbert = {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}
-                self.batches.append((rows, colbert))
-        if "sparse" in heads:
-            rows, ids, weights = (torch.cat([p[f] for p in pooled]) for f in range(3))
-            self.lexical = lexical_matrix(PooledLexical(rows, ids, weights, self.num))
 
     def per_batch(self, fn: Any, num_cols: int) -> Tensor:
-        """``[Q, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the query batches."""
+        """``[N, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the ColBERT batches."""
         full = torch.empty(self.num, num_cols)
         for rows, out in self.batches:
             full[rows] = fn(out).float()
         return full
 
 
+def encode_texts(embedder: Any, texts: Sequence[str], max_length: int, batch_size: Optional[int],
+                 heads: Sequence[str], show_progress: bool = False,
+                 num_columns: Optional[int] = None) -> EncodedTexts:
+    """Encode ``texts`` once through ``embedder.iter_outputs`` into an :class:`EncodedTexts` of ``heads``;
+    ``num_columns`` fixes the lexical matrix's width (the vocabulary size), else its largest id + 1."""
+    encoded = EncodedTexts(len(texts))
+    lexical: list[tuple[Tensor, PooledLexical]] = []
+    for indices, out in embedder.iter_outputs(
+        texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads), show_progress=show_progress,
+    ):
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        if "dense" in heads:
+            if encoded.dense is None:
+                encoded.dense = torch.zeros(encoded.num, out["dense"].shape[-1])
+            encoded.dense[rows] = out["dense"].float()
+        if "sparse" in heads:
+            lexical.append((rows, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
+        if "colbert" in heads:
+            encoded.batches.append((rows, {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}))
+    if "sparse" in heads:
+        encoded.lexical = lexical_matrix(concat_lexical(lexical, encoded.num), num_columns=num_columns)
+    return encoded
+
+
 def _head_scores(
-    queries: _EncodedQueries, out: Mapping[str, Tensor], heads: Iterable[str]
+    queries: EncodedTexts, out: Mapping[str, Tensor], heads: Iterable[str]
 ) -> dict[str, Tensor]:
     """``[Q, b]`` score of each head for one batch of passage outputs (lexical: one sparse matrix product)."""
-    from ..inference import compute_lexical_matching_scores
-
     scores = {}
     if "dense" in heads:
         scores["dense"] = dense_scores(queries.dense, out["dense"].float())
@@ -195,7 +200,7 @@ def check_rankings(
 
 def _colbert_on_candidates(
     embedder: Any,
-    queries: _EncodedQueries,
+    queries: EncodedTexts,
     texts: Sequence[str],
     candidates: Tensor,
     max_length: int,
@@ -223,7 +228,7 @@ def _colbert_on_candidates(
             for rows, q in queries.batches:
                 where = position[candidates[rows]]  # [b, d]
                 r, c = (where >= 0).nonzero(as_tuple=True)
-                step = max(1, _PAIR_BLOCK_ELEMENTS // max(1, q["colbert"].shape[1] * p_vecs.shape[1]))
+                step = max(1, DEFAULT_BLOCK_ELEMENTS // max(1, q["colbert"].shape[1] * p_vecs.shape[1]))
                 for s in range(0, r.numel(), step):
                     rs, cs = r[s : s + step], c[s : s + step]
                     docs_at = where[rs, cs]
@@ -290,8 +295,7 @@ def retrieve(
         raise ValueError(f"nothing to retrieve: {len(qids)} queries, {len(doc_ids)} documents")
     texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
     q_texts = with_instruction(embedder, (queries[q] for q in qids), "query")
-    encoded = _EncodedQueries(embedder, q_texts, max_query_length, batch_size, heads,
-                              show_progress=False)
+    encoded = encode_texts(embedder, q_texts, max_query_length, batch_size, heads)
     keepers = {name: RunningTopK(len(qids), top_k) for name in first_rankings}
     if rerank:
         keepers[rerank_source] = RunningTopK(len(qids), max(top_k, rerank_depth), extras=first_heads)
@@ -337,37 +341,23 @@ def evaluate_retrieval(
     corpus: Mapping[str, str],
     queries: Mapping[str, str],
     qrels: Mapping[str, Mapping[str, int]],
-    heads: Sequence[str] = HEADS,
-    hybrids: Optional[Sequence[str]] = None,
-    hybrid_weights: Union[Sequence[float], Mapping[str, float]] = DEFAULT_HYBRID_WEIGHTS,
     k_values: Sequence[int] = (1, 10, 100),
     metrics: Sequence[str] = METRICS,
-    max_query_length: int = 512,
-    max_passage_length: int = 512,
-    batch_size: Optional[int] = None,
-    corpus_chunk_size: int = 8192,
-    colbert_mode: str = "full",
-    rerank_depth: int = 100,
-    rerank_source: Optional[str] = None,
     top_k: Optional[int] = None,
-    show_progress: bool = True,
     return_runs: bool = False,
+    **retrieve_options: Any,
 ) -> Union[dict[str, dict[str, float]], tuple[dict[str, dict[str, float]], dict[str, Run]]]:
     """Retrieve for the judged queries and score every ranking: ``{"dense": {"ndcg@10": ...}, ...}``.
 
-    Arguments as :func:`retrieve`; ``top_k`` defaults to ``max(k_values)``. With ``return_runs=True`` the
-    result is ``(metrics, runs)``. Metrics are averaged over the queries of ``qrels``.
+    ``retrieve_options`` are :func:`retrieve`'s (``heads``, ``hybrids``, ``hybrid_weights``, lengths,
+    ``batch_size``, ``corpus_chunk_size``, ``colbert_mode``, ...); ``top_k`` defaults to ``max(k_values)``.
+    With ``return_runs=True`` the result is ``(metrics, runs)``. Metrics are averaged over the queries of
+    ``qrels``.
     """
     missing = [qid for qid in qrels if qid not in queries]
     if missing:
         raise ValueError(f"{len(missing)} judged queries have no text in `queries` (first: {missing[:5]})")
     judged_queries = {qid: queries[qid] for qid in qrels}
-    runs = retrieve(
-        embedder, corpus, judged_queries, heads=heads, hybrids=hybrids, hybrid_weights=hybrid_weights,
-        top_k=top_k or max(k_values), max_query_length=max_query_length,
-        max_passage_length=max_passage_length, batch_size=batch_size, corpus_chunk_size=corpus_chunk_size,
-        colbert_mode=colbert_mode, rerank_depth=rerank_depth, rerank_source=rerank_source,
-        show_progress=show_progress,
-    )
+    runs = retrieve(embedder, corpus, judged_queries, top_k=top_k or max(k_values), **retrieve_options)
     results = {name: evaluate_run(run, qrels, k_values, metrics) for name, run in runs.items()}
     return (results, runs) if return_runs else results
