@@ -613,7 +613,7 @@ def test_sparse_health_is_logged_and_warns_once(tiny_model, tiny_tokenizer, tmp_
                  "sparse_active_passage": active_passage, "sparse_zero_passage": zero_passage,
                  "sparse_weight_passage": 0.1}
         for value in (0.5, 1.5):  # two micro-batches: the log shows their mean
-            trainer._record_stats({k: torch.tensor(v * value) for k, v in stats.items()})
+            trainer._record({"loss": torch.tensor(1.0)}, {k: torch.tensor(v * value) for k, v in stats.items()})
         logs = {"loss": 1.0}
         trainer.log(logs)
         return logs
