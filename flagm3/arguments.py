@@ -46,6 +46,7 @@ class LegacyArgument:
     reason: str = ""
     nargs: Optional[str] = None
     warn: bool = False  # a WARNING (the run trains differently from FlagEmbedding's), else INFO
+    fe_default: Any = None  # FlagEmbedding's default: given at it, the line is INFO (nothing differs)
 
 
 def _rename(target: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Values, Any], str]:
@@ -109,13 +110,13 @@ LEGACY_ARGUMENTS: tuple[LegacyArgument, ...] = (
     # FlagEmbedding's model and data arguments
     LegacyArgument("config_name", str, reason="the encoder's config is the one in --model_name_or_path"),
     LegacyArgument("cache_path", str, reason="flagm3 reads the JSONL files directly and writes no datasets cache"),
-    LegacyArgument("shuffle_ratio", float, warn=True,
+    LegacyArgument("shuffle_ratio", float, warn=True, fe_default=0.0,
                    reason="flagm3 does not shuffle the words of passages (FlagEmbedding's text augmentation)"),
-    LegacyArgument("small_threshold", int, warn=True,
+    LegacyArgument("small_threshold", int, warn=True, fe_default=0,
                    reason="flagm3 keeps every training file as its own dataset; small ones are not merged"),
-    LegacyArgument("drop_threshold", int, warn=True,
+    LegacyArgument("drop_threshold", int, warn=True, fe_default=0,
                    reason="flagm3 keeps every training file as its own dataset; merged small ones are not dropped"),
-    LegacyArgument("use_mrl", string_to_bool, nargs="?", warn=True,
+    LegacyArgument("use_mrl", string_to_bool, nargs="?", warn=True, fe_default=False,
                    reason="FlagEmbedding's M3 model has no MRL either (it raises NotImplementedError)"),
     LegacyArgument("mrl_dims", int, nargs="+", reason="MRL is not implemented for M3 models (see --use_mrl)"),
     # transformers 4's TrainingArguments that transformers 5 removed or renamed
@@ -273,7 +274,8 @@ class M3ArgumentParser(HfArgumentParser):
                     text = f"--{name} {value} -> {arg.apply(values, value)}"
                 except (OSError, ValueError) as err:
                     self.error(str(err))
-            notes.append((logging.WARNING if arg.warn else logging.INFO, text))
+            differs = arg.warn and value != arg.fe_default
+            notes.append((logging.WARNING if differs else logging.INFO, text))
         return notes
 
     def _check_installed(self, values: Values) -> None:

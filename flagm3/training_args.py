@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 from transformers import TrainingArguments
 
-from .compat import TRANSFORMERS_5
+from .compat import TRANSFORMERS_5, after_training_arguments, before_training_arguments
 from .losses import M3LossConfig
 from .scoring import HEADS
 
@@ -101,6 +101,9 @@ class M3TrainingArguments(TrainingArguments):
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
     if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
         group_by_length: bool = field(default=False, init=False)
+        warmup_steps: float = field(  # 4.x: an int; a fraction as in 5.x (compat.before_training_arguments)
+            default=0, metadata={"help": "Linear warmup steps; a value below 1 is a fraction of the total steps."}
+        )
     # --- flagm3 additions
     loss_preset: str = field(
         default="flagm3",
@@ -176,6 +179,11 @@ class M3TrainingArguments(TrainingArguments):
         default=3, metadata={"help": "Stop after this many consecutive steps with a non-finite loss/gradient."}
     )
     remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        before_training_arguments(self)  # transformers 4.x differences (flagm3.compat)
+        super().__post_init__()
+        after_training_arguments(self)
 
     def loss_config(self, preset: Optional[str] = None) -> M3LossConfig:
         """The objective these arguments describe: the preset (``--loss_preset`` unless ``preset`` is given),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flagm3 import compat
+from flagm3.training_args import M3TrainingArguments
 
 
 def test_tokenizer_config_for_v4_moves_a_list_of_extra_special_tokens():
@@ -17,12 +18,29 @@ def test_tokenizer_config_for_v4_moves_a_list_of_extra_special_tokens():
     assert compat.tokenizer_config_for_v4(mapping) is mapping
 
 
-@pytest.mark.parametrize("warmup", [0.1, 0.0, 5])
-def test_warmup_arguments_give_the_same_warmup_steps(tmp_path, warmup):
-    from transformers import TrainingArguments
+@pytest.mark.parametrize("warmup", ["0.1", "0", "5"])
+def test_warmup_steps_below_one_is_a_fraction_on_every_version(tmp_path, warmup):
+    from transformers import HfArgumentParser
 
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **compat.warmup_arguments(warmup))
-    assert args.get_warmup_steps(200) == (20 if warmup == 0.1 else int(warmup))
+    (args,) = HfArgumentParser(M3TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "True", "--report_to", "none", "--warmup_steps", warmup])
+    assert args.get_warmup_steps(200) == (20 if warmup == "0.1" else int(warmup))
+
+
+def test_mixed_precision_of_one_run_does_not_leak_into_the_next(tmp_path, monkeypatch):
+    """transformers 4.x's TrainingArguments wrote bf16 into $ACCELERATE_MIXED_PRECISION, and the next arguments
+    of the process (and its Trainer's Accelerator) read it back: a later fp32 run trained in bf16."""
+    from transformers import Trainer
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    model = torch.nn.Linear(2, 2)
+    common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    bf16 = Trainer(model=model, args=M3TrainingArguments(bf16=True, **common))
+    assert bf16.accelerator.mixed_precision == "bf16"
+    plain = Trainer(model=model, args=M3TrainingArguments(**common))
+    assert plain.accelerator.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a launcher's setting is kept
+    assert Trainer(model=model, args=M3TrainingArguments(**common)).accelerator.mixed_precision == "bf16"
 
 
 def test_mismatched_shapes_from_either_loading_info(tmp_path):

@@ -431,6 +431,23 @@ def test_m3_sh_trains_unchanged(tmp_path, tiny_encoder_dir, caplog):
     assert "Differences from the objective FlagEmbedding trains" in card and "--ensemble_weights sparse=0.3" in card
 
 
+def test_m3_same_dataset_sh_flags(tmp_path, tiny_encoder_dir, caplog):
+    """m3_same_dataset.sh adds these data flags; at FlagEmbedding's defaults the unused ones are INFO lines."""
+    from flagm3.train import parse_args
+
+    extra = ["--knowledge_distillation", "True", "--same_dataset_within_batch", "True", "--small_threshold", "0",
+             "--drop_threshold", "0"]
+    with caplog.at_level(logging.INFO, logger="flagm3.train"):
+        _, data_args, _ = parse_args(m3_sh_arguments(tmp_path, tiny_encoder_dir, None) + extra)
+    assert data_args.knowledge_distillation and data_args.same_dataset_within_batch
+    notes = {r.getMessage().split()[0]: r.levelno for r in caplog.records}
+    assert notes["--small_threshold"] == notes["--drop_threshold"] == logging.INFO
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flagm3.train"):
+        parse_args(m3_sh_arguments(tmp_path, tiny_encoder_dir, None) + ["--small_threshold", "100"])
+    assert [r.levelno for r in caplog.records if "--small_threshold" in r.getMessage()] == [logging.WARNING]
+
+
 def test_m3_sh_flags_with_the_bge_m3_preset_warn_of_nothing(tmp_path, tiny_encoder_dir):
     from flagm3.train import parse_args
     from flagm3.training_args import recipe_warning

@@ -246,3 +246,27 @@ def test_8192_token_passages_encode(long_xlmr_dir, tmp_path):
     assert out["lexical_weights"][0] and not {"0", "1", "2", "3"} & set(out["lexical_weights"][0])
     scores = emb.compute_score([(SENTENCES[0], text), (SENTENCES[0], SENTENCES[2])], max_passage_length=LONG)
     assert all(np.isfinite(scores[key]).all() for key in scores)
+
+
+# --------------------------------------------------------------------------------------- flagm3 train
+def test_flagm3_train_from_an_xlmr_encoder_saves_both_layouts(xlmr_dir, tmp_path):
+    """``flagm3 train`` on the XLM-R/SentencePiece encoder: fresh heads (IDF-fitted sparse head over the
+    SentencePiece vocabulary), the bge-m3 objective, and a saved model that loads in both layouts."""
+    from dist_scripts.common import losses, train_args, train_in_process, write_train_data
+
+    data = write_train_data(tmp_path / "train.jsonl", 4)
+    out = tmp_path / "run"
+    args = train_args(xlmr_dir, data, out / "model", max_steps=2, save_bge_m3_layout=True)
+    trainer, record = train_in_process(out, args)
+    assert record["global_step"] == 2 and all(np.isfinite(losses(record)))
+    model = trainer.model
+    assert model.config.sparse_ignore_token_ids == [0, 1, 2, 3]
+    bge = out / "model" / "bge-m3"
+    assert (bge / "sentencepiece.bpe.model").is_file() and (bge / "tokenizer.json").is_file()
+    texts = [SENTENCES[0], "ζ wing"]
+    encoded = [M3Embedder(str(path), use_fp16=False).encode(texts, return_sparse=True)
+               for path in (out / "model", bge)]
+    np.testing.assert_allclose(encoded[0]["dense_vecs"], encoded[1]["dense_vecs"], atol=1e-6)
+    for a, b in zip(encoded[0]["lexical_weights"], encoded[1]["lexical_weights"]):
+        assert a.keys() == b.keys() and a
+        np.testing.assert_allclose([a[k] for k in b], list(b.values()), atol=1e-6)
