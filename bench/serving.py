@@ -90,10 +90,13 @@ def main() -> None:
     collection = load_beir(data_dir(), args.split)
     corpus, queries, qrels = subsample(*collection, args.max_docs or None)
     texts = list(corpus.values())
+    described = args.model
     if args.model is None:
         args.model = make_untouched(work / "untouched", collection[0], args.colbert_dim, args.seed)
+        described = (f"{os.path.relpath(args.model, REPO_ROOT)} (all-MiniLM-L6-v2, fresh heads, seed {args.seed}, "
+                     f"ColBERT {args.colbert_dim}, IDF-fitted sparse head)")
     throughput_texts = sorted(texts, key=len)[:: max(1, len(texts) // args.throughput_texts)][: args.throughput_texts]
-    result = {"model": args.model, "threads": args.threads, "batch_size": args.batch_size,
+    result = {"model": described, "threads": args.threads, "batch_size": args.batch_size,
               "max_length": args.max_length, "documents": len(corpus), "queries": len(queries),
               "machine_load_at_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -169,6 +172,7 @@ def main() -> None:
     result["fitted_weights"] = {**fitted, "test_ndcg@10": {"1:0.3:1": {"all": values[0]},
                                                            "fitted": {"all": values[1]}}}
     write_json(args.out, result)
+    Path(args.out).with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     print_table(result)
 
 
@@ -188,6 +192,36 @@ def make_untouched(target: Path, corpus, colbert_dim: int, seed: int) -> str:
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
     return str(target)
+
+
+def markdown(r: dict) -> str:
+    """The results as the Markdown tables docs/serving.md quotes."""
+    base = r["backends"]["pytorch"]["texts_per_second"]
+    lines = [f"Model: {r['model']}; Cranfield test, {r['documents']} documents, {r['queries']} queries; "
+             f"{r['threads']} threads, batch {r['batch_size']}, max length {r['max_length']}; {r['date']}, "
+             f"load average at start {r['machine_load_at_start'][0]:.1f}.", "",
+             "| backend | encode texts/s | vs PyTorch | nDCG@10 dense | sparse | colbert | dense+sparse | all |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, b in r["backends"].items():
+        n = b["ndcg@10"]
+        lines.append(f"| {name} | {b['texts_per_second']:.1f} | {b['texts_per_second'] / base:.2f}x | "
+                     + " | ".join(f"{n[k]:.4f}" for k in ("dense", "sparse", "colbert", "dense+sparse", "all"))
+                     + " |")
+    q = r["qdrant_index"]
+    e = r["qdrant_query"]["encode_ms"]
+    lines += ["", f"Qdrant, embedded local mode, ONNX float32 encoder: indexing {r['documents']} documents took "
+              f"{q['seconds']:.1f} s ({q['docs_per_second']:.1f} documents/s, encoding included), "
+              f"{q['disk_mb']:.0f} MB on disk. Encoding one query: median {e['median']:.1f} ms, p95 {e['p95']:.1f} ms.",
+              "", "| mode | search ms, median | p95 | nDCG@10 |", "| --- | --- | --- | --- |"]
+    for mode, m in r["qdrant_query"]["modes"].items():
+        lines.append(f"| {mode} | {m['search_ms_median']:.1f} | {m['search_ms_p95']:.1f} | {m['ndcg@10']:.4f} |")
+    f = r["fitted_weights"]
+    t = f["test_ndcg@10"]
+    w = ", ".join(f"{k} {v:g}" for k, v in f["weights"].items())
+    lines += ["", f"Hybrid weights fitted on dev ({f['queries']} queries, {f['grid_size']} triples): {w}; dev "
+              f"{f['metric']} {f['value']:.4f} vs {f['baseline_value']:.4f} at 1 : 0.3 : 1; test nDCG@10 of `all` "
+              f"{t['fitted']['all']:.4f} vs {t['1:0.3:1']['all']:.4f}.", ""]
+    return "\n".join(lines)
 
 
 def print_table(r: dict) -> None:

@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from flagm3 import M3Config, M3Loss, M3LossConfig, M3Model, M3Output, M3Trainer
 from flagm3.losses import M3LossOutput
+from flagm3.recipe import prepare_for_training
 from flagm3.scoring import pool_lexical
 from flagm3.sparse_init import init_sparse_head_from_idf
 from flagm3.train import build_dataset
@@ -84,6 +85,12 @@ class FlopsM3Loss(M3Loss):
         super().__init__(config)
         self.flops_weight = flops_weight
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The objective's heads, plus the sparse head when the regulariser needs its weights."""
+        heads = set(super().heads) | ({"sparse"} if self.flops_weight and "sparse" in self.config.heads else set())
+        return tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+
     def get_config_dict(self) -> dict:  # what the model card records
         return {**super().get_config_dict(), "flops_weight": self.flops_weight}
 
@@ -94,7 +101,7 @@ class FlopsM3Loss(M3Loss):
             return out
         flops = flops_regularizer(q_ids, q.sparse) + flops_regularizer(p_ids, p.sparse)
         loss = out.loss + self.flops_weight * flops
-        logs = {**out.logs, "flops": float(flops.detach()), "loss": float(loss.detach())}
+        logs = {**out.logs, "flops": flops.detach(), "loss": loss.detach()}
         return M3LossOutput(loss=loss, logs=logs, logits=out.logits)
 
 
@@ -113,14 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     model = model_class.from_encoder(
         model_args.model_name_or_path,
         tokenizer=tokenizer,
-        colbert_dim=model_args.colbert_dim,
-        pooling=training_args.sentence_pooling_method,
-        normalize_embeddings=training_args.normalize_embeddings,
+        colbert_dim=-1 if model_args.colbert_dim is None else model_args.colbert_dim,
+        pooling=training_args.sentence_pooling_method or "cls",
+        normalize_embeddings=training_args.normalize_embeddings is not False,
     )
     dataset = build_dataset(data_args, training_args, tokenizer)
-    if training_args.sparse_init != "none":  # as flagm3 train does for a fresh sparse head
+    if model_args.sparse_init != "none":  # as flagm3 train does for a fresh sparse head
         init_sparse_head_from_idf(model, tokenizer, dataset.passage_texts(), max_length=data_args.passage_max_len)
     loss = FlopsM3Loss(training_args.loss_config(), flops_weight=custom.flops_weight)
+    prepare_for_training(model, training_args)  # freeze what no term trains; attention settings
     trainer = M3Trainer(
         model=model,
         args=training_args,

@@ -317,6 +317,7 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
     from .convert_bge_m3 import sep_as_eos
     from .inference import M3Embedder
     from .model_card import write_model_card
+    from .recipe import prepare_for_training
     from .train import build_dataset, load_model
     from .trainer import M3Trainer, unwrap_m3
     from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
@@ -358,6 +359,7 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
         records = mine_training_records(embedder, train_qa, settings)
         write_jsonl(train_file, records)
     with timer("train"):
+        prepare_for_training(model, args)
         trainer = M3Trainer(model=model, args=args, data_args=data_args, processing_class=tokenizer,
                             train_dataset=build_dataset(data_args, args, tokenizer))
         trainer.train()

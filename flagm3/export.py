@@ -15,6 +15,7 @@ out, MeanMaxSim) when the installed sentence-transformers has one. Heads it cann
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -73,7 +74,11 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
     except ImportError as err:
         raise ImportError("ONNX export needs onnx: pip install 'flagm3[deploy]'") from err
     os.makedirs(output, exist_ok=True)
-    model = model.float().eval().cpu()
+    weight = model.sparse_linear.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":  # trace a float32 CPU copy
+        model = copy.deepcopy(model).float().cpu()
+    was_training = model.training
+    model.eval()
     sample = tokenizer(["an example passage to trace", "a query"], padding=True, return_tensors="pt")
     args = (sample["input_ids"], sample["attention_mask"])
     graph = os.path.join(output, ONNX_FILE)
@@ -87,6 +92,7 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
         warnings.filterwarnings("ignore", message=".*advanced indexing.*")
         torch.onnx.export(_ThreeHeads(model), args, float_graph, dynamo=False, input_names=list(ONNX_INPUTS),
                           output_names=list(ONNX_OUTPUTS), dynamic_axes=axes, opset_version=opset)
+    model.train(was_training)
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 

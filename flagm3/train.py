@@ -25,6 +25,7 @@ from .distributed import (
 )
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
+from .recipe import prepare_for_training
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
@@ -61,21 +62,36 @@ def load_model(
         model = _load_layout(path, layout, model_args, training_args, tokenizer, encoder_kwargs)
     keep_used_weight_conversions(model)
     check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
-    if corpus and _wants_idf_init(training_args, layout):
+    _check_colbert_dim(model, model_args, layout, path)
+    if corpus and _wants_idf_init(model_args, training_args, layout):
         init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
-    model.config.pooling = training_args.sentence_pooling_method
-    model.config.normalize_embeddings = training_args.normalize_embeddings
+    # the checkpoint's own pooling and normalisation, unless given explicitly
+    if training_args.sentence_pooling_method is not None:
+        model.config.pooling = training_args.sentence_pooling_method
+    if training_args.normalize_embeddings is not None:
+        model.config.normalize_embeddings = training_args.normalize_embeddings
     if model_args.use_lora:
         model = add_lora(model, model_args)
     return model
 
 
-def _wants_idf_init(training_args: M3TrainingArguments, layout: str) -> bool:
-    """``idf``: always; ``auto``: for a fresh sparse head that will be trained; ``none``: never."""
-    if training_args.sparse_init == "idf":
+def _wants_idf_init(model_args: M3ModelArguments, training_args: M3TrainingArguments, layout: str) -> bool:
+    """``idf``: always; ``auto``: for a fresh sparse head (a plain encoder) that the loss uses; ``none``: never."""
+    if model_args.sparse_init == "idf":
         return True
     heads = training_args.loss_config().heads
-    return training_args.sparse_init == "auto" and layout == "encoder" and "sparse" in heads
+    return model_args.sparse_init == "auto" and layout == "encoder" and "sparse" in heads
+
+
+def _check_colbert_dim(model: M3Model, model_args: M3ModelArguments, layout: str, path: str) -> None:
+    """A checkpoint's ColBERT head keeps its size; an explicit ``--colbert_dim`` that disagrees is an error."""
+    if model_args.colbert_dim is None or layout == "encoder":
+        return
+    config = model.config
+    wanted = model_args.colbert_dim if model_args.colbert_dim > 0 else config.encoder_hidden_size
+    if wanted != config.colbert_output_dim:
+        raise ValueError(f"--colbert_dim {model_args.colbert_dim}: {path} has a trained ColBERT head of size "
+                         f"{config.colbert_output_dim}; drop the flag to keep it, or start from a plain encoder.")
 
 
 def _load_layout(path: str, layout: str, model_args, training_args, tokenizer, encoder_kwargs: dict) -> M3Model:
@@ -84,9 +100,9 @@ def _load_layout(path: str, layout: str, model_args, training_args, tokenizer, e
         return M3Model.from_encoder(
             path,
             tokenizer=tokenizer,
-            colbert_dim=model_args.colbert_dim,
-            pooling=training_args.sentence_pooling_method,
-            normalize_embeddings=training_args.normalize_embeddings,
+            colbert_dim=-1 if model_args.colbert_dim is None else model_args.colbert_dim,
+            pooling=training_args.sentence_pooling_method or "cls",
+            normalize_embeddings=training_args.normalize_embeddings is not False,
             **encoder_kwargs,
         )
     if layout == "bge-m3":
@@ -164,6 +180,7 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     model = load_model(
         model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
     )
+    prepare_for_training(model, training_args)
     evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
     extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate
     return M3Trainer(

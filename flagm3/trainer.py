@@ -1,7 +1,11 @@
-"""``M3Trainer``: a Hugging Face ``Trainer`` whose ``compute_loss`` trains the three M3 heads jointly.
+"""``M3Trainer``: a Hugging Face ``Trainer`` for M3 models, whose loss owns the training step.
 
-Specialise it by class attributes (``loss_class``, ``collator_class``, ``batch_sampler_class``) or by
-overriding :meth:`M3Trainer.encode` / :meth:`M3Trainer.compute_loss`.
+The trainer builds the loss from its arguments (``loss_class``: the objective, ``training_loss_class``: the
+batch loss around it, :class:`flagm3.losses.M3TrainingLoss`), feeds it length-grouped batches
+(``batch_sampler_class``, ``collator_class``), builds the optimizer (heads at their own learning rate),
+skips optimizer steps with non-finite gradients, logs the loss terms, and saves (also in the BGE-M3 layout).
+The forward work, cached gradients (``sub_batch_size``) included, is the loss's: the training step is the
+Trainer's own. Prepare the model first with :func:`flagm3.recipe.prepare_for_training`.
 """
 
 from __future__ import annotations
@@ -17,44 +21,48 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .attention import set_attention_dropout, use_recompute_attention
 from .checkpointing import AtomicCheckpointMixin
 from .convert_bge_m3 import save_bge_m3
-from .data import (
-    M3BatchSampler,
-    M3Collator,
-    M3TrainDataset,
-    chunked_padding_fraction,
-    split_by_length,
-)
-from .data.sampler import CHUNK_OVERHEAD_TOKENS
-from .distributed import gather_passages, world
-from .losses import M3Loss, M3LossOutput
-from .modeling_m3 import M3Output, merge_outputs, unwrap_m3
+from .data import M3BatchSampler, M3Collator, M3TrainDataset
+from .distributed import world, zero3_enabled
+from .losses import M3Loss, M3TrainingLoss
+from .modeling_m3 import unwrap_m3
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
 
 HEAD_MODULES = ("sparse_linear", "colbert_linear")
 
+__all__ = ["M3Trainer", "NonFiniteLossError", "unwrap_m3"]
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a non-finite loss or gradient."""
 
 
-def _float_output(out: M3Output) -> M3Output:
-    """Scores and losses in fp32 even when the encoder ran in bf16/fp16."""
-    cast = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
-    return M3Output(dense=cast(out.dense), sparse=cast(out.sparse), colbert=cast(out.colbert),
-                    colbert_mask=out.colbert_mask)
+def _largest_magnitude(tensors: list[Tensor]) -> Tensor:
+    """``max |t|`` over all ``tensors`` in fused kernels per device and dtype (NaN if any entry is NaN)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(tensors, norm_type=math.inf)
+    return torch.stack([t.detach().abs().max().float() for t in tensors]).max()
 
 
 class M3Trainer(AtomicCheckpointMixin, Trainer):
     """Trainer for :class:`flagm3.M3Model` on (query, group of passages) batches from ``flagm3.data``.
 
-    Checkpoints are written atomically (see :mod:`flagm3.checkpointing`)."""
+    Non-finite steps: after the last micro-batch of each optimizer step one fused check (the largest gradient
+    magnitude, one host read)
+    tests every gradient; a step with a non-finite one is skipped (gradients dropped, the optimizer and the
+    learning-rate schedule untouched), and ``max_consecutive_nonfinite_steps`` in a row stop training. Under
+    DeepSpeed, whose gradients live in partitions, a micro-batch with a non-finite loss is back-propagated as
+    zero gradients instead (one all-reduced flag), so DeepSpeed's own step bookkeeping runs as usual. With fp16 loss
+    scaling the GradScaler skips such steps itself. Checkpoints are written atomically
+    (:mod:`flagm3.checkpointing`).
+    """
 
     loss_class: type[M3Loss] = M3Loss
+    training_loss_class: type[M3TrainingLoss] = M3TrainingLoss
     collator_class: type[M3Collator] = M3Collator
     batch_sampler_class: type[M3BatchSampler] = M3BatchSampler
 
@@ -77,69 +85,20 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
                 pad_to_multiple_of=self.data_args.pad_to_multiple_of,
             )
         self.m3_loss = loss if loss is not None else self.loss_class(args.loss_config())
+        self.training_loss = self.training_loss_class.from_args(self.m3_loss, args)
+        if getattr(args, "sub_batch_size", None) and getattr(args, "deepspeed", None) and zero3_enabled():
+            raise ValueError("sub_batch_size (cached gradients) runs under DeepSpeed ZeRO stages 0-2, not ZeRO-3.")
         self.evaluator = evaluator
-        self._log_sums: dict[str, float] = defaultdict(float)
-        self._log_count = 0
+        self._log_sums: dict[str, Any] = defaultdict(float)  # tensors (losses) and host floats (padding)
+        self._log_count: Any = 0  # micro-batches with a finite loss (a tensor once counting starts)
+        self._host_count = 0  # micro-batches recorded
+        self._step_logs: list[dict[str, Any]] = []  # this optimizer step's micro-batches, read only when it fails
+        self._last_logs: dict[str, Any] = {}
         self._bad_steps = 0
-        self._stat_sums: dict[str, Tensor] = {}
-        self._stat_count = 0
-        self._sparse_start: Optional[dict[str, float]] = None
+        self._skipped_step: Optional[int] = None  # the last step (1-based) marked as skipped
+        self._sparse_start: Optional[dict[str, float]] = None  # the first logged sparse health
         self._sparse_warned = False
-        self._prepare_parameters(model, args)
-        self._prepare_sparse_head(model)
-        self._choose_attention(model, args)
         super().__init__(model=model, args=args, **kwargs)
-
-    # ------------------------------------------------------------------------------------ setup
-    def _prepare_parameters(self, model: nn.Module, args: M3TrainingArguments) -> None:
-        """Freeze what must not train: unused heads, the encoder's pooler, and what the arguments fix."""
-        m3 = unwrap_m3(model)
-        trained = {h for h in self.m3_loss.heads if self.m3_loss.config.trains(h)}
-        frozen = []
-        for name, param in m3.named_parameters():
-            unused_head = (name.startswith("sparse_linear") and "sparse" not in trained) or (
-                name.startswith("colbert_linear") and "colbert" not in trained
-            )
-            pooler = name.startswith("encoder.pooler.")
-            fixed = (args.fix_encoder and name.startswith("encoder.")) or (
-                args.fix_position_embedding and "position_embeddings" in name
-            )
-            if unused_head or pooler or fixed:
-                if param.requires_grad:
-                    frozen.append(name)
-                param.requires_grad_(False)
-        if frozen:
-            logger.info("frozen parameters: %d tensors (%s ...)", len(frozen), ", ".join(frozen[:3]))
-
-    def _prepare_sparse_head(self, model: nn.Module) -> None:
-        """The sparse-head levers of the loss config: detached hidden states into the head
-        (``sparse_stop_gradient``) and the anchor's copy of the head's initial parameters."""
-        cfg = self.m3_loss.config
-        head = unwrap_m3(model).sparse_linear
-        self._sparse_initial = None
-        if "sparse" not in self.m3_loss.heads:
-            return
-        if cfg.sparse_stop_gradient:
-            head.register_forward_pre_hook(lambda module, inputs: tuple(x.detach() for x in inputs))
-        if cfg.sparse_anchor_weight > 0:
-            self._sparse_initial = [p.detach().clone() for p in head.parameters()]
-
-    @staticmethod
-    def _choose_attention(model: nn.Module, args: M3TrainingArguments) -> None:
-        """The training-time attention settings of :mod:`flagm3.attention`: the dropout on attention
-        probabilities (``attention_dropout``; by default 0 in the ``flagm3`` recipe) and, when asked, probabilities
-        recomputed in the backward pass (not with gradient checkpointing, which recomputes whole layers)."""
-        encoder = unwrap_m3(model).encoder
-        dropout = getattr(args, "attention_dropout", None)
-        if dropout is None and getattr(args, "loss_preset", None) == "flagm3":
-            dropout = 0.0
-        if dropout is not None and not set_attention_dropout(encoder, dropout):
-            logger.warning("attention_dropout=%s: no attention module of %s has a dropout to set",
-                           dropout, type(encoder).__name__)
-        if getattr(args, "recompute_attention", False) and not args.gradient_checkpointing:
-            if not use_recompute_attention(encoder):
-                logger.warning("recompute_attention: %s does not dispatch attention through transformers' "
-                               "AttentionInterface; attention is left as it is", type(encoder).__name__)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""
@@ -194,173 +153,124 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------------------------- loss
-    def encode(self, model: nn.Module, features: dict[str, Tensor]) -> M3Output:
-        """Run the (wrapped) model on one side of the batch, computing only the heads the loss needs.
-
-        With ``max_length_chunks > 1`` the rows are encoded in length-sorted chunks, each cut to its own longest
-        text (:func:`flagm3.data.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
-        """
-        heads = self.m3_loss.heads
-        mask = features["attention_mask"]
-        right_padded = bool((mask.cumprod(1) == mask).all())
-        max_chunks = getattr(self.args, "max_length_chunks", 1) if right_padded else 1
-        chunks = split_by_length(features, max_chunks, CHUNK_OVERHEAD_TOKENS)
-        if len(chunks) < 2:
-            return _float_output(model(**features, heads=heads))
-        parts = [_float_output(model(**part, heads=heads)) for _, part in chunks]
-        return merge_outputs(parts, [rows for rows, _ in chunks], mask.shape[1])
-
-    def m3_loss_from_outputs(
-        self, q: M3Output, q_ids: Tensor, p: M3Output, p_ids: Tensor, inputs: dict[str, Any]
-    ) -> M3LossOutput:
-        """The loss of one batch from both sides' head outputs (passages gathered across processes if asked)."""
-        no_in_batch_neg = bool(inputs.get("no_in_batch_neg", False))
-        group_size = p_ids.shape[0] // q_ids.shape[0]
-        offset = 0
-        if self.args.negatives_cross_device and not no_in_batch_neg:
-            rank, size = world()
-            if size > 1:
-                p, p_ids = gather_passages(p, p_ids)
-                offset = rank * q_ids.shape[0]
-        return self.m3_loss(
-            q,
-            q_ids,
-            p,
-            p_ids,
-            group_size=group_size,
-            teacher_scores=inputs.get("teacher_scores"),
-            no_in_batch_neg=no_in_batch_neg,
-            step=self.state.global_step,
-            query_offset=offset,
-        )
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        q = self.encode(model, inputs["query"])
-        p = self.encode(model, inputs["passage"])
-        out = self.m3_loss_from_outputs(q, inputs["query"]["input_ids"], p, inputs["passage"]["input_ids"], inputs)
-        if self._sparse_initial is not None:
-            anchor = self.m3_loss.sparse_anchor(unwrap_m3(model).sparse_linear, self._sparse_initial)
-            out.loss = out.loss + anchor
-            out.stats["sparse_anchor"] = anchor.detach()
-        self._record(out.logs, inputs)
-        self._record_stats(out.stats)
-        return (out.loss, out) if return_outputs else out.loss
+        """The batch loss (:class:`flagm3.losses.M3TrainingLoss`); its terms are kept for the logs."""
+        out = self.training_loss(model, inputs, step=self.state.global_step)
+        loss = out.loss
+        if model.training and torch.is_grad_enabled():
+            self._record(out.logs, out.stats)
+            if self.is_deepspeed_enabled and not self._finite_on_every_rank(loss):
+                self._skip_step(*self._nonfinite_loss())
+                self._step_logs.clear()
+                # a zero gradient for every trained parameter: DeepSpeed reduces and steps as usual
+                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        return (loss, out) if return_outputs else loss
 
-    # ------------------------------------------------------------------------------ training step
+    # -------------------------------------------------------------------------------- non-finite
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One micro-batch, with cached gradients when ``sub_batch_size`` is set. A non-finite loss or gradient
-        in any micro-batch skips the whole optimizer step (see :meth:`_drop_skipped_step`)."""
-        if self.args.sub_batch_size:
-            if self.is_deepspeed_enabled:
-                raise ValueError("sub_batch_size (cached-gradient training) does not run under DeepSpeed.")
-            from .gradcache import cached_gradient_step
-
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            loss = cached_gradient_step(self, model, inputs)
-        else:
-            loss = self._guarded_step(model, inputs, num_items_in_batch)
-        self._check_gradients(model)
-        self._drop_skipped_step(model)
+        """The Trainer's step; after the last micro-batch of an optimizer step, :meth:`_guard_gradients` (before
+        the Trainer clips them, so a non-finite gradient is still found where it arose)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._guard_gradients()
         return loss
 
-    def _guarded_step(self, model, inputs, num_items_in_batch) -> Tensor:
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if not self.all_finite(loss):
-            self._skip_step(f"loss {float(loss.detach())}")
-            if self._loss_scaler() is None:  # with fp16 loss scaling, backward runs and the GradScaler skips
-                return torch.zeros((), device=loss.device)
-        loss = loss / self.current_gradient_accumulation_steps
-        kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
-        self.accelerator.backward(loss, **kwargs)
-        return loss.detach()
-
-    def all_finite(self, value: Tensor) -> bool:
-        """True on every process only if ``value`` is finite on every process (so none waits in backward)."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0], device=value.device)
-        if self.args.world_size > 1:
+    def _finite_on_every_rank(self, value: Tensor) -> bool:
+        """True only if ``value`` is finite on every process (one all-reduce, one host read)."""
+        bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+        if world()[1] > 1:
             torch.distributed.all_reduce(bad)
         return bad.item() == 0
 
-    def _check_gradients(self, model: nn.Module) -> None:
-        # DeepSpeed: gradients live in its partitions. fp16 loss scaling: the GradScaler skips inf/NaN steps.
-        # A step already skipped loses its gradients anyway. (Each condition is the same on every process.)
-        if self.is_deepspeed_enabled or self._loss_scaler() is not None or self._step_skipped():
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not self.all_finite(torch.stack([g.detach().float().abs().max() for g in grads])):
-            bad = [n for n, p in unwrap_m3(model).named_parameters()
-                   if p.grad is not None and not torch.isfinite(p.grad).all()]
-            bad.sort(key=lambda n: not n.startswith(HEAD_MODULES))  # the heads first: nearest to the loss
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            self._skip_step(f"gradient of {', '.join(bad[:3]) or 'a parameter on another process'}{more}")
+    def _guard_gradients(self) -> None:
+        """Skip this optimizer step if any gradient is non-finite (one fused max-norm, one host read). Gradients are
+        the same on every process after DDP's all-reduce, so every process decides alike."""
+        step_logs, self._step_logs = self._step_logs, []
+        if self.is_deepspeed_enabled or self._loss_scaler() is not None:
+            return  # DeepSpeed: partitioned gradients (guarded per micro-batch); fp16: the GradScaler skips
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(_largest_magnitude(grads)))
+        if not finite:
+            what, terms = self._nonfinite_loss(step_logs)
+            self._skip_step(what or self._nonfinite_gradient_description(), terms)
+            self.model.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
+        if hasattr(self.optimizer, "_is_overflow"):  # accelerate's step_was_skipped: no scheduler step either
+            self.optimizer._is_overflow = not finite
 
-    def _skip_step(self, what: str) -> None:
+    def _nonfinite_loss(self, step_logs: Optional[list] = None) -> tuple[str, list[str]]:
+        """(``loss nan``, its non-finite terms) for the first micro-batch of this step with a non-finite loss;
+        ``("", [])`` when every loss was finite."""
+        for logs in self._step_logs if step_logs is None else step_logs:
+            values = {k: float(v) for k, v in logs.items()}
+            if not math.isfinite(values.get("loss", 0.0)):
+                return f"loss {values['loss']}", [k for k, v in values.items() if not math.isfinite(v) and k != "loss"]
+        return "", []
+
+    def _nonfinite_gradient_description(self) -> str:
+        bad = [n for n, p in unwrap_m3(self.model).named_parameters()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad.sort(key=lambda n: not n.startswith(HEAD_MODULES))  # the heads first: nearest to the loss
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"gradient of {', '.join(bad[:3]) or 'a parameter'}{more}"
+
+    def _skip_step(self, what: str, terms: Optional[list[str]] = None) -> None:
         """Mark the current optimizer step as skipped, warn, and stop after too many consecutive ones."""
         step = self.state.global_step + 1  # the step being computed, numbered as the logs number it
         if self._skipped_step != step:
             consecutive = self._skipped_step is not None and self._skipped_step == step - 1
             self._bad_steps = self._bad_steps + 1 if consecutive else 1
             self._skipped_step = step
-        heads = [k for k, v in self._last_logs.items() if not math.isfinite(v)] if self._last_logs else []
-        logger.warning(
-            "step %d: non-finite %s%s; step skipped (%d in a row)",
-            step, what, f" (terms: {', '.join(heads)})" if heads else "", self._bad_steps,
-        )
+        logger.warning("step %d: non-finite %s%s; step skipped (%d in a row)", step, what,
+                       f" (terms: {', '.join(terms)})" if terms else "", self._bad_steps)
         if self._bad_steps >= self.args.max_consecutive_nonfinite_steps:
+            last = {k: float(v) for k, v in self._last_logs.items() if k.startswith(("loss", "self_distill"))}
             raise NonFiniteLossError(
                 f"{self._bad_steps} consecutive steps with a non-finite {what} at step {step}; "
-                f"last per-term losses: {self._last_logs}. Lower the learning rate, check the data, or use bf16."
+                f"last per-term losses: {last}. Lower the learning rate, check the data, or use bf16."
             )
-
-    _skipped_step: Optional[int] = None  # the last step (1-based) marked as skipped
-
-    def _step_skipped(self) -> bool:
-        return self._skipped_step == self.state.global_step + 1
 
     def _loss_scaler(self):
         return getattr(self.accelerator, "scaler", None)
 
-    def _drop_skipped_step(self, model: nn.Module) -> None:
-        """After every micro-batch: if the step is skipped, drop its gradients (``None``: the optimizer leaves
-        those parameters and their Adam moments untouched) and flag the step as skipped, as accelerate flags an
-        fp16 overflow, so the Trainer does not advance the learning-rate schedule either.
-
-        Under DeepSpeed only the non-finite micro-batch's backward is skipped; with fp16 loss scaling the
-        GradScaler skips the step (its backward ran on the non-finite loss)."""
-        if self.is_deepspeed_enabled or self._loss_scaler() is not None:
-            return
-        skipped = self._step_skipped()
-        if skipped:
-            model.zero_grad(set_to_none=True)
-        if hasattr(self.optimizer, "_is_overflow"):  # accelerate's AcceleratedOptimizer.step_was_skipped
-            self.optimizer._is_overflow = skipped
-
     # ---------------------------------------------------------------------------------- logging
-    _last_logs: dict[str, float] = {}
-
-    def _record(self, logs: dict[str, float], inputs: dict[str, Any]) -> None:
+    def _record(self, logs: dict[str, Any], stats: Optional[dict[str, Tensor]] = None) -> None:
+        """Add one micro-batch's terms and statistics (``sparse_health``) to the sums logged next (device
+        tensors: no host read here); a micro-batch with a non-finite loss adds nothing but its padding."""
         self._last_logs = logs
-        if not all(math.isfinite(v) for v in logs.values()):
-            return
-        for key, value in logs.items():
-            if key != "loss":
+        self._step_logs.append(logs)
+        finite = torch.isfinite(logs["loss"])
+        for key, value in {**logs, **(stats or {})}.items():
+            if key == "loss":
+                continue
+            if torch.is_tensor(value):  # a loss term: counted only with a finite loss
+                self._log_sums[key] = self._log_sums[key] + torch.where(finite, value, torch.zeros_like(value))
+            else:  # a host float (padding): counted always
                 self._log_sums[key] += value
-        chunks = getattr(self.args, "max_length_chunks", 1)
-        for side in ("passage", "query"):  # what the encoder processes, after length chunking
-            mask = inputs[side]["attention_mask"]
-            self._log_sums[f"padding_{side}"] += chunked_padding_fraction(mask, chunks, CHUNK_OVERHEAD_TOKENS)
-        self._log_count += 1
+        self._log_count = self._log_count + finite.to(torch.float32)
+        self._host_count += 1
 
-    def _record_stats(self, stats: dict[str, Tensor]) -> None:
-        """Sum the loss's detached statistics on the device; they reach the host at logging steps only."""
-        for key, value in stats.items():
-            self._stat_sums[key] = self._stat_sums[key] + value if key in self._stat_sums else value
-        if stats:
-            self._stat_count += 1
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the per-term losses and the padding fractions, averaged over the micro-batches since the last
+        log and over every process (the one place they are read back to the host)."""
+        if "loss" in logs and self._log_sums:
+            keys = sorted(self._log_sums)
+            device = self.args.device
+            values = torch.stack([torch.as_tensor(self._log_sums[k], dtype=torch.float32, device=device)
+                                  for k in keys] + [torch.as_tensor(self._log_count, dtype=torch.float32,
+                                                                    device=device)])
+            if world()[1] > 1:
+                torch.distributed.all_reduce(values)
+            values = values.tolist()
+            count, host_count = values[-1], self._host_count * world()[1]
+            for key, value in zip(keys, values):
+                n = host_count if not torch.is_tensor(self._log_sums[key]) else count
+                if n:
+                    logs[key] = round(value / n, 6)
+            self._log_sums.clear()
+            self._log_count = 0
+            self._host_count = 0
+            self._check_sparse_health(logs)
+        super().log(logs, *args, **kwargs)
 
     def _check_sparse_health(self, logs: dict[str, float]) -> None:
         """One WARNING when more than 5% of the passages have all-zero lexical vectors, or when the active tokens
@@ -384,18 +294,6 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
                 start["sparse_active_passage"], logs["sparse_active_query"], start["sparse_active_query"],
             )
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the per-head losses, the padding fractions and the sparse health, averaged since the last log."""
-        if "loss" in logs and self._log_count:
-            logs.update({k: round(v / self._log_count, 6) for k, v in self._log_sums.items()})
-            self._log_sums.clear()
-            self._log_count = 0
-        if "loss" in logs and self._stat_count:
-            logs.update({k: round(float(v) / self._stat_count, 6) for k, v in self._stat_sums.items()})
-            self._stat_sums.clear()
-            self._stat_count = 0
-            self._check_sparse_health(logs)
-        super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

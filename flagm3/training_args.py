@@ -39,7 +39,19 @@ class M3ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Load the fast (Rust) tokenizer if there is one."})
-    colbert_dim: int = field(default=-1, metadata={"help": "ColBERT vector size; -1: the hidden size."})
+    colbert_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "ColBERT vector size of fresh heads (-1 or unset: the hidden size). A checkpoint keeps "
+                  "its own (M3Config.colbert_dim); a different explicit value is refused."},
+    )
+    sparse_init: str = field(
+        default="auto",
+        metadata={
+            "help": "Fresh sparse head: 'idf' fits it to the training passages' IDF, 'none' keeps the random "
+            "init, 'auto' does 'idf' when starting from a plain encoder (a checkpoint keeps its trained head).",
+            "choices": ["auto", "idf", "none"],
+        },
+    )
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
     )
@@ -89,8 +101,19 @@ class M3TrainingArguments(TrainingArguments):
     negatives_cross_device: bool = field(default=False, metadata={"help": "Negatives from every process."})
     temperature: float = field(default=0.02)
     fix_position_embedding: bool = field(default=False)
-    sentence_pooling_method: str = field(default="cls", metadata={"choices": ["cls", "mean", "last_token"]})
-    normalize_embeddings: bool = field(default=True)
+    sentence_pooling_method: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Dense pooling (cls, mean, last_token). Default: the checkpoint's own (M3Config.pooling); cls "
+            "for fresh heads on a plain encoder. Given explicitly, it overrides the checkpoint's.",
+            "choices": ["cls", "mean", "last_token"],
+        },
+    )
+    normalize_embeddings: Optional[bool] = field(
+        default=None,
+        metadata={"help": "L2-normalise dense and ColBERT vectors. Default: the checkpoint's own "
+                  "(M3Config.normalize_embeddings); True for fresh heads. Given explicitly, it overrides the checkpoint's."},
+    )
     sub_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Cached-gradient (GradCache) training in chunks of this many texts."}
     )
@@ -153,8 +176,9 @@ class M3TrainingArguments(TrainingArguments):
     attention_dropout: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Dropout on the encoder's attention probabilities during training. Default: the recipe's, "
-            "0 with loss_preset flagm3 (fused attention kernels: faster, less memory), the encoder's own with bge-m3."
+            "help": "Dropout on the encoder's attention probabilities during training. Default: the recipe's "
+            "(RECIPE_ATTENTION_DROPOUT): 0 with loss_preset flagm3 (fused attention kernels: faster, leaner), the "
+            "encoder's own with bge-m3 (as FlagEmbedding trains)."
         },
     )
     recompute_attention: bool = field(
@@ -162,14 +186,6 @@ class M3TrainingArguments(TrainingArguments):
         metadata={
             "help": "Recompute attention probabilities in the backward pass instead of storing them (CPU attention "
             "with dropout: about 0.7 GB less for MiniLM at 16 x 256 tokens, about 25% more step time)."
-        },
-    )
-    sparse_init: str = field(
-        default="auto",
-        metadata={
-            "help": "Fresh sparse head: 'idf' fits it to the training passages' IDF, 'none' keeps the random "
-            "init, 'auto' does 'idf' when starting from a plain encoder.",
-            "choices": ["auto", "idf", "none"],
         },
     )
     save_bge_m3_layout: bool = field(
@@ -216,6 +232,12 @@ class M3TrainingArguments(TrainingArguments):
         config.validate()
         return config
 
+    def training_attention_dropout(self) -> Optional[float]:
+        """``attention_dropout`` when given, else the recipe's (``None``: keep the encoder's own)."""
+        if self.attention_dropout is not None:
+            return self.attention_dropout
+        return RECIPE_ATTENTION_DROPOUT.get(self.loss_preset)
+
     def differences_from_flagembedding(self) -> list[str]:
         """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
         same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
@@ -239,6 +261,10 @@ class M3TrainingArguments(TrainingArguments):
                 lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
         return lines
 
+
+# The attention dropout each recipe (--loss_preset) trains with; None keeps the encoder's own (0.1 for BERT and
+# XLM-RoBERTa). 0 lets PyTorch's fused attention kernels run (docs/performance.md).
+RECIPE_ATTENTION_DROPOUT: Dict[str, Optional[float]] = {"flagm3": 0.0, "bge-m3": None}
 
 # M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
 _LOSS_FLAGS = {"head_weights": "head_loss_weights"}

@@ -12,7 +12,7 @@ from conftest import SENTENCES
 from flagm3 import M3Model
 from flagm3.attention import RECOMPUTE_SDPA, set_attention_dropout, use_recompute_attention
 from flagm3.compat import TRANSFORMERS_5
-from flagm3.trainer import M3Trainer
+from flagm3.recipe import prepare_for_training
 from flagm3.training_args import M3TrainingArguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -78,17 +78,18 @@ def test_inference_and_no_grad_are_unchanged(tiny_encoder_dir, tiny_tokenizer):
     torch.testing.assert_close(after.colbert, before.colbert)
 
 
-def test_trainer_attention_settings(tiny_encoder_dir, tiny_tokenizer, tmp_path):
+def test_recipe_attention_settings(tiny_encoder_dir, tmp_path):
     def trainer_attention(**overrides) -> tuple[str, list[float]]:
         model = load(tiny_encoder_dir)
         args = M3TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, **overrides)
-        encoder = M3Trainer(model=model, args=args, processing_class=tiny_tokenizer).model.encoder
+        encoder = prepare_for_training(model, args).encoder
         dropouts = [layer.attention.self.dropout.p for layer in encoder.encoder.layer]
         assert all(layer.attention.output.dropout.p == 0.1 for layer in encoder.encoder.layer)  # hidden: kept
         return encoder.config._attn_implementation, dropouts
 
     assert trainer_attention() == ("sdpa", [0.0, 0.0])  # the flagm3 recipe: no dropout on attention probabilities
-    assert trainer_attention(loss_preset="bge-m3") == ("sdpa", [0.1, 0.1])  # the encoder's own
+    assert trainer_attention(loss_preset="bge-m3") == ("sdpa", [0.1, 0.1])  # FlagEmbedding's: the encoder's own
+    assert trainer_attention(attention_dropout=0.0, loss_preset="bge-m3") == ("sdpa", [0.0, 0.0])
     assert trainer_attention(loss_preset="bge-m3", attention_dropout=0.05) == ("sdpa", [0.05, 0.05])
     recompute = RECOMPUTE_SDPA if TRANSFORMERS_5 else "sdpa"  # 4.x: left as it is, with a warning (NO_INTERFACE)
     assert trainer_attention(recompute_attention=True, attention_dropout=0.1) == (recompute, [0.1, 0.1])

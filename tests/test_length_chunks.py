@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_gradcache import assert_same_grads, collate, load_model, make_items, make_trainer, step
 
-from flagm3 import trainer as trainer_module
 from flagm3.data import length_chunks
+from flagm3.losses import training as training_loss_module
 from flagm3.modeling_m3 import merge_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -78,7 +78,7 @@ def test_merged_chunk_outputs_equal_whole_batch_outputs(tiny_encoder_dir, tiny_t
 def test_chunked_step_equals_whole_step(tiny_encoder_dir, tiny_tokenizer, tmp_path, monkeypatch, padding_side,
                                         heads):
     """Loss and every gradient equal (float64); left-padded batches are encoded whole."""
-    monkeypatch.setattr(trainer_module, "CHUNK_OVERHEAD_TOKENS", 0)
+    monkeypatch.setattr(training_loss_module, "CHUNK_OVERHEAD_TOKENS", 0)
     inputs = collate(tiny_tokenizer, make_items(True), padding_side=padding_side)
     model = load_model(tiny_encoder_dir)
     extra = {"heads": heads} if heads else {}

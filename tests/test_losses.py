@@ -371,8 +371,8 @@ def test_overrides_from_training_arguments(batch, tmp_path):
 
 
 def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
-    """loss = ((L_d + 0 L_s + L_c + L_ens) / 4 + (KL_d + 0 KL_s + KL_c) / 3) / 2 with ens = dense + ColBERT logits;
-    the sparse outputs get no gradient, and the sparse loss is still logged."""
+    """loss = ((L_d + L_c + L_ens) / 3 + (KL_d + KL_c) / 2) / 2 with ens = dense + ColBERT logits: terms of
+    weight 0 are neither computed nor counted: the sparse head is not scored (only its health is measured)."""
     q, q_ids, p, p_ids, _ = batch
     config = M3LossConfig.preset("flagm3")
     assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, False, True]
@@ -384,23 +384,26 @@ def test_flagm3_preset_keeps_the_sparse_head_out_of_every_term(batch):
     pos = [b * G for b in range(B)]
     terms = {h: ref_info_nce(v, pos) for h, v in lg.items()}
     target = torch.softmax(lg["ensemble"], -1)
-    contrastive = (terms["dense"] + terms["colbert"] + terms["ensemble"]) / 4
-    distill = (ref_kl(target, lg["dense"]) + ref_kl(target, lg["colbert"])) / 3
+    contrastive = (terms["dense"] + terms["colbert"] + terms["ensemble"]) / 3
+    distill = (ref_kl(target, lg["dense"]) + ref_kl(target, lg["colbert"])) / 2
     assert_close(out.loss, (contrastive + distill) / 2)
-    assert_close(out.logs["loss_sparse"], terms["sparse"])
+    assert "loss_sparse" not in out.logs and "self_distill_sparse" not in out.logs
+    assert config.computed_heads() == ("dense", "colbert")  # scored
+    assert M3Loss(config).heads == ("dense", "sparse", "colbert")  # encoded: the sparse head for its health
+    assert set(out.stats) == {f"sparse_{k}_{s}" for k in ("active", "zero", "weight") for s in ("query", "passage")}
     out.loss.backward()
     assert ql.sparse.grad is None or not ql.sparse.grad.any()
     assert pl.sparse.grad is None or not pl.sparse.grad.any()
     assert ql.dense.grad.abs().sum() > 0 and pl.colbert.grad.abs().sum() > 0
 
 
-def test_trainer_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_path):
-    from flagm3.trainer import M3Trainer
+def test_recipe_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_path):
+    from flagm3.recipe import prepare_for_training
 
     def frozen(**overrides) -> set:
         args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **overrides)
-        trainer = M3Trainer(model=tiny_model, args=args, processing_class=tiny_tokenizer)
-        return {n for n, p in trainer.model.named_parameters() if not p.requires_grad and "pooler" not in n}
+        model = prepare_for_training(tiny_model, args)
+        return {n for n, p in model.named_parameters() if not p.requires_grad and "pooler" not in n}
 
     assert frozen() == {"sparse_linear.weight", "sparse_linear.bias"}  # the flagm3 recipe
     for param in tiny_model.parameters():
@@ -418,6 +421,8 @@ def test_presets_and_head_selection(tmp_path):
     dense_only = M3TrainingArguments(output_dir=str(tmp_path), unified_finetuning=False, report_to=[])
     assert tuple(dense_only.loss_config().heads) == ("dense",)
     picked = M3TrainingArguments(output_dir=str(tmp_path), heads="sparse, dense", report_to=[])
+    assert picked.loss_config().computed_heads() == ("dense",)  # flagm3: the sparse head is in no term
+    picked = M3TrainingArguments(output_dir=str(tmp_path), heads="sparse, dense", loss_preset="bge-m3", report_to=[])
     assert M3Loss(picked.loss_config()).heads == ("dense", "sparse")
 
 
@@ -436,6 +441,52 @@ def test_invalid_configs_are_refused(overrides, message):
         M3LossConfig.preset("bge-m3", **overrides)
     with pytest.raises(ValueError, match="preset"):
         M3LossConfig.preset("bge-m4")
+
+
+# ------------------------------------------------------------------------------------------- weight-0 terms
+def test_a_term_of_weight_zero_is_not_computed_nor_counted(batch):
+    """A head whose outputs are NaN but whose every weight is 0 leaves the loss finite, and the total is the
+    weighted mean over the non-zero terms only: (1 L_d + 0.5 L_c + 2 L_ens) / 3 with ens = L_d + L_c logits."""
+    q, q_ids, p, p_ids, _ = batch
+    nan = lambda out: M3Output(dense=out.dense, sparse=torch.full_like(out.sparse, math.nan),  # noqa: E731
+                               colbert=out.colbert, colbert_mask=out.colbert_mask)
+    config = M3LossConfig.preset(
+        "bge-m3", use_self_distill=False,
+        head_weights={"dense": 1.0, "sparse": 0.0, "colbert": 0.5, "ensemble": 2.0},
+        ensemble_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0},
+    )
+    ql, pl = leafy(nan(q)), leafy(nan(p))
+    out = M3Loss(config)(ql, q_ids, pl, p_ids, group_size=G)
+    assert torch.isfinite(out.loss)
+    lg = ref_logits(("dense", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
+    lg["ensemble"] = lg["dense"] + lg["colbert"]
+    pos = [b * G for b in range(B)]
+    t = {h: ref_info_nce(v, pos) for h, v in lg.items()}
+    assert_close(out.loss, (t["dense"] + 0.5 * t["colbert"] + 2.0 * t["ensemble"]) / 3)
+    assert set(out.logs) == {"loss_dense", "loss_colbert", "loss_ensemble", "loss"}
+    out.loss.backward()
+    assert ql.sparse.grad is None and pl.sparse.grad is None  # not back-propagated either
+    assert torch.isfinite(ql.dense.grad).all() and torch.isfinite(pl.colbert.grad).all()
+
+
+def test_self_distillation_is_its_own_switch(batch):
+    """An ensemble InfoNCE weight of 0 drops that term only: self-distillation towards the ensemble stays on."""
+    q, q_ids, p, p_ids, _ = batch
+    config = M3LossConfig.preset("bge-m3", head_weights={"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 0.0})
+    out = M3Loss(config)(q, q_ids, p, p_ids, group_size=G)
+    lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
+    lg["ensemble"] = lg["dense"] + 0.3 * lg["sparse"] + lg["colbert"]
+    pos = [b * G for b in range(B)]
+    t = {h: ref_info_nce(lg[h], pos) for h in ("dense", "sparse", "colbert")}
+    target = torch.softmax(lg["ensemble"], -1)
+    sd = (ref_kl(target, lg["dense"]) + 0.1 * ref_kl(target, lg["sparse"]) + ref_kl(target, lg["colbert"])) / 3
+    assert_close(out.loss, ((t["dense"] + 0.1 * t["sparse"] + t["colbert"]) / 3 + sd) / 2)
+    assert "loss_ensemble" not in out.logs and "self_distill_dense" in out.logs
+    off = M3Loss(M3LossConfig.preset("bge-m3", use_self_distill=False))(q, q_ids, p, p_ids, group_size=G)
+    assert not any(k.startswith("self_distill") for k in off.logs)
+    with pytest.raises(ValueError, match="every loss term has weight 0"):
+        M3LossConfig.preset("bge-m3", use_self_distill=False,
+                            head_weights={"dense": 0.0, "sparse": 0.0, "colbert": 0.0, "ensemble": 0.0})
 
 
 # ---------------------------------------------------------------------- sparse-head levers, teacher temperature
@@ -507,17 +558,18 @@ def test_sparse_anchor_is_the_relative_squared_distance():
 
 
 def _sparse_grads(model, tokenizer, tmp_path, **overrides):
-    """Encoder and sparse-head gradients of the sparse InfoNCE term alone, through M3Trainer.encode."""
+    """Encoder and sparse-head gradients of the sparse InfoNCE term alone, through the training loss's encode."""
+    from flagm3.recipe import prepare_for_training
     from flagm3.trainer import M3Trainer
 
     args = M3TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_preset="bge-m3",
                                **overrides)
-    trainer = M3Trainer(model=model, args=args, processing_class=tokenizer)
+    trainer = M3Trainer(model=prepare_for_training(model, args), args=args, processing_class=tokenizer)
     texts = ["a query about wings", "boundary layer flow", "a paper on wings and flow", "heat transfer"]
     q = tokenizer(texts[:2], return_tensors="pt", padding=True)
     p = tokenizer(texts[2:] * 2, return_tensors="pt", padding=True)
     model.zero_grad(set_to_none=True)
-    qo, po = trainer.encode(trainer.model, dict(q)), trainer.encode(trainer.model, dict(p))
+    qo, po = (trainer.training_loss.encode(trainer.model, dict(side)) for side in (q, p))
     sparse = trainer.m3_loss.head_logits("sparse", qo, q["input_ids"], po, p["input_ids"], None)
     info_nce(sparse, torch.tensor([0, 2])).backward()
     encoder = [t.grad.abs().sum() for n, t in model.named_parameters() if n.startswith("encoder.")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from flagm3.scoring import (
+pytest.importorskip("hypothesis")  # a dev extra
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flagm3.scoring import (  # noqa: E402
     colbert_scores,
     colbert_scores_paired,
     dense_scores,

@@ -84,12 +84,9 @@ def held_out_loss(trainer, batches: list[dict]) -> dict[str, float]:
     totals: dict[str, float] = defaultdict(float)
     with torch.no_grad():
         for inputs in batches:
-            q = trainer.encode(model, inputs["query"])
-            p = trainer.encode(model, inputs["passage"])
-            out = trainer.m3_loss_from_outputs(q, inputs["query"]["input_ids"], p, inputs["passage"]["input_ids"],
-                                               inputs)
+            out = trainer.training_loss(model, inputs)
             for key, value in out.logs.items():
-                totals[key] += value / len(batches)
+                totals[key] += float(value) / len(batches)
     return dict(totals)
 
 

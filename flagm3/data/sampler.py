@@ -89,23 +89,40 @@ def trim_padding(features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def split_by_length(
-    features: Dict[str, torch.Tensor], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS
+    features: Dict[str, torch.Tensor], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS,
+    lengths: Optional[Sequence[int]] = None,
 ) -> List[Tuple[List[int], Dict[str, torch.Tensor]]]:
-    """``(rows, features of those rows, trimmed)`` for each chunk of :func:`length_chunks` of a tokenised batch."""
+    """``(rows, features of those rows, trimmed)`` for each chunk of :func:`length_chunks` of a tokenised batch.
+
+    ``lengths``: the rows' token counts when the caller already has them on the host (then a right-padded
+    batch is cut without reading the device tensors again)."""
     mask = features["attention_mask"]
-    chunks = length_chunks(mask.ne(0).sum(1).tolist(), max_chunks, overhead)
+    known = lengths is not None
+    if not known:
+        lengths = mask.ne(0).sum(1).tolist()
+
+    def cut(rows: List[int], part: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if not known:
+            return trim_padding(part)
+        width = max(1, max(lengths[i] for i in rows))
+        return {k: v[:, :width] for k, v in part.items()}
+
+    chunks = length_chunks(lengths, max_chunks, overhead)
     if len(chunks) < 2:  # the batch as it is, rows in order (no copy)
-        return [(list(range(mask.shape[0])), trim_padding(features))] if chunks else []
-    return [(rows, trim_padding({k: v.index_select(0, torch.tensor(rows, device=v.device))
-                                 for k, v in features.items()})) for rows in chunks]
+        rows = list(range(mask.shape[0]))
+        return [(rows, cut(rows, features))] if chunks else []
+    return [(rows, cut(rows, {k: v.index_select(0, torch.tensor(rows, device=v.device)) for k, v in features.items()}))
+            for rows in chunks]
 
 
 def chunked_padding_fraction(
-    attention_mask: torch.Tensor, max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS
+    attention_mask: torch.Tensor, max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS,
+    lengths: Optional[Sequence[int]] = None,
 ) -> float:
     """Fraction of padded positions the encoder processes when the rows of ``attention_mask`` [B, L] are
-    encoded in :func:`length_chunks` (``max_chunks=1``: :func:`padding_fraction`)."""
-    lengths = attention_mask.ne(0).sum(1).tolist()
+    encoded in :func:`length_chunks` (``max_chunks=1``: :func:`padding_fraction`); ``lengths``: the rows'
+    token counts if already on the host."""
+    lengths = attention_mask.ne(0).sum(1).tolist() if lengths is None else lengths
     processed = sum(len(c) * max(lengths[i] for i in c) for c in length_chunks(lengths, max_chunks, overhead))
     return 1.0 - sum(lengths) / processed if processed else 0.0
 

@@ -48,6 +48,38 @@ class GradientRecorder(TrainerCallback):
             }
 
 
+class EngineSteps(TrainerCallback):
+    """After each optimizer step: the Trainer's step and, under DeepSpeed, the engine's own counters."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.steps: list[dict[str, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        engine = self.trainer.model_wrapped
+        if hasattr(engine, "micro_steps"):
+            self.steps.append({"trainer": state.global_step, "engine_global_steps": engine.global_steps,
+                               "engine_micro_steps": engine.micro_steps})
+
+
+def poison(trainer: Any, spec: str) -> None:
+    """``STEP:MICRO``: multiply the sparse head's output by inf in that (1-based) step's MICRO-th (0-based)
+    micro-batch, so its loss is non-finite."""
+    from flagm3.trainer import unwrap_m3
+
+    step, micro = (int(x) for x in spec.split(":"))
+    seen: dict[int, int] = {}
+
+    def hook(module, inputs, output):
+        current = trainer.state.global_step + 1
+        calls = seen[current] = seen.get(current, 0) + 1  # one call per side and micro-batch, when not chunked
+        if current == step and (calls - 1) // 2 == micro:
+            return output.abs() * float("inf")
+        return None
+
+    unwrap_m3(trainer.model).sparse_linear.register_forward_hook(hook)
+
+
 def checkpointing(model: torch.nn.Module) -> bool:
     """Whether activation (gradient) checkpointing is on (transformers 5 renamed the property)."""
     flag = getattr(type(model), "is_activation_checkpointing", None)
@@ -77,10 +109,20 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
     from flagm3.trainer import unwrap_m3
 
     _skip_deepspeed_op_builds()
+    argv = list(argv)
+    poison_spec = None
+    if "--test_poison" in argv:  # test-only: see poison()
+        at = argv.index("--test_poison")
+        poison_spec = argv[at + 1]
+        del argv[at : at + 2]
     model_args, data_args, training_args = parse_args(argv)
     trainer = build_trainer(model_args, data_args, training_args)
     recorder = GradientRecorder()
     trainer.add_callback(recorder)
+    engine_steps = EngineSteps(trainer)
+    trainer.add_callback(engine_steps)
+    if poison_spec:
+        poison(trainer, poison_spec)
 
     batches: list[list[list[int]]] = []
     compute_loss = trainer.compute_loss
@@ -102,6 +144,7 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         "batches": batches,
         "attn_implementation": unwrap_m3(trainer.model).encoder.config._attn_implementation,
         "gradient_checkpointing": checkpointing(unwrap_m3(trainer.model).encoder),
+        "engine_steps": engine_steps.steps,
     }
     out = Path(result_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modeling_m3 import M3Output
-from .scoring import (
+from ..modeling_m3 import M3Output
+from ..scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
     HEADS,
     colbert_scores,
@@ -78,9 +78,11 @@ def group_logits(logits: Tensor, positive_index: Tensor, group_size: int) -> Ten
 class M3LossConfig:
     """Everything that defines the objective; :meth:`preset` gives the named recipes.
 
-    The loss is ``mean_t(w_t * L_t)`` over the contrastive terms t (each trained head and, with more than one
-    head, the ensemble); once self-distillation is active it becomes the mean of that and
-    ``mean_h(v_h * KL(softmax(ensemble) || head_h))``.
+    The loss is ``mean_t(w_t * L_t)`` over the contrastive terms t with a non-zero weight ``w_t`` (each head
+    and, with more than one head, the ensemble); once self-distillation is on (``use_self_distill``, more than
+    one head, ``step > self_distill_start_step``) it becomes the mean of that and
+    ``mean_h(v_h * KL(softmax(ensemble) || head_h))`` over the heads with a non-zero ``v_h``. A term with
+    weight 0 is neither computed nor counted; a head in no term is not computed at all.
     """
 
     heads: Sequence[str] = HEADS
@@ -143,26 +145,61 @@ class M3LossConfig:
             raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
         if self.sparse_anchor_weight < 0:
             raise ValueError(f"sparse_anchor_weight must be >= 0, got {self.sparse_anchor_weight}")
+        if not self.contrastive_terms() and not self.distilled_heads():
+            raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
+                             f"self-distillation {'on' if self.use_self_distill else 'off'}")
 
     def head_temperature(self, head: str) -> float:
         return self.head_temperatures.get(head, self.temperature)
 
+    def head_weight(self, term: str) -> float:
+        """Weight of a contrastive term (a head or ``ensemble``); heads default to 1, the ensemble to 0."""
+        return self.head_weights.get(term, 0.0 if term == "ensemble" else 1.0)
+
+    def ensemble_members(self) -> dict[str, float]:
+        """The heads in the ensemble score, with their non-zero weights (empty with a single head)."""
+        if len(self.heads) < 2:
+            return {}
+        return {h: w for h in HEADS if h in self.heads and (w := self.ensemble_weights.get(h, 0)) != 0}
+
+    def distills(self, step: int) -> bool:
+        """Whether self-distillation (towards the ensemble's scores) is on at optimizer step ``step``."""
+        return self.use_self_distill and bool(self.ensemble_members()) and step > self.self_distill_start_step
+
+    def distilled_heads(self) -> tuple[str, ...]:
+        """Heads with a self-distillation term (non-zero weight) when self-distillation is on."""
+        if not (self.use_self_distill and self.ensemble_members()):
+            return ()
+        return tuple(h for h in HEADS if h in self.heads and self.self_distill_weights.get(h, 1.0) != 0)
+
+    def contrastive_terms(self) -> tuple[str, ...]:
+        """Heads and ``ensemble`` with an InfoNCE term of non-zero weight."""
+        terms = tuple(h for h in HEADS if h in self.heads and self.head_weight(h) != 0)
+        if self.ensemble_members() and self.head_weight("ensemble") != 0:
+            terms += ("ensemble",)
+        return terms
+
+    def computed_heads(self) -> tuple[str, ...]:
+        """Heads whose scores some term needs (the others are not scored)."""
+        needed = {t for t in self.contrastive_terms() if t != "ensemble"} | set(self.distilled_heads())
+        if "ensemble" in self.contrastive_terms() or self.distilled_heads():
+            needed |= set(self.ensemble_members())
+        return tuple(h for h in HEADS if h in needed)
+
     def trains(self, head: str) -> bool:
-        """Whether any loss term gives ``head`` a gradient (its own term, the ensemble, self-distillation)."""
-        if head not in self.heads:
-            return False
-        ensemble = len(self.heads) > 1 and self.head_weights.get("ensemble", 0) != 0
-        return (
-            self.head_weights.get(head, 1.0) != 0
-            or (ensemble and self.ensemble_weights.get(head, 0) != 0)
-            or (ensemble and self.use_self_distill and self.self_distill_weights.get(head, 1.0) != 0)
-        )
+        """Whether any loss term gives ``head`` a gradient (its own term, the ensemble, self-distillation; the
+        ensemble's scores are a detached target in self-distillation)."""
+        in_ensemble = "ensemble" in self.contrastive_terms() and head in self.ensemble_members()
+        return head in self.contrastive_terms() or in_ensemble or head in self.distilled_heads()
 
 
 @dataclass
 class M3LossOutput:
+    """``loss``: scalar; ``logs``: detached scalar tensors (``loss_<term>``, ``self_distill_<head>``, ``loss``),
+    read on the host only when logged; ``logits``: [B, P] (or [B, G]) scores per head and ``ensemble``."""
+
     loss: Tensor
-    logs: Dict[str, float]
+    logs: Dict[str, Tensor]
     logits: Dict[str, Tensor]
     stats: Dict[str, Tensor] = field(default_factory=dict)  # detached 0-d tensors (sparse_health); no host sync
 
@@ -200,7 +237,11 @@ class M3Loss(nn.Module):
 
     @property
     def heads(self) -> tuple[str, ...]:
-        return tuple(h for h in HEADS if h in self.config.heads)
+        """The heads the model computes for this loss: those in some term with a non-zero weight, and the sparse
+        head whenever it is configured (its health statistics are logged even while no term trains it; its
+        outputs cost one ``Linear(H, 1)``, its scores are what a term would cost and are skipped)."""
+        computed = set(self.config.computed_heads()) | ({"sparse"} & set(self.config.heads))
+        return tuple(h for h in HEADS if h in computed)
 
     def get_config_dict(self) -> dict:
         return asdict(self.config)
@@ -273,25 +314,29 @@ class M3Loss(nn.Module):
             positive_index = (torch.arange(batch, device=q_ids.device) + query_offset) * group_size
             sizes = None
 
-        logits = {h: self.head_logits(h, q, q_ids, p, p_ids, sizes) for h in self.heads}
+        terms_on = cfg.contrastive_terms()
+        distilled = cfg.distilled_heads() if cfg.distills(step) else ()
+        members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
+        needed = [h for h in HEADS if h in terms_on or h in distilled or h in members]
+        logits = {h: self.head_logits(h, q, q_ids, p, p_ids, sizes) for h in needed}
+        if members:
+            logits["ensemble"] = hybrid_scores(logits, members)
         own = sizes is None and teacher_probs is None  # hard negatives can be left out of plain InfoNCE only
-        terms = {h: self.contrastive(self.own_logits(h, logits[h], positive_index, group_size) if own else logits[h],
-                                     positive_index, group_size, teacher_probs) for h in self.heads}
-        if len(self.heads) > 1 and cfg.head_weights.get("ensemble", 0) != 0:
-            logits["ensemble"] = hybrid_scores(logits, cfg.ensemble_weights)
-            terms["ensemble"] = self.contrastive(logits["ensemble"], positive_index, group_size, teacher_probs)
-        loss = sum(cfg.head_weights.get(t, 1.0) * value for t, value in terms.items()) / len(terms)
-        logs = {f"loss_{t}": float(value.detach()) for t, value in terms.items()}
-
-        if cfg.use_self_distill and "ensemble" in logits and step > cfg.self_distill_start_step:
+        terms = {t: self.contrastive(self.own_logits(t, logits[t], positive_index, group_size) if own else logits[t],
+                                     positive_index, group_size, teacher_probs) for t in terms_on}
+        parts = []
+        if terms:
+            parts.append(sum(cfg.head_weight(t) * value for t, value in terms.items()) / len(terms))
+        logs = {f"loss_{t}": value.detach() for t, value in terms.items()}
+        if distilled:
             target = torch.softmax(logits["ensemble"].detach(), dim=-1)
-            distill = {h: kl_distill(target, logits[h]) for h in self.heads}
-            distill_loss = sum(cfg.self_distill_weights.get(h, 1.0) * v for h, v in distill.items()) / len(distill)
-            loss = (loss + distill_loss) / 2
-            logs.update({f"self_distill_{h}": float(v.detach()) for h, v in distill.items()})
-        logs["loss"] = float(loss.detach())
+            distill = {h: kl_distill(target, logits[h]) for h in distilled}
+            parts.append(sum(cfg.self_distill_weights.get(h, 1.0) * v for h, v in distill.items()) / len(distill))
+            logs.update({f"self_distill_{h}": v.detach() for h, v in distill.items()})
+        loss = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
+        logs["loss"] = loss.detach()
         stats = {}
-        if "sparse" in self.heads:
+        if q.sparse is not None and p.sparse is not None:
             for side, out in (("query", q), ("passage", p)):
                 stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
         return M3LossOutput(loss=loss, logs=logs, logits=logits, stats=stats)

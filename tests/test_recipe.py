@@ -1,0 +1,67 @@
+"""What a training run takes from the checkpoint and what from the arguments: a checkpoint's pooling and
+normalisation win unless the flags are given explicitly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SENTENCES
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "train.jsonl"
+    records = [{"query": SENTENCES[i][:30], "pos": [SENTENCES[(i + 1) % 10]], "neg": [SENTENCES[(i + 2) % 10]]}
+               for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def build(model: Path, data: Path, out: Path, *extra: str):
+    from flagm3.train import build_trainer, parse_args
+
+    argv = [
+        "--model_name_or_path", str(model), "--train_data", str(data), "--output_dir", str(out),
+        "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
+        "--passage_max_len", "16", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
+        "--report_to", "none", "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+    return build_trainer(*parse_args(argv))
+
+
+def test_continuing_a_mean_pooled_checkpoint_keeps_mean_pooling(tiny_encoder_dir, train_file, tmp_path):
+    first = build(tiny_encoder_dir, train_file, tmp_path / "first", "--sentence_pooling_method", "mean",
+                  "--normalize_embeddings", "False")
+    assert first.model.config.pooling == "mean" and first.model.config.normalize_embeddings is False
+    first.train()
+    first.save_model()
+    first.processing_class.save_pretrained(str(tmp_path / "first"))
+
+    again = build(tmp_path / "first", train_file, tmp_path / "again")  # no pooling flags
+    assert again.model.config.pooling == "mean" and again.model.config.normalize_embeddings is False
+    again.train()
+    again.save_model()
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["pooling"] == "mean" and saved["normalize_embeddings"] is False
+
+    explicit = build(tmp_path / "first", train_file, tmp_path / "explicit", "--sentence_pooling_method", "cls")
+    assert explicit.model.config.pooling == "cls" and explicit.model.config.normalize_embeddings is False
+
+
+def test_fresh_heads_default_to_cls_and_normalised(tiny_encoder_dir, train_file, tmp_path):
+    trainer = build(tiny_encoder_dir, train_file, tmp_path / "fresh")
+    assert trainer.model.config.pooling == "cls" and trainer.model.config.normalize_embeddings is True
+
+
+def test_colbert_dim_of_a_checkpoint_is_kept_and_a_different_one_refused(tiny_encoder_dir, train_file, tmp_path):
+    first = build(tiny_encoder_dir, train_file, tmp_path / "first", "--colbert_dim", "16")
+    first.save_model()
+    first.processing_class.save_pretrained(str(tmp_path / "first"))
+    assert build(tmp_path / "first", train_file, tmp_path / "again").model.config.colbert_output_dim == 16
+    assert build(tmp_path / "first", train_file, tmp_path / "same", "--colbert_dim", "16").model.colbert_linear.out_features == 16
+    with pytest.raises(ValueError, match=r"--colbert_dim 8: .*first has a trained ColBERT head of size 16"):
+        build(tmp_path / "first", train_file, tmp_path / "other", "--colbert_dim", "8")
