@@ -2,19 +2,16 @@
 
 With dropout on the attention probabilities, PyTorch's CPU attention (``sdpa`` falls back to the math kernel,
 like ``eager``) keeps three ``[B, heads, L, L]`` tensors per layer for the backward pass: the probabilities,
-the dropout mask and the dropped probabilities. For a 6-layer encoder on 16 passages of 256 tokens that is
-about 0.75 GB, half of the step's activations (measured in ``bench/``). The implementation registered here,
-:data:`RECOMPUTE_SDPA`, runs transformers' ``sdpa`` attention under activation checkpointing: it keeps only
-the query, key and value tensors and recomputes the attention core (the same dropout mask: the RNG state is
-restored) when the gradient is needed. Outputs and gradients are those of ``sdpa``; the extra work is one
-more attention core per layer. On CPU that core (softmax and dropout over ``L x L``) is expensive: measured on
-2 cores (all-MiniLM-L6-v2, 16 x 256 tokens) the recomputation costs about a quarter of the step time, so it is
-opt-in (``M3TrainingArguments.recompute_attention``). Encoders that do not dispatch attention
-through transformers' ``AttentionInterface`` keep their own implementation.
+the dropout mask and the dropped probabilities. The implementation registered here, :data:`RECOMPUTE_SDPA`,
+runs transformers' ``sdpa`` attention under activation checkpointing: it keeps only the query, key and value
+tensors and recomputes the attention core (the same dropout mask: the RNG state is restored) when the gradient
+is needed. Outputs and gradients are those of ``sdpa``; the extra work is one more attention core (softmax and
+dropout over ``L x L``) per layer, so it is opt-in (``M3TrainingArguments.recompute_attention``). Encoders that
+do not dispatch attention through transformers' ``AttentionInterface`` keep their own implementation.
 
 :func:`set_attention_dropout` is the other way out: without dropout on the probabilities, SDPA runs its fused
-kernel, which neither stores them nor spends time on them (on the same workload: 20% faster, 0.7 GB less). The
-``flagm3`` recipe trains that way (``M3TrainingArguments.attention_dropout``).
+kernel, which neither stores them nor spends time on them. The ``flagm3`` recipe trains that way
+(``M3TrainingArguments.attention_dropout``). The memory and time of both, measured: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -47,39 +48,24 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} checkpoint to {args.output}")
 
 
+def _options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
+    """The parsed options that ``fn`` takes, by name: a subcommand's ``dest`` names are its function's parameters."""
+    params = inspect.signature(fn).parameters
+    return {name: value for name, value in vars(args).items() if name in params}
+
+
 def _eval(args: argparse.Namespace) -> None:
     from .evaluation import run_eval
 
-    run_eval(
-        args.model,
-        args.data,
-        split=args.split,
-        output=args.output,
-        batch_size=args.batch_size,
-        max_query_length=args.max_query_length,
-        max_passage_length=args.max_passage_length,
-        hybrid_weights=tuple(args.weights) if args.weights else None,
-        use_fp16=args.fp16,
-        heads=tuple(args.heads),
-        k_values=tuple(args.k_values),
-        colbert_mode=args.colbert_mode,
-        rerank_depth=args.rerank_depth,
-        max_corpus_size=args.max_corpus_size,
-        max_queries=args.max_queries,
-        query_instruction_for_retrieval=args.query_instruction,
-        devices=args.device,
-        backend=args.backend,
-        qdrant=args.qdrant,
-        collection=args.collection,
-        fit_weights=args.fit_weights,
-    )
+    run_eval(args.model, args.data, **_options(args, run_eval))
 
 
 def _embedder(args: argparse.Namespace) -> Any:
     from .inference import M3Embedder
 
     return M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
-                      passage_max_length=args.max_passage_length, query_instruction_for_retrieval=args.query_instruction)
+                      passage_max_length=args.max_passage_length,
+                      query_instruction_for_retrieval=args.query_instruction_for_retrieval)
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -113,27 +99,10 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _mine(args: argparse.Namespace) -> None:
-    from .inference import M3Embedder
     from .mining import mine_hard_negatives
 
-    embedder = M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
-                          passage_max_length=args.max_passage_length,
-                          query_instruction_for_retrieval=args.query_instruction)
-    summary = mine_hard_negatives(
-        embedder,
-        args.input,
-        args.output,
-        candidate_pool=args.candidate_pool,
-        range_for_sampling=tuple(args.range),
-        negative_number=args.negative_number,
-        use_hybrid=args.hybrid,
-        seed=args.seed,
-        teacher_scores=args.teacher_scores,
-        teacher_score_temperature=args.teacher_score_temperature,
-        hybrid_weights=tuple(args.hybrid_weights),
-        fill_random=not args.no_fill_random,
-        use_faiss=False if args.no_faiss else None,
-    )
+    summary = mine_hard_negatives(_embedder(args), args.input, args.output, **_options(args, mine_hard_negatives),
+                                  fill_random=not args.no_fill_random, use_faiss=False if args.no_faiss else None)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -194,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-query-length", type=int, default=512)
     p.add_argument("--max-passage-length", type=int, default=512)
     p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
+                   dest="hybrid_weights",
                    help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--fp16", action="store_true", dest="use_fp16")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full",
@@ -203,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-depth", type=int, default=100)
     p.add_argument("--max-corpus-size", type=int, help="subsample the corpus (judged documents are kept)")
     p.add_argument("--max-queries", type=int)
-    p.add_argument("--query-instruction")
-    p.add_argument("--device", help="e.g. cuda:0 (default: the first GPU, else CPU)")
+    p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
+    p.add_argument("--device", dest="devices", help="e.g. cuda:0 (default: the first GPU, else CPU)")
     p.add_argument("--backend", choices=["default", "qdrant"], default="default",
                    help="qdrant: index the corpus into Qdrant and retrieve through it (exact search)")
     p.add_argument("--qdrant", help="qdrant backend: a directory, :memory: or a server URL "
@@ -222,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--max-query-length", type=int, default=512)
         p.add_argument("--max-passage-length", type=int, default=512)
-        p.add_argument("--query-instruction")
+        p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
 
     p = sub.add_parser("index", help="index a corpus into Qdrant with all three heads (resumable)")
     serving_args(p)
@@ -251,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--candidate-pool", help="JSONL of passages (default: all pos/neg of the input)")
-    p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"))
+    p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"), dest="range_for_sampling")
     p.add_argument("--negative-number", type=int, default=15)
-    p.add_argument("--hybrid", action="store_true", help="rank by dense + sparse instead of dense")
+    p.add_argument("--hybrid", action="store_true", dest="use_hybrid", help="rank by dense + sparse instead of dense")
     p.add_argument("--hybrid-weights", type=float, nargs=2, default=list(DENSE_SPARSE_WEIGHTS), metavar=("DENSE", "SPARSE"))
     p.add_argument("--teacher-scores", action="store_true",
                    help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
@@ -262,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fill-random", action="store_true",
                    help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
     p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")
-    p.add_argument("--query-instruction")
+    p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-query-length", type=int, default=64)
     p.add_argument("--max-passage-length", type=int, default=512)

@@ -36,15 +36,8 @@ logger = logging.getLogger("flagm3.demo")
 
 @dataclass
 class DemoSettings:
-    """Knobs of the demo run; :data:`FULL` and :data:`QUICK` are the two presets.
-
-    The defaults were tuned on the held-out split (seeds 42, 1, 2): every head and hybrid improves. One
-    temperature for all heads (the ``bge-m3`` loss preset at 0.05, the scale all-MiniLM-L6-v2 was trained at)
-    keeps the fresh sparse head's scores on the dense head's scale, so the hybrids gain too; with the sparse
-    head at its own temperature of 1.0 its scores grow large and the hybrids barely move. A head learning rate
-    of 5e-3 helps the sparse head but costs ColBERT and the hybrids. (The demo trains the sparse head, from a
-    random init, on mined negatives that are not lexical look-alikes, so it uses ``bge-m3`` and not the
-    ``flagm3`` recipe, which keeps an IDF-fitted sparse head fixed.)
+    """Knobs of the demo run; :data:`FULL` and :data:`QUICK` are the two presets. The demo's own settings live
+    here, not in the library's defaults; how they were chosen, measured: docs/performance.md (the demo).
     """
 
     languages: tuple[str, ...] = ("english",)

@@ -9,7 +9,7 @@ training refines it from there.
 The fitted weights are then rescaled (ranking is unchanged) so that their mean is ``mean_weight``, by default
 0.15, the scale of the published BGE-M3 model's lexical weights. Raw IDF values (2 to 7) would make sparse
 scores 100x larger than the dense head's cosines: the sparse term would then dominate the ensemble score and,
-at the contrastive temperature, saturate the softmax; the head collapses within a few steps (measured).
+at the contrastive temperature, saturate the softmax, and the head collapses (docs/heads-and-loss.md).
 """
 
 from __future__ import annotations

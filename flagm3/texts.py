@@ -46,7 +46,7 @@ def read_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(line.rstrip("\r\n"))  # a column past the text, not "column 1" of a next line
             except json.JSONDecodeError as err:
                 raise ValueError(
                     f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"

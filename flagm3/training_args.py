@@ -184,8 +184,8 @@ class M3TrainingArguments(TrainingArguments):
     recompute_attention: bool = field(
         default=False,
         metadata={
-            "help": "Recompute attention probabilities in the backward pass instead of storing them (CPU attention "
-            "with dropout: about 0.7 GB less for MiniLM at 16 x 256 tokens, about 25% more step time)."
+            "help": "Recompute attention probabilities in the backward pass instead of storing them (less memory "
+            "with attention dropout on CPU, more step time: see docs/performance.md)."
         },
     )
     save_bge_m3_layout: bool = field(

@@ -43,8 +43,7 @@ def padding_fraction(attention_mask: torch.Tensor) -> float:
     return 1.0 - float(attention_mask.ne(0).sum()) / attention_mask.numel()
 
 
-# What one more encoder call costs, in tokens, when choosing length chunks (measured on CPU: a call is cheap
-# next to a few hundred tokens of a transformer layer).
+# What one more encoder call costs, in tokens, when choosing length chunks (docs/performance.md).
 CHUNK_OVERHEAD_TOKENS = 256
 
 

@@ -39,6 +39,14 @@ from ..scoring import (
     sparse_scores_paired,
 )
 
+# Per head: its all-pairs score [Q, P], its paired score [N] (flagm3.scoring), and the score's inputs from one
+# side's outputs and input ids.
+HEAD_SCORES = {
+    "dense": (dense_scores, dense_scores_paired, lambda out, ids: (out.dense,)),
+    "sparse": (sparse_scores, sparse_scores_paired, lambda out, ids: (ids, out.sparse)),
+    "colbert": (colbert_scores, colbert_scores_paired, lambda out, ids: (out.colbert, out.colbert_mask)),
+}
+
 
 # ------------------------------------------------------------------------------------- loss functions
 def info_nce(logits: Tensor, positive_index: Tensor) -> Tensor:
@@ -261,22 +269,12 @@ class M3Loss(nn.Module):
 
         ``group_size=None``: all pairs, [B, P]. Otherwise each query only against its own group, [B, G].
         """
+        all_pairs, paired, inputs = HEAD_SCORES[head]
+        q_in, p_in = inputs(q, q_ids), inputs(p, p_ids)
         if group_size is None:
-            if head == "dense":
-                scores = dense_scores(q.dense, p.dense)
-            elif head == "sparse":
-                scores = sparse_scores(q_ids, q.sparse, p_ids, p.sparse)
-            else:
-                scores = colbert_scores(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask)
+            scores = all_pairs(*q_in, *p_in)
         else:
-            rep = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
-            if head == "dense":
-                scores = dense_scores_paired(rep(q.dense), p.dense)
-            elif head == "sparse":
-                scores = sparse_scores_paired(rep(q_ids), rep(q.sparse), p_ids, p.sparse)
-            else:
-                scores = colbert_scores_paired(rep(q.colbert), rep(q.colbert_mask), p.colbert, p.colbert_mask)
-            scores = scores.view(-1, group_size)
+            scores = paired(*(t.repeat_interleave(group_size, dim=0) for t in q_in), *p_in).view(-1, group_size)
         return scores / self.config.head_temperature(head)
 
     def contrastive(

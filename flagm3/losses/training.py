@@ -6,8 +6,9 @@ objective (:class:`~flagm3.losses.objective.M3Loss`). With ``sub_batch_size`` it
 (:mod:`flagm3.losses.gradcache`): the loss it returns replays the sub-batches from a backward hook, so any
 training loop that calls ``backward`` on it (the Hugging Face Trainer's own, DeepSpeed's) trains with it.
 
-Nothing here reads a value back to the host except the rows' lengths (one copy of each side's attention
-mask, which the length chunks need); the logs stay tensors.
+Nothing here reads a value back to the host except lengths: each side's attention mask once (the length chunks
+need the rows' lengths) and, with negatives gathered across processes, the longest token length on any rank.
+The logs stay tensors.
 """
 
 from __future__ import annotations
