@@ -1,7 +1,7 @@
 """Preparing a model for a training run: which parameters train, and the encoder's training-time attention.
 
-``flagm3 train`` calls :func:`prepare_for_training` between loading the model and building the trainer; code
-that builds an :class:`~flagm3.trainer.M3Trainer` itself calls it the same way.
+:class:`~flagm3.trainer.M3Trainer` calls :func:`prepare_for_training` when it is built, so a model handed to it
+trains with the recipe of its arguments; calling it earlier yourself with the same arguments is harmless.
 """
 
 from __future__ import annotations
@@ -58,13 +58,16 @@ def set_training_attention(model: nn.Module, dropout: float | None, recompute: b
 def detach_sparse_input(model: nn.Module) -> None:
     """The sparse head reads detached hidden states (``sparse_stop_gradient``): its loss terms train the head,
     not the encoder."""
-    unwrap_m3(model).sparse_linear.register_forward_pre_hook(lambda module, inputs: tuple(x.detach() for x in inputs))
+    head = unwrap_m3(model).sparse_linear
+    if getattr(head, "_flagm3_detach_hook", None) is None:  # once, however often the recipe is applied
+        head._flagm3_detach_hook = head.register_forward_pre_hook(lambda module, inputs: tuple(x.detach() for x in inputs))
 
 
-def prepare_for_training(model: nn.Module, args: Any) -> nn.Module:
+def prepare_for_training(model: nn.Module, args: Any, loss: M3LossConfig | None = None) -> nn.Module:
     """Apply the recipe of ``M3TrainingArguments`` to ``model`` (in place): freezing, the sparse head's input,
-    and attention."""
-    loss = args.loss_config()
+    and attention. ``loss`` defaults to ``args.loss_config()``. :class:`M3Trainer` calls it; calling it again with
+    the same arguments (e.g. from a script that prepared the model itself) changes nothing."""
+    loss = loss if loss is not None else args.loss_config()
     freeze_untrained(model, loss, fix_encoder=getattr(args, "fix_encoder", False),
                      fix_position_embedding=getattr(args, "fix_position_embedding", False))
     if loss.sparse_stop_gradient and "sparse" in loss.heads:

@@ -5,7 +5,7 @@ batch loss around it, :class:`flagm3.losses.M3TrainingLoss`), feeds it length-gr
 (``batch_sampler_class``, ``collator_class``), builds the optimizer (heads at their own learning rate),
 skips optimizer steps with non-finite gradients, logs the loss terms, and saves (also in the BGE-M3 layout).
 The forward work, cached gradients (``sub_batch_size``) included, is the loss's: the training step is the
-Trainer's own. Prepare the model first with :func:`flagm3.recipe.prepare_for_training`.
+Trainer's own. The model is prepared with :func:`flagm3.recipe.prepare_for_training` (freezing, attention).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .distributed import world, zero3_enabled
 from .losses import M3Loss, M3TrainingLoss
 from .losses.objective import RECIPE_SPARSE_LEARNING_RATE
 from .modeling_m3 import unwrap_m3
+from .recipe import prepare_for_training
 from .training_args import M3DataArguments, M3TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         self._skipped_step: Optional[int] = None  # the last step (1-based) marked as skipped
         self._sparse_start: Optional[dict[str, float]] = None  # the first logged sparse health
         self._sparse_warned = False
+        if hasattr(args, "loss_config"):
+            prepare_for_training(model, args, self.m3_loss.config)
         super().__init__(model=model, args=args, **kwargs)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):

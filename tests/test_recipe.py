@@ -65,3 +65,25 @@ def test_colbert_dim_of_a_checkpoint_is_kept_and_a_different_one_refused(tiny_en
     assert build(tmp_path / "first", train_file, tmp_path / "same", "--colbert_dim", "16").model.colbert_linear.out_features == 16
     with pytest.raises(ValueError, match=r"--colbert_dim 8: .*first has a trained ColBERT head of size 16"):
         build(tmp_path / "first", train_file, tmp_path / "other", "--colbert_dim", "8")
+
+
+def test_trainer_built_directly_applies_the_recipe_once(tiny_model, tmp_path):
+    """Python users who build M3Trainer themselves get the recipe of their arguments (no separate call), and a
+    script that prepared the model first does not get it twice (one stop-gradient hook, not two)."""
+    from flagm3 import M3Trainer, M3TrainingArguments
+    from flagm3.recipe import prepare_for_training
+
+    args = M3TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_preset="flagm3",
+                               fix_position_embedding=True)
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    prepare_for_training(tiny_model, args)  # as flagm3 train and the examples do
+    hooks = len(tiny_model.sparse_linear._forward_pre_hooks)
+    M3Trainer(model=tiny_model, args=args)
+    frozen = {n for n, p in tiny_model.named_parameters() if not p.requires_grad}
+    assert any("position_embeddings" in n for n in frozen)
+    assert len(tiny_model.sparse_linear._forward_pre_hooks) == hooks
+
+    fresh = type(tiny_model)(tiny_model.config)
+    M3Trainer(model=fresh, args=args)  # no prepare_for_training call
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == frozen
+    assert len(fresh.sparse_linear._forward_pre_hooks) == hooks
