@@ -2,9 +2,11 @@
 
 A random ``Linear(hidden, 1)`` gives near-random lexical weights, and the contrastive loss moves it slowly, so
 a freshly attached sparse head trails BM25 for a long time. :func:`init_sparse_head_from_idf` fits the head
-by ridge regression so that ``ReLU(w . h_t + b)`` approximates the BM25 inverse document frequency of each
-token ``t`` over a corpus: at step 0 the lexical score is already an IDF-weighted term overlap, and
-training refines it from there.
+by ridge regression so that ``ReLU(w . h_t + b)`` approximates the square root of the BM25 inverse document
+frequency of each token ``t`` over a corpus. The lexical score multiplies a query's and a passage's weights, so
+at step 0 it is already ``sum over shared tokens of idf(t)``, an IDF-weighted term overlap, and training refines
+it from there. (Fitting IDF itself would score ``idf(t)^2``, which over-weights rare tokens: nDCG@10 0.290 vs
+0.302 on Cranfield test and 0.232 vs 0.261 on CACM test, bench/sparse_gap.py.)
 
 The fitted weights are then rescaled (ranking is unchanged) so that their mean is ``mean_weight``, by default
 0.15, the scale of the published BGE-M3 model's lexical weights. Raw IDF values (2 to 7) would make sparse
@@ -40,13 +42,13 @@ def init_sparse_head_from_idf(
     tokenizer: Any,
     corpus: Sequence[str],
     max_length: int = 256,
-    max_texts: int = 256,
+    max_texts: int = 1024,
     ridge: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
     mean_weight: float = 0.15,
 ) -> dict[str, float]:
-    """Fit ``model.sparse_linear`` so that its token weights approximate the corpus IDF of each token.
+    """Fit ``model.sparse_linear`` so that its token weights approximate ``sqrt(idf)`` of each token.
 
     IDF is computed over all of ``corpus``; the regression uses the encoder's token states of at most
     ``max_texts`` texts of it; the fitted head is then scaled so its mean token weight is ``mean_weight``.
@@ -71,7 +73,7 @@ def init_sparse_head_from_idf(
         keep = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], ignore.to(device))
         token_ids = batch["input_ids"][keep].tolist()
         states.append(hidden[keep].float().cpu())
-        targets.append(torch.tensor([idf.get(t, 0.0) for t in token_ids]))
+        targets.append(torch.tensor([math.sqrt(idf.get(t, 0.0)) for t in token_ids]))
     model.train(was_training)
     x = torch.cat(states)
     y = torch.cat(targets)
@@ -84,7 +86,7 @@ def init_sparse_head_from_idf(
     scale = mean_weight / float(fitted.mean().clamp(min=1e-12))
     model.sparse_linear.weight.copy_((scale * weight).to(model.sparse_linear.weight).view(1, -1))
     model.sparse_linear.bias.copy_((scale * bias).to(model.sparse_linear.bias).view(1))
-    stats = {"tokens": float(x.shape[0]), "texts": float(len(sample)), "r2": r2, "mean_idf": float(y.mean()),
+    stats = {"tokens": float(x.shape[0]), "texts": float(len(sample)), "r2": r2, "mean_sqrt_idf": float(y.mean()),
              "scale": scale}
     logger.info("sparse head initialised from corpus IDF: %s", stats)
     return stats
