@@ -84,18 +84,37 @@ def _first_tensor(out: M3Output) -> Tensor:
     return next(v for v in (out.dense, out.sparse, out.colbert, out.colbert_mask) if v is not None)
 
 
+def first_token_index(attention_mask: Tensor) -> Tensor:
+    """Position of each text's first attended token (0 with right padding). [B, L] -> [B]."""
+    return attention_mask.argmax(1)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Position of each text's last attended token (L-1 with left padding). [B, L] -> [B]."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+
+
+def tokens_after_first(attention_mask: Tensor) -> Tensor:
+    """Mask of the tokens after each text's first one (CLS), on positions 1..L-1. [B, L] -> [B, L-1].
+
+    With right padding this is ``attention_mask[:, 1:]``; with left padding position 0 is a pad and the CLS
+    token further right is masked out instead."""
+    positions = torch.arange(1, attention_mask.shape[1], device=attention_mask.device)
+    not_first = positions.unsqueeze(0) != first_token_index(attention_mask).unsqueeze(1)
+    return attention_mask[:, 1:] * not_first.to(attention_mask.dtype)
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
-    """Sentence vector from token states. ``hidden`` [B, L, H], ``attention_mask`` [B, L] -> [B, H]."""
+    """Sentence vector from token states, for right or left padding. ``hidden`` [B, L, H], ``attention_mask``
+    [B, L] -> [B, H]."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
     if method == "cls":
-        return hidden[:, 0]
+        return hidden[rows, first_token_index(attention_mask)]
     if method == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     if method == "last_token":
-        if bool(attention_mask[:, -1].all()):  # left padding
-            return hidden[:, -1]
-        last = attention_mask.sum(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, last_token_index(attention_mask)]
     raise ValueError(f"unknown pooling method {method!r}")
 
 
@@ -159,7 +178,7 @@ class M3Model(M3PreTrainedModel):
 
     def colbert_embedding(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """Linear(hidden, D) on every token after CLS, zero at padding. [B, L, H] -> [B, L-1, D]."""
-        vecs = self.colbert_linear(hidden[:, 1:]) * attention_mask[:, 1:, None].to(hidden.dtype)
+        vecs = self.colbert_linear(hidden[:, 1:]) * tokens_after_first(attention_mask)[..., None].to(hidden.dtype)
         return F.normalize(vecs, dim=-1) if self.config.normalize_embeddings else vecs
 
     def forward(
@@ -184,7 +203,7 @@ class M3Model(M3PreTrainedModel):
             dense=self.dense_embedding(hidden, attention_mask) if "dense" in heads else None,
             sparse=self.sparse_embedding(hidden, input_ids, attention_mask) if "sparse" in heads else None,
             colbert=self.colbert_embedding(hidden, attention_mask) if "colbert" in heads else None,
-            colbert_mask=attention_mask[:, 1:] if "colbert" in heads else None,
+            colbert_mask=tokens_after_first(attention_mask) if "colbert" in heads else None,
         )
 
     # ---------------------------------------------------------------------- encoder delegation

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .configuration_m3 import HEADS, M3Config
 from .export import ONNX_CONFIG_FILE
-from .modeling_m3 import CheckpointError, M3Output
+from .modeling_m3 import CheckpointError, M3Output, tokens_after_first
 
 
 class OnnxM3Model:
@@ -100,4 +100,4 @@ class OnnxM3Model:
         values = dict(zip(names, self.session.run(names, feeds)))
         as_tensor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in values.items()}
         return M3Output(dense=as_tensor.get("dense"), sparse=as_tensor.get("sparse"), colbert=as_tensor.get("colbert"),
-                        colbert_mask=attention_mask[:, 1:].cpu() if "colbert" in heads else None)
+                        colbert_mask=tokens_after_first(attention_mask).cpu() if "colbert" in heads else None)

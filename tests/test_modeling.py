@@ -17,6 +17,7 @@ from flagm3 import CheckpointError, M3Config, M3Model, sparse_ignore_ids_from_to
 from flagm3.compat import enable_activation_checkpointing, is_activation_checkpointing
 from flagm3.convert_bge_m3 import checkpoint_layout
 from flagm3.modeling_m3 import pool
+from flagm3.scoring import colbert_scores, sparse_scores
 
 TEXTS = [
     "the boundary layer on a flat plate in supersonic flow",
@@ -154,6 +155,7 @@ def test_pool_by_hand():
     torch.testing.assert_close(pool(hidden, right, "last_token"), torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
     left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: the last position is always real
     torch.testing.assert_close(pool(hidden, left, "last_token"), torch.tensor([[9.0, 9.0], [1.0, 0.0]]))
+    torch.testing.assert_close(pool(hidden, left, "cls"), torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
     with pytest.raises(ValueError, match="pooling"):
         pool(hidden, right, "max")
     with pytest.raises(ValueError, match="pooling must be one of"):
@@ -171,6 +173,22 @@ def test_model_pooling(tiny_encoder_dir, batch, pooling):
     else:
         vec = h[torch.arange(h.shape[0]), mask.sum(1) - 1]
     torch.testing.assert_close(outputs(model, batch)["dense"], F.normalize(vec, dim=-1))
+
+
+def test_left_padding_gives_the_right_padding_scores(tiny_model, tiny_tokenizer, batch):
+    """CLS pooling, the ColBERT token mask and the sparse weights follow the first real token, so a left-padded
+    batch scores as the right-padded one (BERT's positions are passed so both see the same positions)."""
+    left = dict(tiny_tokenizer(TEXTS, padding=True, return_tensors="pt", padding_side="left"))
+    assert not torch.equal(left["input_ids"], batch["input_ids"])
+    left["position_ids"] = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        right_out, left_out = tiny_model(**batch), tiny_model(**left)
+    torch.testing.assert_close(left_out.dense, right_out.dense, atol=1e-5, rtol=1e-5)
+    assert left_out.colbert_mask.sum() == right_out.colbert_mask.sum() == batch["attention_mask"].sum() - len(TEXTS)
+    for scores, args in ((sparse_scores, lambda o, b: (b["input_ids"], o.sparse)),
+                         (colbert_scores, lambda o, b: (o.colbert, o.colbert_mask))):
+        torch.testing.assert_close(scores(*args(left_out, left), *args(left_out, left)),
+                                   scores(*args(right_out, batch), *args(right_out, batch)), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ ignore ids
