@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("FLAGM3_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = Path(os.environ.get("FLAGM3_SHARED_DATA", REPO.parent / "shared" / "data"))
 CRANFIELD = DATA_DIR / "cranfield"
 # Where .ci/setup_reference_env.sh puts FlagEmbedding 1.4.2's venv unless FLAGM3_REFERENCE_VENV says otherwise.
 DEFAULT_REFERENCE_VENV = Path(os.environ.get("FLAGM3_REFERENCE_VENV", Path.home() / ".cache" / "flagm3" / "fe-venv"))
@@ -217,6 +218,44 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def write_train_file(path: Path, records: int) -> Path:
+    """A small training JSONL at ``path``: record i has a query cut from sentence i, sentence i+1 as its
+    positive and sentence i+2 as its hard negative."""
+    rows = [{"query": SENTENCES[i][:30], "pos": [SENTENCES[(i + 1) % 10]], "neg": [SENTENCES[(i + 2) % 10]]}
+            for i in range(records)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_cli_trainer(model: Path, data: Path, out: Path, *extra: str):
+    """The trainer ``flagm3 train`` builds: batch 2 x group 2, 16-token texts, one step on the CPU, no saving;
+    ``extra`` flags come last and win."""
+    from flagm3.train import build_trainer, parse_args
+
+    argv = [
+        "--model_name_or_path", str(model), "--train_data", str(data), "--output_dir", str(out),
+        "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
+        "--passage_max_len", "16", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
+        "--report_to", "none", "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+    return build_trainer(*parse_args(argv))
+
+
+def spread_embedder(encoder_dir: Path, tokenizer, seed: int, **embedder_kwargs):
+    """An M3Embedder on a tiny model with large random weights (normal, std 0.3, drawn from ``seed``), so
+    that scores are well spread (no near-ties)."""
+    from flagm3 import M3Embedder, M3Model
+
+    torch.manual_seed(0)
+    model = M3Model.from_encoder(str(encoder_dir), colbert_dim=16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3, generator=generator)
+    return M3Embedder(model.eval(), tokenizer=tokenizer, use_fp16=False, **embedder_kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     return make_encoder_dir(tmp_path_factory.mktemp("tiny_encoder"))
@@ -246,7 +285,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def cranfield_dir() -> Path:
     if not (CRANFIELD / "corpus.jsonl").is_file():
-        pytest.skip(f"Cranfield collection not found at {CRANFIELD} (set FLAGM3_DATA_DIR)")
+        pytest.skip(f"Cranfield collection not found at {CRANFIELD} (set FLAGM3_SHARED_DATA)")
     return CRANFIELD
 
 

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import SENTENCES
+from conftest import SENTENCES, spread_embedder
 
-from flagm3 import M3Model
-from flagm3.inference import M3Embedder
 from flagm3.mining import faiss_available, mine_hard_negatives
 from flagm3.scoring import dense_scores, sparse_scores
 
@@ -21,27 +19,13 @@ QUERIES = ["similarity laws for models", "wing in a slipstream", "supersonic bou
            "buckling of shells", "flutter of wings"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
 def embedder(tiny_encoder_dir, tiny_tokenizer):
-    """A tiny model with large random weights, so that scores are well spread (no near-ties)."""
-    torch.manual_seed(0)
-    model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.3, generator=generator)
-    return M3Embedder(model.eval(), tokenizer=tiny_tokenizer, use_fp16=False, batch_size=4,
-                      query_max_length=32, passage_max_length=64)
+    return spread_embedder(tiny_encoder_dir, tiny_tokenizer, 2, batch_size=4,
+                           query_max_length=32, passage_max_length=64)
 
 
 @pytest.fixture()

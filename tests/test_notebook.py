@@ -3,7 +3,7 @@ holds together: losses per head, before/after tables for every ranking, a hybrid
 the flagm3 checkpoint and the BGE-M3 layout it saves.
 
 The kernel is ``python3`` on this interpreter: a kernelspec written into a temporary ``JUPYTER_PATH`` (nothing is
-installed). Cranfield is used when it is found (``$FLAGM3_DATA_DIR`` or ``../shared/data``), else the
+installed). Cranfield is used when it is found (``$FLAGM3_SHARED_DATA`` or ``../shared/data``), else the
 notebook's inline toy collection."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("FLAGM3_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("FLAGM3_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
-    monkeypatch.setenv("FLAGM3_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setenv("FLAGM3_SHARED_DATA", str(DATA_DIR))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny batches: one thread is faster on shared cores
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 

@@ -7,30 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SENTENCES
+from conftest import build_cli_trainer, write_train_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "train.jsonl"
-    records = [{"query": SENTENCES[i][:30], "pos": [SENTENCES[(i + 1) % 10]], "neg": [SENTENCES[(i + 2) % 10]]}
-               for i in range(4)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return write_train_file(tmp_path_factory.mktemp("recipe") / "train.jsonl", 4)
 
 
-def build(model: Path, data: Path, out: Path, *extra: str):
-    from flagm3.train import build_trainer, parse_args
-
-    argv = [
-        "--model_name_or_path", str(model), "--train_data", str(data), "--output_dir", str(out),
-        "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
-        "--passage_max_len", "16", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
-        "--report_to", "none", "--disable_tqdm", "True", *extra,
-    ]  # fmt: skip
-    return build_trainer(*parse_args(argv))
+build = build_cli_trainer
 
 
 def test_continuing_a_mean_pooled_checkpoint_keeps_mean_pooling(tiny_encoder_dir, train_file, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SENTENCES
+from conftest import REPO, build_cli_trainer, write_train_file
 from transformers import TrainerCallback
 
 from flagm3.trainer import NonFiniteLossError, unwrap_m3
@@ -24,24 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("reliability") / "train.jsonl"
-    records = [{"query": SENTENCES[i][:30], "pos": [SENTENCES[(i + 1) % 10]], "neg": [SENTENCES[(i + 2) % 10]]}
-               for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return write_train_file(tmp_path_factory.mktemp("reliability") / "train.jsonl", 8)
 
 
 def build(encoder: Path, data: Path, out: Path, *extra: str):
-    from flagm3.train import build_trainer, parse_args
-
-    argv = [
-        "--model_name_or_path", str(encoder), "--train_data", str(data), "--output_dir", str(out),
-        "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
-        "--passage_max_len", "16", "--learning_rate", "1e-2", "--max_steps", "4", "--logging_steps", "1",
-        "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True",
-        "--seed", "3", "--loss_preset", "bge-m3", *extra,
-    ]  # fmt: skip
-    return build_trainer(*parse_args(argv))
+    """Four steps at a high learning rate, logging every step."""
+    return build_cli_trainer(encoder, data, out, "--learning_rate", "1e-2", "--max_steps", "4", "--logging_steps",
+                             "1", "--seed", "3", "--loss_preset", "bge-m3", *extra)
 
 
 class ParameterWatch(TrainerCallback):
