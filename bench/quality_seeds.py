@@ -65,6 +65,15 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def code_version() -> str:
+    """The commit the cell ran on, with ``+changes`` when flagm3/ or bench/ differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "flagm3", "bench/*.py") else "")
+
+
 def train_data(coll: str, python: str) -> Path:
     path = WORK_DIR / f"{coll}_train.jsonl"
     if not path.is_file():
@@ -82,6 +91,7 @@ def cell(args: argparse.Namespace, coll: str, impl: str, flags: list[str] | None
     if args.collect_only:
         raise RuntimeError("not run")
     out.parent.mkdir(parents=True, exist_ok=True)
+    code = code_version()  # before training: the code the cell runs on
     model_dir = root / "models" / impl / str(seed)
     log = out.with_suffix(".log")
     log.unlink(missing_ok=True)
@@ -109,7 +119,7 @@ def cell(args: argparse.Namespace, coll: str, impl: str, flags: list[str] | None
          f"json.dump(flagm3_metrics({str(evaluated)!r}, {args.split!r}, 0, {args.eval_max_length}, 32), "
          f"open({str(metrics_json)!r}, 'w'))"], env, log)
     train_info = json.loads(train_json.read_text())
-    result = {"collection": coll, "impl": impl, "seed": seed, "split": args.split, "flags": flags,
+    result = {"collection": coll, "impl": impl, "seed": seed, "split": args.split, "flags": flags, "code": code,
               "metrics": json.loads(metrics_json.read_text()), "train_seconds": train_s,
               "eval_seconds": time.perf_counter() - t0,
               "seconds_per_step": train_info.get("seconds_per_step"), "losses": train_info.get("losses")}
