@@ -205,7 +205,7 @@ class M3LossConfig:
 
 # Learning rate of the sparse head in the flagm3 recipe (with detached hidden states only the head's own
 # weights learn from its term, and at the encoder's rate they would hardly move).
-RECIPE_SPARSE_LEARNING_RATE = 1e-3
+RECIPE_SPARSE_LEARNING_RATE = 3e-4
 
 
 @dataclass
