@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
@@ -30,6 +31,8 @@ from .losses.objective import RECIPE_SPARSE_LEARNING_RATE
 from .modeling_m3 import unwrap_m3
 from .recipe import prepare_for_training
 from .training_args import M3DataArguments, M3TrainingArguments
+
+SPARSE_ANCHOR_FILE = "sparse_anchor.safetensors"  # the sparse anchor's reference, in checkpoints (when on)
 
 logger = logging.getLogger(__name__)
 
@@ -325,9 +328,21 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             metrics=metrics,
         )
 
+    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any):
+        """``Trainer.train``; a checkpoint's sparse-anchor reference (``sparse_anchor.safetensors``) is restored,
+        so a resumed run anchors the sparse head to the point the interrupted one did."""
+        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
+        anchor_file = os.path.join(resume, SPARSE_ANCHOR_FILE) if resume else None
+        if anchor_file and os.path.isfile(anchor_file) and self.m3_loss.config.sparse_anchor_weight > 0:
+            self.training_loss.load_sparse_anchor_reference(load_file(anchor_file))
+        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir or self.args.output_dir
         super()._save(output_dir, state_dict=state_dict)
+        reference = self.training_loss.sparse_anchor_reference()
+        if reference is not None and self.args.should_save:
+            save_file(reference, os.path.join(output_dir, SPARSE_ANCHOR_FILE))
         if self.args.save_bge_m3_layout and self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
             if hasattr(model, "merge_and_unload"):

@@ -203,6 +203,20 @@ def test_resume_in_second_epoch_reproduces_every_later_step(setup, reference):
     assert max((params[k].detach() - final[k]).abs().max().item() for k in final) < 1e-6
 
 
+def test_resume_with_the_sparse_anchor_keeps_its_reference(setup, tmp_path):
+    """With ``sparse_anchor_weight`` the head's reference at the first batch is saved with each checkpoint, so the
+    resumed run pulls towards the same point and continues exactly (it would otherwise anchor at checkpoint-6)."""
+    encoder, data, _ = setup
+    extra = ("--sparse_anchor_weight", "10", "--sparse_learning_rate", "1e-2")
+    full, want = run_training(train_argv(encoder, data, tmp_path / "full", *extra))
+    reference = load_file(str(tmp_path / "full" / "checkpoint-6" / "sparse_anchor.safetensors"))
+    assert reference["weight"].shape == full.model.sparse_linear.weight.shape
+    assert not torch.equal(reference["weight"], full.model.sparse_linear.weight.detach())  # the head moved
+    checkpoint = str(tmp_path / "full" / "checkpoint-6")
+    _, got = run_training(train_argv(encoder, data, tmp_path / "resumed", *extra, "--resume_from_checkpoint", checkpoint))
+    assert_same_losses(got, want, range(7, STEPS + 1))
+
+
 def test_staged_checkpoint_has_exactly_the_files_of_transformers_save(setup, reference, tmp_path):
     """The staged save writes what ``Trainer._save_checkpoint`` writes (a guard against transformers drift)."""
     trainer, _, _ = reference

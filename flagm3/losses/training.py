@@ -145,14 +145,29 @@ class M3TrainingLoss(nn.Module):
         return out
 
     def sparse_anchor(self, model: nn.Module) -> Optional[Tensor]:
-        """The objective's pull of the sparse head towards its parameters at the first training batch
-        (``sparse_anchor_weight``; ``None`` when off or the sparse head is not in the loss)."""
+        """The objective's pull of the sparse head towards its reference parameters (``sparse_anchor_weight``;
+        ``None`` when off or the sparse head is not in the loss). The reference is the head at the first training
+        batch, or the one :meth:`load_sparse_anchor_reference` restored from a checkpoint."""
         if self.objective.config.sparse_anchor_weight <= 0 or "sparse" not in self.objective.config.computed_heads():
             return None
         head = unwrap_m3(model).sparse_linear
+        if any(p.numel() == 0 for p in head.parameters()):
+            raise ValueError("sparse_anchor_weight needs the sparse head's whole parameters on every process; under "
+                             "DeepSpeed ZeRO-3 they are partitioned: use ZeRO stage 0-2 or sparse_anchor_weight 0.")
         if self._sparse_initial is None:
             self._sparse_initial = [p.detach().clone() for p in head.parameters()]
         return self.objective.sparse_anchor(head, self._sparse_initial)
+
+    def sparse_anchor_reference(self) -> Optional[dict[str, Tensor]]:
+        """The anchor's reference (``{"weight": [1, H], "bias": [1]}``), ``None`` before the first batch or
+        when the anchor is off; saved with each checkpoint so that a resumed run anchors to the same point."""
+        if self._sparse_initial is None:
+            return None
+        return dict(zip(("weight", "bias"), (t.detach().cpu().contiguous() for t in self._sparse_initial)))
+
+    def load_sparse_anchor_reference(self, reference: dict[str, Tensor]) -> None:
+        """Restore the reference :meth:`sparse_anchor_reference` returned."""
+        self._sparse_initial = [reference["weight"], reference["bias"]]
 
     def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int, q_len: Optional[list[int]],
                 p_len: Optional[list[int]]) -> M3LossOutput:
