@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--reference-python", default=os.environ.get(
         "FLAGM3_REFERENCE_PYTHON", str(Path.home() / ".cache" / "flagm3" / "fe-venv" / "bin" / "python")))
     p.add_argument("--out", default=None, help="summary JSON (default bench/results/quality_seeds.json)")
+    p.add_argument("--note", default=None, help="a sentence on how the cells ran, kept in the summary JSON")
     args = p.parse_args()
     impls = {name: BUILTIN[name] for name in filter(None, args.impls.split(","))}
     for spec in args.variant:
@@ -226,6 +227,8 @@ def main() -> None:
                             **(base.get(c) or {})} for c in colls},
         "cells": cells, "failed": failed,
     }
+    if args.note:
+        result["note"] = args.note
     out = args.out or (REPO_ROOT / "bench" / "results" / ("quality_seeds.json" if args.split == "test"
                                                           else f"quality_seeds_{args.split}.json"))
     write_json(out, result)

@@ -181,7 +181,7 @@ def seeds_targets(results: Path, default: str) -> tuple[list[dict], list[str]]:
         if "untouched" in data:
             rows.append(["untouched model"] + [f"{data['untouched'][r]['ndcg@10']:.3f}" for r in RANKINGS])
         if "bm25" in data:
-            rows.append(["BM25", f"{data['bm25']['ndcg@10']:.3f}"] + [""] * (len(RANKINGS) - 1))
+            rows.append(["BM25"] + [f"{data['bm25']['ndcg@10']:.3f}" if r == "sparse" else "" for r in RANKINGS])
         lines += ["", f"### {coll}", "", markdown_table(rows)]
         mine, ref = summ.get(default), summ.get("reference")
         if mine is None:
@@ -206,6 +206,25 @@ def seeds_targets(results: Path, default: str) -> tuple[list[dict], list[str]]:
         t["met"] = t["value"] > 0
         targets.append(t)
     return targets, lines + [""]
+
+
+def sparse_gap_lines(results: Path) -> list[str]:
+    """Markdown of bench/sparse_gap.py's results (sparse_gap_<collection>.json): one column per collection."""
+    gaps = [g for g in (load(results, f"sparse_gap_{c}.json") for c in ("cranfield", "cacm")) if g]
+    if not gaps:
+        return []
+    labels = list(dict.fromkeys(label for g in gaps for label in g["rows"]))
+    rows = [["scorer (nDCG@10; vs BM25)"] + [f"{g['collection']} {g['split']} ({g['queries']} queries)" for g in gaps]]
+    for label in labels:
+        cells = []
+        for g in gaps:
+            m = g["rows"].get(label)
+            base = g["rows"]["bm25_words"]["ndcg@10"]
+            cells.append("" if m is None else f"{m['ndcg@10']:.3f} ({m['ndcg@10'] - base:+.3f})")
+        rows.append([label] + cells)
+    return ["## The sparse head's gap to BM25, one cause at a time (bench/sparse_gap.py)", "",
+            f"Passages cut at {gaps[0]['max_length']} tokens where the row says so; no training.", "",
+            markdown_table(rows), ""]
 
 
 def plot_seeds(results: Path) -> Optional[Path]:
@@ -367,6 +386,7 @@ def main() -> None:
     seeds_png = plot_seeds(results)
     if seeds_png:
         sections += [f"![quality over seeds]({seeds_png.name})", ""]
+    sections += sparse_gap_lines(results)
     png = plot(results, targets, mem_table, quality_table)
     if png:
         sections += [f"![results]({png.name})", ""]

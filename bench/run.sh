@@ -9,11 +9,14 @@
 #                   stages at the same time: on a busy shared machine all runs then see the same load
 #                   (and the whole takes about a third of the time); the memory stage always runs alone
 #   --stages LIST   comma-separated subset of: setup,train,train_lowmem,inference,quality,agreement,memory,
-#                   quality_seeds,report (default: all but quality_seeds, in that order; later stages read
-#                   earlier stages' outputs)
+#                   quality_seeds,sparse_gap,report (default: all but quality_seeds and sparse_gap, in that
+#                   order; later stages read earlier stages' outputs)
 #   quality_seeds   (its own stage, not in the default) 3 seeds x {FlagEmbedding, flagm3 default, flagm3 bge-m3}
 #                   x {Cranfield, CACM}: 18 trainings + evaluations (bench/quality_seeds.py; about 3 h on 2
-#                   cores shared with other jobs, 2 runs at a time; FLAGM3_SEEDS_ARGS adds options)
+#                   cores shared with other jobs, about 30 min on 2 quiet cores, 2 runs at a time;
+#                   FLAGM3_SEEDS_ARGS adds options)
+#   sparse_gap      (its own stage) the sparse head's gap to BM25 split into tokenizer, truncation, term
+#                   frequency and IDF fit, on Cranfield and CACM, no training (bench/sparse_gap.py; 3 min)
 #
 # Env: PYTHON (flagm3's interpreter, default python3); FLAGM3_REFERENCE_PYTHON (the FlagEmbedding venv's
 # python; default: built or reused by .ci/setup_reference_env.sh); FLAGM3_EXTRA_ARGS (extra `flagm3 train`
@@ -31,7 +34,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --parallel) PARALLEL=1 ;;
         --stages) STAGES="$2"; shift ;;
-        -h|--help) sed -n 2,25p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,24p "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -168,6 +171,14 @@ if want quality_seeds; then
     # shellcheck disable=SC2086
     step quality_seeds "$PY" bench/quality_seeds.py --reference-python "$FE" --out "$RES/quality_seeds.json" \
         ${FLAGM3_SEEDS_ARGS:-} || true  # unfinished cells are listed in the JSON and the report
+fi
+
+if want sparse_gap; then
+    SHARED="${FLAGM3_SHARED_DATA:-$ROOT/../shared/data}"
+    for coll in cranfield cacm; do
+        FLAGM3_DATA_DIR="$SHARED/$coll" step "sparse_gap_$coll" "$PY" bench/sparse_gap.py \
+            --out "$RES/sparse_gap_$coll.json"
+    done
 fi
 
 if want report; then
