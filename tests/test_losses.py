@@ -372,14 +372,15 @@ def test_overrides_from_training_arguments(batch, tmp_path):
 
 def test_flagm3_preset_trains_the_sparse_head_on_its_own_in_batch_term(batch):
     """loss = ((L_d + 0.1 L_s' + L_c + L_ens) / 4 + (KL_d + KL_c) / 2) / 2 with ens = dense + ColBERT logits and
-    L_s' the sparse InfoNCE without each query's own hard negatives (terms of weight 0 are not counted)."""
+    L_s' the sparse InfoNCE at temperature 0.05 without each query's own hard negatives (terms of weight 0 are
+    not counted)."""
     q, q_ids, p, p_ids, _ = batch
     config = M3LossConfig.preset("flagm3")
     assert [config.trains(h) for h in ("dense", "sparse", "colbert")] == [True, True, True]
     assert config.sparse_stop_gradient and not config.sparse_hard_negatives
     ql, pl = leafy(q), leafy(p)
     out = M3Loss(config)(ql, q_ids, pl, p_ids, group_size=G)
-    lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, BGE["temps"])
+    lg = ref_logits(("dense", "sparse", "colbert"), q, q_ids, p, p_ids, {**BGE["temps"], "sparse": 0.05})
     lg["ensemble"] = lg["dense"] + lg["colbert"]
     pos = [b * G for b in range(B)]
     terms = {h: ref_info_nce(v, pos) for h, v in lg.items()}
@@ -428,7 +429,8 @@ def test_recipe_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_pa
 def test_presets_and_head_selection(tmp_path):
     flagm3 = M3TrainingArguments(output_dir=str(tmp_path), report_to=[]).loss_config()
     assert flagm3.head_weights["sparse"] == 0.1 and flagm3.ensemble_weights["sparse"] == 0
-    assert flagm3.self_distill_weights["sparse"] == 0 and flagm3.head_temperatures == {}
+    assert flagm3.self_distill_weights["sparse"] == 0 and flagm3.head_temperatures == {"sparse": 0.05}
+    assert flagm3.head_temperature("sparse") == 0.05 and flagm3.head_temperature("dense") == flagm3.temperature
     bge = M3TrainingArguments(output_dir=str(tmp_path), loss_preset="bge-m3", report_to=[]).loss_config()
     assert bge.head_temperatures == {} and tuple(bge.heads) == ("dense", "sparse", "colbert")
     dense_only = M3TrainingArguments(output_dir=str(tmp_path), unified_finetuning=False, report_to=[])

@@ -82,6 +82,11 @@ def group_logits(logits: Tensor, positive_index: Tensor, group_size: int) -> Ten
 
 
 # ------------------------------------------------------------------------------------------- config
+# Temperature of the sparse head's own term in the flagm3 recipe (docs/heads-and-loss.md, "Training the sparse
+# head"): at the shared 0.02 its in-batch softmax saturates on lexical scores.
+RECIPE_SPARSE_TEMPERATURE = 0.05
+
+
 @dataclass
 class M3LossConfig:
     """Everything that defines the objective; :meth:`preset` gives the named recipes.
@@ -122,13 +127,15 @@ class M3LossConfig:
         (docs/heads-and-loss.md, "Training the sparse head"): dense, ColBERT and the ensemble as in ``bge-m3``; the
         sparse head trained by its own InfoNCE term only, on in-batch negatives (``sparse_hard_negatives`` off:
         BM25-mined hard negatives share the query's terms by construction and teach it to shrink), on detached
-        hidden states (``sparse_stop_gradient``: its term never moves the encoder), and out of the ensemble and of
-        self-distillation (their targets rank the lexical look-alikes last, which drove it towards zero).
+        hidden states (``sparse_stop_gradient``: its term never moves the encoder), at its own temperature
+        (``RECIPE_SPARSE_TEMPERATURE``), and out of the ensemble and of self-distillation (their targets rank the
+        lexical look-alikes last, which drove it towards zero).
         """
         if name == "bge-m3":
             config = cls()
         elif name == "flagm3":
             config = cls(
+                head_temperatures={"sparse": RECIPE_SPARSE_TEMPERATURE},
                 head_weights={"dense": 1.0, "sparse": 0.1, "colbert": 1.0, "ensemble": 1.0},
                 ensemble_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0},
                 self_distill_weights={"dense": 1.0, "sparse": 0.0, "colbert": 1.0},
