@@ -55,7 +55,7 @@ class DemoSettings:
     learning_rate: float = 5e-5
     head_learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
-    loss_preset: str = "bge-m3"
+    loss_preset: str = "flagm3"  # the library's default recipe; its sparse head starts from its IDF fit
     temperature: float = 0.05
     logging_steps: int = 10
     pooling: str = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
@@ -350,7 +350,8 @@ def _run(output_dir: str, settings: DemoSettings, timer: PhaseTimer) -> dict[str
         )
         tokenizer = sep_as_eos(AutoTokenizer.from_pretrained(base_path))  # FlagEmbedding needs an EOS token
         set_seed(settings.seed)  # the fresh heads
-        model = load_model(model_args, args, tokenizer)
+        answers = sorted({answer for answers in train_qa.values() for answer in answers})
+        model = load_model(model_args, args, tokenizer, corpus=answers)  # the sparse head fitted to their IDF
 
     with timer("eval_before"):
         before = evaluate_heldout(model, tokenizer, collection, settings)
