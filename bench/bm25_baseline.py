@@ -21,18 +21,24 @@ from common import evaluate, load_corpus, load_qrels, load_queries, run_from_sco
 
 
 class BM25Index:
-    """bm25s index over passages; `scores(queries)` -> [n_queries, n_docs] full BM25 score matrix."""
+    """bm25s index over passages; `scores(queries)` -> [n_queries, n_docs] full BM25 score matrix.
 
-    def __init__(self, passages: list[str], k1: float = 1.5, b: float = 0.75):
+    Texts are tokenised by bm25s (words, English stopwords); or pass `tokenized=True` and lists of tokens (any
+    strings, e.g. a model's token ids) as passages and queries."""
+
+    def __init__(self, passages: list, k1: float = 1.5, b: float = 0.75, tokenized: bool = False):
         import bm25s
 
         self._bm25s = bm25s
+        self.tokenized = tokenized
         self.n_docs = len(passages)
         self.retriever = bm25s.BM25(k1=k1, b=b)
-        self.retriever.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
+        corpus = passages if tokenized else bm25s.tokenize(passages, stopwords="en", show_progress=False)
+        self.retriever.index(corpus, show_progress=False)
 
-    def scores(self, queries: list[str]) -> np.ndarray:
-        tokens = self._bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    def scores(self, queries: list) -> np.ndarray:
+        tokens = queries if self.tokenized else self._bm25s.tokenize(
+            queries, stopwords="en", return_ids=False, show_progress=False)
         return np.stack([self.retriever.get_scores(t) for t in tokens])
 
 

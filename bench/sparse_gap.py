@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -42,44 +40,18 @@ from common import (  # noqa: E402
 )
 
 
-def term_matrix(docs: list[list[int]], vocab: int, binary: bool) -> sp.csr_matrix:
-    """[N, vocab] term counts (or 1 where the term occurs)."""
-    rows, cols, vals = [], [], []
-    for i, doc in enumerate(docs):
-        for t, c in Counter(doc).items():
-            rows.append(i)
-            cols.append(t)
-            vals.append(1.0 if binary else float(c))
-    return sp.csr_matrix((vals, (rows, cols)), shape=(len(docs), vocab))
+def idf_overlap_scores(queries: list[list[int]], docs: list[list[int]], power: float = 1.0) -> np.ndarray:
+    """[Q, N] ``sum_{t in q and d} idf(t)^power``: the lexical score (flagm3.scoring) of context-free weights
+    ``idf(t)^(power/2)`` on both sides, with the IDF of flagm3.sparse_init."""
+    from flagm3.scoring import compute_lexical_matching_scores
+    from flagm3.sparse_init import bm25_idf
 
+    idf = bm25_idf(docs)
 
-def idf_vector(docs: list[list[int]], vocab: int) -> np.ndarray:
-    """Lucene BM25 idf ``log(1 + (N - df + 0.5) / (df + 0.5))`` per token id (0 for unseen ids)."""
-    df = np.zeros(vocab)
-    for doc in docs:
-        df[list(set(doc))] += 1
-    n = len(docs)
-    idf = np.log1p((n - df + 0.5) / (df + 0.5))
-    idf[df == 0] = 0.0
-    return idf
+    def weights(texts: list[list[int]]) -> list[dict[str, float]]:
+        return [{str(t): idf.get(t, 0.0) ** (power / 2) for t in set(text)} for text in texts]
 
-
-def bm25_scores(queries: list[list[int]], docs: list[list[int]], vocab: int, k1: float = 1.5,
-                b: float = 0.75) -> np.ndarray:
-    """[Q, N] Lucene BM25 over token ids (each query term counted once)."""
-    tf = term_matrix(docs, vocab, binary=False).tocoo()
-    lengths = np.array([len(d) for d in docs], dtype=float)
-    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))
-    idf = idf_vector(docs, vocab)
-    weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
-    doc_terms = sp.csr_matrix((weights, (tf.row, tf.col)), shape=tf.shape)
-    return np.asarray((term_matrix(queries, vocab, binary=True) @ doc_terms.T).toarray())
-
-
-def idf_overlap_scores(queries: list[list[int]], docs: list[list[int]], vocab: int, power: float = 1.0) -> np.ndarray:
-    """[Q, N] ``sum_{t in q and d} idf(t)^power``."""
-    idf = sp.diags(idf_vector(docs, vocab) ** power)
-    return np.asarray((term_matrix(queries, vocab, True) @ idf @ term_matrix(docs, vocab, True).T).toarray())
+    return compute_lexical_matching_scores(weights(queries), weights(docs))
 
 
 def head_scores(model_dir: str, queries: list[str], passages: list[str], max_length: int) -> np.ndarray:
@@ -113,14 +85,13 @@ def idf_head(target: Path, train_passages: list[str], seed: int) -> Path:
 
 
 def training_passages(path: Path) -> list[str]:
-    import json
+    """The distinct positive and negative passages of a training JSONL, in first-seen order."""
+    from flagm3.texts import read_jsonl
 
     seen: dict[str, None] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            for text in record.get("pos", []) + record.get("neg", []):
-                seen.setdefault(text)
+    for _, record in read_jsonl(path):
+        for text in record.get("pos", []) + record.get("neg", []):
+            seen.setdefault(text)
     return list(seen)
 
 
@@ -144,19 +115,21 @@ def main() -> None:
     qids = [q for q in qrels if q in all_queries]
     queries = [all_queries[q] for q in qids]
     tokenizer = AutoTokenizer.from_pretrained(WORK_DIR / "base_minilm_eos")
-    vocab = len(tokenizer)
 
     def tokens(texts: list[str], max_length: int | None) -> list[list[int]]:
         kw = dict(truncation=True, max_length=max_length - 2) if max_length else {}
         return tokenizer(texts, add_special_tokens=False, **kw)["input_ids"]
 
+    def as_strings(texts: list[list[int]]) -> list[list[str]]:
+        return [[str(t) for t in text] for text in texts]
+
     rows: dict[str, np.ndarray] = {"bm25_words": BM25Index(passages).scores(queries)}
     q_tok = tokens(queries, args.max_length)
-    rows["bm25_tokens_full"] = bm25_scores(q_tok, tokens(passages, None), vocab)
     p_trunc = tokens(passages, args.max_length)
-    rows["bm25_tokens_trunc"] = bm25_scores(q_tok, p_trunc, vocab)
-    rows["idf_no_tf"] = idf_overlap_scores(q_tok, p_trunc, vocab)
-    rows["idf_squared_no_tf"] = idf_overlap_scores(q_tok, p_trunc, vocab, power=2.0)
+    for label, docs in (("bm25_tokens_full", tokens(passages, None)), ("bm25_tokens_trunc", p_trunc)):
+        rows[label] = BM25Index(as_strings(docs), tokenized=True).scores(as_strings(q_tok))
+    rows["idf_no_tf"] = idf_overlap_scores(q_tok, p_trunc)
+    rows["idf_squared_no_tf"] = idf_overlap_scores(q_tok, p_trunc, power=2.0)
     train_path = Path(args.train_data) if args.train_data else WORK_DIR / f"{name}_train.jsonl"
     head_dir = idf_head(WORK_DIR / f"sparse_gap_idf_head_{name}", training_passages(train_path), args.seed)
     rows["idf_head"] = head_scores(str(head_dir), queries, passages, args.max_length)

@@ -328,14 +328,15 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
             metrics=metrics,
         )
 
-    def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any):
-        """``Trainer.train``; a checkpoint's sparse-anchor reference (``sparse_anchor.safetensors``) is restored,
-        so a resumed run anchors the sparse head to the point the interrupted one did."""
-        resume = self.resolve_resume_checkpoint(resume_from_checkpoint)
-        anchor_file = os.path.join(resume, SPARSE_ANCHOR_FILE) if resume else None
+    def resolve_resume_checkpoint(self, resume: Any) -> Optional[str]:
+        """The checkpoint to resume from (:class:`AtomicCheckpointMixin`); its sparse-anchor reference
+        (``sparse_anchor.safetensors``) is restored, so a resumed run anchors the sparse head where the
+        interrupted one did."""
+        path = super().resolve_resume_checkpoint(resume)
+        anchor_file = os.path.join(path, SPARSE_ANCHOR_FILE) if path else None
         if anchor_file and os.path.isfile(anchor_file) and self.m3_loss.config.sparse_anchor_weight > 0:
             self.training_loss.load_sparse_anchor_reference(load_file(anchor_file))
-        return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        return path
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir or self.args.output_dir

@@ -82,8 +82,8 @@ def group_logits(logits: Tensor, positive_index: Tensor, group_size: int) -> Ten
 
 
 # ------------------------------------------------------------------------------------------- config
-# Temperature of the sparse head's own term in the flagm3 recipe (docs/heads-and-loss.md, "Training the sparse
-# head"): at the shared 0.02 its in-batch softmax saturates on lexical scores.
+# Temperature of the sparse head's own term in the flagm3 recipe (the best of 0.01-0.2 measured in
+# docs/heads-and-loss.md, "Training the sparse head"; the other heads keep ``temperature``).
 RECIPE_SPARSE_TEMPERATURE = 0.05
 
 
