@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from .evaluation.compare import comparison_table, load_before_after, summary_line
 from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS
 from .version import __version__
 
@@ -187,6 +188,20 @@ def sparse_health_table(trainer: Any) -> list[str]:
     return rows
 
 
+def before_after_section(output_dir: str) -> list[str]:
+    """Markdown lines of the before -> after table (``before_after.json``, written by
+    :class:`flagm3.before_after.BeforeAfterCallback`), or none."""
+    data = load_before_after(output_dir)
+    if not data or not data.get("rows"):
+        return []
+    return ["## Before and after training", "",
+            f"Each head and hybrid evaluated at step 0 and after {data.get('steps', '?')} steps on the same queries. "
+            "Verdict: `improved` / `worse` when a two-sided paired t-test over the queries gives p < 0.05, else "
+            "`unchanged`; other collections than `in-domain` are the general-domain forgetting guard "
+            "(`--general_eval_data`).", "", comparison_table(data["rows"]), "",
+            f"Summary: {summary_line(data['rows'])}.", ""]
+
+
 def framework_versions() -> dict[str, str]:
     versions = {"Python": platform.python_version(), "flagm3": __version__}
     for name in VERSION_PACKAGES:
@@ -339,6 +354,8 @@ def render_model_card(
             if len(result_sets) > 1:
                 parts += [f"### {name}", ""]
             parts += [metrics_table(results), ""]
+
+    parts += before_after_section(output_dir)
 
     has_bge = os.path.isdir(os.path.join(output_dir, "bge-m3")) or bool(
         getattr(getattr(trainer, "args", None), "save_bge_m3_layout", False))

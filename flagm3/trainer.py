@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from .before_after import register_diagnostics
 from .checkpointing import AtomicCheckpointMixin
 from .convert_bge_m3 import save_bge_m3
 from .data import M3BatchSampler, M3Collator, M3TrainDataset
@@ -106,6 +107,7 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         if hasattr(args, "loss_config"):
             prepare_for_training(model, args, self.m3_loss.config)
         super().__init__(model=model, args=args, **kwargs)
+        register_diagnostics(self)  # before/after evaluation and alarms (flagm3.before_after)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW as the Trainer builds it, with the heads at ``head_learning_rate`` when given."""

@@ -93,6 +93,12 @@ class M3DataArguments:
     eval_split: str = field(default="dev")
     eval_max_corpus_size: Optional[int] = field(default=None)
     eval_max_length: int = field(default=512)
+    general_eval_data: List[str] = field(
+        default_factory=list,
+        metadata={"help": "General-domain BEIR-layout directories evaluated beside --eval_data at step 0 and at the "
+                  "end (the before -> after table): the forgetting guard.", "nargs": "+"},
+    )
+    general_eval_split: str = field(default="dev", metadata={"help": "The qrels split of --general_eval_data."})
 
 
 @dataclass
@@ -195,6 +201,22 @@ class M3TrainingArguments(TrainingArguments):
         default=3, metadata={"help": "Stop after this many consecutive steps with a non-finite loss/gradient."}
     )
     remove_unused_columns: bool = field(default=False)
+    before_after_eval: bool = field(
+        default=True,
+        metadata={"help": "With --eval_data or --general_eval_data: evaluate every head at step 0 and at the end, "
+                  "and report before -> after per head with a paired significance test (docs/diagnosing.md)."},
+    )
+    alarms: bool = field(
+        default=True,
+        metadata={"help": "Warn, naming cause and remedy, when a loss term stays near 0, nothing trains, the eval "
+                  "embeddings stay step 0's, or an eval metric falls twice in a row (docs/diagnosing.md)."},
+    )
+    false_negative_threshold: Optional[float] = field(
+        default=None,
+        metadata={"help": "Mask, in every InfoNCE term, in-batch passages whose dense cosine similarity to a "
+                  "query's positive is at least this (near-duplicates of the positive: likely false negatives), "
+                  "e.g. 0.95. Default: off."},
+    )
 
     def __post_init__(self) -> None:
         before_training_arguments(self)  # transformers 4.x differences (flagm3.compat)
@@ -219,6 +241,7 @@ class M3TrainingArguments(TrainingArguments):
             sparse_stop_gradient=self.sparse_stop_gradient,
             sparse_hard_negatives=self.sparse_hard_negatives,
             sparse_anchor_weight=self.sparse_anchor_weight,
+            false_negative_threshold=self.false_negative_threshold,
         )
         for attr, text in (
             ("head_weights", self.head_loss_weights),

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from ..modeling_m3 import unwrap_m3
 from ..scoring import HEADS
 from .beir import load_beir, subsample
+from .compare import per_query_metric
 from .metrics import METRICS, flatten_results
 from .retrieval import DEFAULT_HYBRID_WEIGHTS, check_rankings, evaluate_retrieval
 
@@ -68,6 +69,7 @@ class M3RetrievalEvaluator:
         if main_metric not in self.keys:
             raise ValueError(f"main_metric {main_metric!r} is not among the evaluator's keys {self.keys}")
         self.main_metric = main_metric
+        self.last_runs: Optional[dict] = None  # the last call's rankings (per_query)
         self.options = dict(
             heads=self.heads, hybrids=self.hybrids, hybrid_weights=hybrid_weights, k_values=tuple(k_values),
             metrics=tuple(metrics), max_query_length=max_query_length, max_passage_length=max_passage_length,
@@ -95,8 +97,21 @@ class M3RetrievalEvaluator:
         outer.eval()
         try:
             embedder = M3Embedder(unwrap_m3(model), tokenizer=tokenizer, **self.embedder_options)
-            results = evaluate_retrieval(embedder, self.corpus, self.queries, self.qrels, **self.options)
+            results, self.last_runs = evaluate_retrieval(embedder, self.corpus, self.queries, self.qrels,
+                                                         return_runs=True, **self.options)
         finally:
             outer.train(was_training)
         return flatten_results(results)
+
+    def per_query(self, metric: Optional[str] = None) -> dict[str, dict[str, float]]:
+        """``{ranking: {qid: value}}`` of ``metric`` (default: the main metric's, e.g. ``ndcg@10``) for the last
+        call's rankings (:func:`.compare.per_query_metric`); the paired before/after test compares these."""
+        if self.last_runs is None:
+            raise RuntimeError("per_query() needs an evaluation first: call the evaluator")
+        return per_query_metric(self.last_runs, self.qrels, metric or self.measure)
+
+    @property
+    def measure(self) -> str:
+        """The main metric without its ranking: ``"all_ndcg@10"`` -> ``"ndcg@10"``."""
+        return self.main_metric.rsplit("_", 1)[1]
 

@@ -38,6 +38,7 @@ from ..scoring import (
     sparse_scores,
     sparse_scores_paired,
 )
+from .false_negatives import mask_logits, near_duplicate_mask
 
 # Per head: its all-pairs score [Q, P], its paired score [N] (flagm3.scoring), and the score's inputs from one
 # side's outputs and input ids.
@@ -120,6 +121,8 @@ class M3LossConfig:
     sparse_hard_negatives: bool = True
     # weight of ||theta - theta_0||^2 / ||theta_0||^2, the sparse head's distance to its initial (IDF-fitted) fit
     sparse_anchor_weight: float = 0.0
+    # in-batch passages at least this cosine-similar (dense) to a query's positive are masked (None: off)
+    false_negative_threshold: Optional[float] = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M3LossConfig:
@@ -160,6 +163,11 @@ class M3LossConfig:
             raise ValueError("temperatures must be positive")
         if self.teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
+        if self.false_negative_threshold is not None and not -1 <= self.false_negative_threshold <= 1:
+            raise ValueError(f"false_negative_threshold is a cosine similarity in [-1, 1], got "
+                             f"{self.false_negative_threshold}")
+        if self.false_negative_threshold is not None and "dense" not in self.heads:
+            raise ValueError("false_negative_threshold finds near-duplicates with the dense head: add it to heads")
         if self.sparse_anchor_weight < 0:
             raise ValueError(f"sparse_anchor_weight must be >= 0, got {self.sparse_anchor_weight}")
         if not self.contrastive_terms() and not self.distilled_heads():
@@ -263,6 +271,8 @@ class M3Loss(nn.Module):
         head whenever it is configured (its health statistics are logged even while no term trains it; its
         outputs cost one ``Linear(H, 1)``, its scores are what a term would cost and are skipped)."""
         computed = set(self.config.computed_heads()) | ({"sparse"} & set(self.config.heads))
+        if self.config.false_negative_threshold is not None:  # near-duplicates are found with dense vectors
+            computed.add("dense")
         return tuple(h for h in HEADS if h in computed)
 
     def get_config_dict(self) -> dict:
@@ -333,6 +343,12 @@ class M3Loss(nn.Module):
         logits = {h: self.head_logits(h, q, q_ids, p, p_ids, sizes) for h in needed}
         if members:
             logits["ensemble"] = hybrid_scores(logits, members)
+        masked = None
+        if cfg.false_negative_threshold is not None and sizes is None:
+            if p.dense is None:
+                raise ValueError("false_negative_threshold needs the dense head's passage vectors")
+            masked = near_duplicate_mask(p.dense, positive_index, cfg.false_negative_threshold)
+            logits = {name: mask_logits(value, masked) for name, value in logits.items()}
         own = sizes is None and teacher_probs is None  # hard negatives can be left out of plain InfoNCE only
         terms = {t: self.contrastive(self.own_logits(t, logits[t], positive_index, group_size) if own else logits[t],
                                      positive_index, group_size, teacher_probs) for t in terms_on}
@@ -348,6 +364,8 @@ class M3Loss(nn.Module):
         loss = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
         logs["loss"] = loss.detach()
         stats = {}
+        if masked is not None:
+            stats["false_negatives_masked"] = masked.sum(1).float().mean()
         if q.sparse is not None and p.sparse is not None:
             for side, out in (("query", q), ("passage", p)):
                 stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
