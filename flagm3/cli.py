@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fill-random", action="store_true",
                    help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
     p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")
+    p.add_argument("--false-negative-fraction", type=float, metavar="F",
+                   help="drop candidates scoring above F times the positive's score (likely false negatives; the "
+                        "mining score, or the line's teacher pos_scores/neg_scores where given), e.g. 0.95; the "
+                        "summary counts them (default: keep all)")
     p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-query-length", type=int, default=64)

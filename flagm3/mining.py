@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .evaluation.retrieval import encode_texts
+from .negative_filter import false_negatives, teacher_scores_of
 from .scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
     compute_lexical_matching_scores,
@@ -233,6 +234,7 @@ def mine_hard_negatives(
     search_batch_size: int = 256,
     use_faiss: Optional[bool] = None,
     show_progress: bool = True,
+    false_negative_fraction: Optional[float] = None,
 ) -> dict[str, Any]:
     """Mine hard negatives for a training JSONL with ``embedder`` (an ``M3Embedder``); returns a summary.
 
@@ -245,6 +247,9 @@ def mine_hard_negatives(
     teacher distribution softmax(score / teacher_score_temperature)); without it, stale input
     ``pos_scores``/``neg_scores`` are dropped. Queries get the query instruction (default: the
     embedder's); lengths and batch size default to the embedder's. ``seed`` makes the draw reproducible.
+    ``false_negative_fraction``: drop the rank window's candidates scoring above this fraction of the positive's
+    score (:mod:`flagm3.negative_filter`; teacher ``pos_scores``/``neg_scores`` of the line where given); the
+    summary's ``false_negatives_dropped`` counts them.
     """
     start, end = _parse_range(range_for_sampling)
     if teacher_score_temperature <= 0:
@@ -271,7 +276,7 @@ def mine_hard_negatives(
     # positives outside the pool are encoded too (for teacher scores) but never searched
     in_pool = set(pool)
     texts = pool + ([t for t in dict.fromkeys(p for r in records for p in r["pos"]) if t not in in_pool]
-                    if teacher_scores else [])
+                    if teacher_scores or false_negative_fraction is not None else [])
     row_of = {t: i for i, t in enumerate(texts)}
     queries = list(dict.fromkeys(r["query"] for r in records))
     query_of = {q: i for i, q in enumerate(queries)}
@@ -289,12 +294,24 @@ def mine_hard_negatives(
     ranked_lists = ranked.tolist()
 
     rng = random.Random(seed)
-    counts = {"filled": 0, "short": 0, "total": 0}
+    counts = {"filled": 0, "short": 0, "total": 0, "false_negatives": 0}
+
+    def likely_false_negatives(record: dict, qi: int) -> set[str]:
+        if false_negative_fraction is None:
+            return set()
+        window = [j for j in ranked_lists[qi][start:end] if pool[j] not in record["pos"]]
+        p_rows = [row_of[t] for t in record["pos"]]
+        scores = query_scores(q_dense, p_dense, qi, p_rows + window, q_lex, p_lex, weights)
+        dropped = false_negatives([pool[j] for j in window], scores[len(p_rows):], scores[: len(p_rows)],
+                                  false_negative_fraction, teacher_scores_of(record), record["pos"])
+        counts["false_negatives"] += len(dropped)
+        return dropped
 
     def mined() -> Any:
         for record in tqdm(records, desc="Sampling negatives", disable=not show_progress):
             qi = query_of[record["query"]]
-            chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], set(record["pos"]), start,
+            excluded = set(record["pos"]) | likely_false_negatives(record, qi)  # never drawn, as positives
+            chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], excluded, start,
                                       end, negative_number, fill_random, len(pool))
             out = dict(record)
             out["neg"] = [pool[j] for j in chosen]
@@ -324,6 +341,8 @@ def mine_hard_negatives(
         "negatives": total,
         "lines_filled_randomly": filled,
         "lines_short": short,
+        "false_negative_fraction": false_negative_fraction,
+        "false_negatives_dropped": counts["false_negatives"],
         "teacher_scores": teacher_scores,
         "teacher_score_temperature": teacher_score_temperature if teacher_scores else None,
         "output": os.fspath(output_jsonl),
