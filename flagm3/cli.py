@@ -1,4 +1,4 @@
-"""The ``flagm3`` command: train, eval, mine, validate, export, demo."""
+"""The ``flagm3`` command: train, eval, mine, merge, validate, export, demo."""
 
 from __future__ import annotations
 
@@ -104,6 +104,29 @@ def _mine(args: argparse.Namespace) -> None:
     summary = mine_hard_negatives(_embedder(args), args.input, args.output, **_options(args, mine_hard_negatives),
                                   fill_random=not args.no_fill_random, use_faiss=False if args.no_faiss else None)
     print(json.dumps(summary, indent=2, default=str))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .merge import Merger, auto_merge, save_merged
+
+    if args.auto:
+        if args.weights:
+            sys.exit("flagm3 merge: --auto picks the weights: drop --weights")
+        if not args.eval_data:
+            sys.exit("flagm3 merge: --auto needs --eval-data (the in-domain collection with a dev split)")
+        options = {"max_query_length": args.max_query_length, "max_passage_length": args.max_passage_length,
+                   "batch_size": args.batch_size, "max_corpus_size": args.max_corpus_size}
+        model, report = auto_merge(args.models, args.eval_data, args.general_data or [], split=args.split,
+                                   tolerance=args.tolerance, grid=args.grid, evaluator_options=options)
+        save_merged(model, args.output, args.models[1], report)
+        print(json.dumps({"output": args.output, "weights": report["weights"], "chosen": report["chosen"]},
+                         indent=2))
+        return
+    merger = Merger(args.models)
+    model = merger.merged(args.weights)
+    weights = args.weights or [1 / len(args.models)] * len(args.models)
+    save_merged(model, args.output, merger.template_path, {"models": args.models, "weights": weights})
+    print(json.dumps({"output": args.output, "models": args.models, "weights": weights}))
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -243,6 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=_mine)
 
+    p = sub.add_parser("merge", help="merge whole M3 models linearly (encoder and heads; LM-Cocktail's method)")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="flagm3 / BGE-M3-layout checkpoints (a plain encoder contributes to the encoder only); "
+                        "with --auto: the base model, then the fine-tuned one")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per model, summing to 1 (default: equal)")
+    p.add_argument("--output", required=True, help="directory of the merged flagm3 checkpoint")
+    p.add_argument("--auto", action="store_true",
+                   help="pick the fine-tuned model's weight on dev splits: the best in-domain metric whose general "
+                        "collections stay within --tolerance of the base model")
+    p.add_argument("--eval-data", help="--auto: the in-domain BEIR-layout collection")
+    p.add_argument("--general-data", nargs="+", help="--auto: one or more general-domain BEIR-layout collections")
+    p.add_argument("--split", default="dev", help="--auto: the qrels split the weights are picked on")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="--auto: the largest loss of the main metric (all_ndcg@10) allowed on each general "
+                        "collection against the base model")
+    p.add_argument("--grid", type=float, nargs="+", default=[i / 10 for i in range(11)],
+                   help="--auto: the fine-tuned model's weights tried (0 = the base model, always tried)")
+    p.add_argument("--batch-size", type=int, default=64, help="--auto: encoding batch size")
+    p.add_argument("--max-query-length", type=int, default=64, help="--auto: query length in tokens")
+    p.add_argument("--max-passage-length", type=int, default=256, help="--auto: passage length in tokens")
+    p.add_argument("--max-corpus-size", type=int,
+                   help="--auto: subsample each corpus to this many documents (judged ones kept)")
+    p.set_defaults(func=_merge)
+
     p = sub.add_parser("validate", help="check training data and print a summary")
     p.add_argument("data", nargs="+")
     p.add_argument("--tokenizer", help="count truncated texts with this tokenizer")
@@ -264,6 +311,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """Missing models and files named on the command line, found before anything loads."""
     for option in ("model", "tokenizer"):
         check_model(getattr(args, option, None), f"--{option}")
+    for model in getattr(args, "models", None) or []:
+        check_model(model, "--models")
     for option in ("input", "candidate_pool", "corpus"):
         check_file(getattr(args, option, None), f"--{option.replace('_', '-')}")
     if getattr(args, "data", None) and args.command == "eval" and not os.path.isdir(args.data):
