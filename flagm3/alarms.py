@@ -85,6 +85,8 @@ class NoUpdateAlarm(TrainerCallback):
     def _moved(self, model: Any) -> bool:
         params = dict(model.named_parameters())
         for name, index, values in self.snapshot or []:
+            if name not in params:  # wrapped differently since the start: cannot tell, so do not warn
+                return True
             now = params[name].detach().reshape(-1)
             if now.numel() > int(index[-1]) and not torch.equal(now[index].float().cpu(), values):
                 return True
