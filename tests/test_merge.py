@@ -114,3 +114,21 @@ def test_auto_merge_picks_from_measured_dev_metrics(checkpoints, tmp_path):
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="exactly two"):
         auto_merge(checkpoints, str(in_domain), [str(general)])
+
+
+def test_the_merged_model_trains_evaluates_and_exports(checkpoints, tmp_path, capsys):
+    from conftest import build_cli_trainer, write_train_file
+
+    out = tmp_path / "merged"
+    cli_main(["merge", "--models", *checkpoints[:2], "--output", str(out)])
+    expected = merge_models(checkpoints[:2], [0.5, 0.5]).state_dict()
+    trainer = build_cli_trainer(out, write_train_file(tmp_path / "train.jsonl", 4), tmp_path / "run")
+    loaded = trainer.model.state_dict()
+    assert all(torch.allclose(loaded[k], v, atol=1e-6) for k, v in expected.items())  # no fresh heads
+    data = write_beir(tmp_path / "beir", SENTENCES, {f"q{i}": (SENTENCES[i][:20], [i]) for i in range(4)}, "test")
+    cli_main(["eval", "--model", str(out), "--data", str(data), "--max-query-length", "16",
+              "--max-passage-length", "32", "--output", str(tmp_path / "metrics.json")])
+    assert "all" in json.loads((tmp_path / "metrics.json").read_text())
+    cli_main(["export", "--model", str(out), "--output", str(tmp_path / "bge"), "--format", "bge-m3"])
+    again = M3Model.from_pretrained(str(tmp_path / "bge")).state_dict()
+    assert torch.allclose(again["colbert_linear.weight"], expected["colbert_linear.weight"], atol=1e-6)
