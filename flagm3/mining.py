@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .evaluation.retrieval import encode_texts
-from .negative_filter import false_negatives, teacher_scores_of
+from .negative_filter import check_fraction, false_negatives, teacher_scores_of
 from .scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
     compute_lexical_matching_scores,
@@ -252,6 +252,7 @@ def mine_hard_negatives(
     summary's ``false_negatives_dropped`` counts them.
     """
     start, end = _parse_range(range_for_sampling)
+    check_fraction(false_negative_fraction)
     if teacher_score_temperature <= 0:
         raise ValueError(f"teacher_score_temperature must be positive, got {teacher_score_temperature}")
     if negative_number < 1:

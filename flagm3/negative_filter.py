@@ -16,10 +16,15 @@ import torch
 from torch import Tensor
 
 
+def check_fraction(fraction: Optional[float]) -> None:
+    """A false-negative fraction is ``None`` (off) or in (0, 1]."""
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"the false-negative fraction must be in (0, 1], got {fraction}")
+
+
 def false_negative_mask(candidate_scores: Tensor, positive_score: float, fraction: float) -> Tensor:
     """``[n]`` bool: which of ``candidate_scores`` [n] are above ``fraction`` of ``positive_score``."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"the false-negative fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction)
     return candidate_scores > positive_score - (1 - fraction) * abs(positive_score)
 
 

@@ -69,3 +69,10 @@ def test_mining_drops_and_counts_candidates_near_the_positive(tiny_encoder_dir, 
                                 range_for_sampling=(0, 15), negative_number=14, fill_random=False,
                                 show_progress=False)
     assert plain["false_negatives_dropped"] == 0 and plain["negatives"] == 5 * 14
+
+
+def test_a_bad_fraction_fails_before_encoding(tmp_path):
+    train = tmp_path / "t.jsonl"
+    train.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
+    with pytest.raises(ValueError, match=r"false-negative fraction must be in \(0, 1\], got 1.5"):
+        mine_hard_negatives(None, train, tmp_path / "o.jsonl", false_negative_fraction=1.5)
