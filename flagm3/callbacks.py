@@ -173,7 +173,10 @@ class NonFiniteStepGuard(TrainerCallback):
     def watch_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         """Under DeepSpeed: a step pre-hook on the optimizer the engine steps, dropping non-finite gradients
         (a no-op under ZeRO-1/2/3, which skip such steps before reaching it). ``optimizer.overflow`` tells
-        DeepSpeed and accelerate that the step was skipped."""
+        DeepSpeed and accelerate that the step was skipped. An optimizer DeepSpeed builds from its config (a
+        placeholder here) is not watched: ZeRO-1/2/3 check it themselves."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return
         optimizer.overflow = False
 
         def drop_nonfinite(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
