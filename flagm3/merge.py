@@ -179,8 +179,8 @@ def auto_merge(
     rows = []
     for w in grid:
         model = merger.merged([1.0 - w, w])
-        row = {"weight": w, "in_domain": in_eval(model, tokenizer)[in_eval.main_metric],
-               "general": {name: e(model, tokenizer)[e.main_metric] for name, e in general_evals.items()}}
+        row = {"weight": w, "in_domain": in_eval(model, tokenizer)[in_eval.primary_metric],
+               "general": {name: e(model, tokenizer)[e.primary_metric] for name, e in general_evals.items()}}
         logger.info("merge weight %.2f: in-domain %.4f, general %s", w, row["in_domain"], row["general"])
         rows.append(row)
     best = choose_weight(rows, tolerance)
