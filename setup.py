@@ -15,6 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["flagm3", "flagm3.*"]),
+    package_data={"flagm3": ["deepspeed_configs/*.json", "deepspeed_configs/README.md"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.57,<6",
