@@ -230,3 +230,21 @@ def stop_message(stop: GracefulStop, output_dir: str) -> str:
     name = signal.Signals(stop.signum).name if stop.signum else "a signal"
     where = os.path.join(output_dir, f"checkpoint-{stop.step}")
     return f"stopped by {name} at step {stop.step}, checkpoint saved in {where}; {RESUME_HINT}"
+
+
+def save_failure_message(err: OSError, output_dir: str) -> Optional[str]:
+    """The one line for an ``OSError`` (a full disk, a lost mount) raised while a checkpoint was being written:
+    the staging directory it was writing, the error, and the last complete checkpoint, which is intact.
+    ``None`` when no save was under way (the error is then not a save's)."""
+    from .checkpointing import STAGING_PREFIX
+
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    staging = sorted(n for n in os.listdir(output_dir) if n.startswith(STAGING_PREFIX + "checkpoint-"))
+    if not staging:
+        return None
+    where = os.path.join(output_dir, staging[-1])
+    failed = f"{err.filename}" if err.filename else where
+    last = last_checkpoint(output_dir)
+    kept = f"the last complete checkpoint {last} is intact; {RESUME_HINT}" if last else "no earlier checkpoint"
+    return f"writing checkpoint {where} failed ({failed}: {err.strerror or err}); {kept} once there is room"

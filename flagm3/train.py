@@ -7,6 +7,7 @@ Arguments are FlagEmbedding's M3 names plus flagm3's (see :mod:`flagm3.training_
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ from .distributed import (
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .recipe import prepare_for_training
-from .resume import GracefulStop, check_checkpoint_fits, resolve_last, stop_message
+from .resume import GracefulStop, check_checkpoint_fits, resolve_last, save_failure_message, stop_message
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
@@ -214,7 +215,13 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
         check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint, model_args.model_name_or_path)
     stop = GracefulStop()
     trainer.add_callback(stop)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except OSError as err:  # a full disk during a save: the path and the checkpoint to resume from
+        message = save_failure_message(err, training_args.output_dir)
+        if message is None or os.environ.get("FLAGM3_TRACEBACK"):
+            raise
+        sys.exit(f"flagm3 train: {message}")
     if stop.signum is not None:  # a checkpoint was saved at the step boundary: no final model, no card
         if trainer.is_world_process_zero():
             print(f"flagm3 train: {stop_message(stop, training_args.output_dir)}", file=sys.stderr)
