@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -60,9 +61,13 @@ def test_deepspeed_stage2_on_the_command_line_uses_the_bundled_file():
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_the_license(tmp_path):
+    source = tmp_path / "src"  # a copy: building in place would leave build/ and *.egg-info in the repo
+    shutil.copytree(REPO / "flagm3", source / "flagm3", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md", "LICENSE", "pyproject.toml"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("flagm3-*.whl")
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("flagm3-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for stage in (1, 2, 3):
         assert f"flagm3/deepspeed_configs/ds_stage{stage}.json" in names
