@@ -132,7 +132,7 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
 
     rank = trainer.args.process_index
