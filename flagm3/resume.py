@@ -248,3 +248,26 @@ def save_failure_message(err: OSError, output_dir: str) -> Optional[str]:
     last = last_checkpoint(output_dir)
     kept = f"the last complete checkpoint {last} is intact; {RESUME_HINT}" if last else "no earlier checkpoint"
     return f"writing checkpoint {where} failed ({failed}: {err.strerror or err}); {kept} once there is room"
+
+
+def lost_process_message(err: BaseException, output_dir: str, step: int) -> Optional[str]:
+    """The one line for a collective that failed because another process died (killed, out of memory): what
+    happened, and the checkpoint to resume from. ``None`` when ``err`` is not such a failure or only one
+    process runs (the error is then not a lost peer's)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() < 2:
+        return None
+    distributed_errors = tuple(getattr(torch.distributed, n) for n in ("DistError", "DistBackendError")
+                               if hasattr(torch.distributed, n))
+    text = str(err)
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timeout",
+            "NCCL communicator was aborted", "Socket Timeout")
+    if not isinstance(err, distributed_errors) and not any(s in text for s in lost):
+        return None
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    last = last_checkpoint(output_dir) if output_dir else None
+    kept = f"the last complete checkpoint is {last}; {RESUME_HINT}" if last else "no checkpoint was written yet"
+    rank = torch.distributed.get_rank()
+    return (f"rank {rank} stopped at step {step}: another process stopped answering ({type(err).__name__}: "
+            f"{first}); {kept}")

@@ -27,7 +27,14 @@ from .distributed import (
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .recipe import prepare_for_training
-from .resume import GracefulStop, check_checkpoint_fits, resolve_last, save_failure_message, stop_message
+from .resume import (
+    GracefulStop,
+    check_checkpoint_fits,
+    lost_process_message,
+    resolve_last,
+    save_failure_message,
+    stop_message,
+)
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
@@ -217,8 +224,11 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     trainer.add_callback(stop)
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except OSError as err:  # a full disk during a save: the path and the checkpoint to resume from
-        message = save_failure_message(err, training_args.output_dir)
+    except (OSError, RuntimeError) as err:  # a full disk during a save; another process lost (killed, OOM)
+        if isinstance(err, OSError):
+            message = save_failure_message(err, training_args.output_dir)
+        else:
+            message = lost_process_message(err, training_args.output_dir, trainer.state.global_step)
         if message is None or os.environ.get("FLAGM3_TRACEBACK"):
             raise
         sys.exit(f"flagm3 train: {message}")

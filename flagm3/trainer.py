@@ -247,6 +247,10 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
         tensors: no host read here); a micro-batch with a non-finite loss adds nothing but its padding."""
         self._last_logs = logs
         self._step_logs.append(logs)
+        stats = dict(stats or {})
+        for side in ("query", "passage"):  # a ratio (weight per active token): summed times its denominator
+            if f"sparse_weight_{side}" in stats and f"sparse_active_{side}" in stats:
+                stats[f"sparse_weight_{side}"] = stats[f"sparse_weight_{side}"] * stats[f"sparse_active_{side}"]
         finite = torch.isfinite(logs["loss"])
         for key, value in {**logs, **(stats or {})}.items():
             if key == "loss":
@@ -275,6 +279,10 @@ class M3Trainer(AtomicCheckpointMixin, Trainer):
                 n = host_count if not torch.is_tensor(self._log_sums[key]) else count
                 if n:
                     logs[key] = round(value / n, 6)
+            raw = dict(zip(keys, values))
+            for side in ("query", "passage"):  # over every active token of every micro-batch and process
+                if raw.get(f"sparse_active_{side}") and f"sparse_weight_{side}" in raw:
+                    logs[f"sparse_weight_{side}"] = round(raw[f"sparse_weight_{side}"] / raw[f"sparse_active_{side}"], 6)
             self._log_sums.clear()
             self._log_count = 0
             self._host_count = 0
