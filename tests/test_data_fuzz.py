@@ -122,7 +122,7 @@ def check_report(path: Path, output: str, expected: dict[int, str]) -> None:
         assert any(text in issue for issue in reported[number]), (number, text, reported[number])
 
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow,
                                                                             HealthCheck.data_too_large])
 
