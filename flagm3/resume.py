@@ -234,18 +234,19 @@ def stop_message(stop: GracefulStop, output_dir: str) -> str:
 
 def save_failure_message(err: OSError, output_dir: str) -> Optional[str]:
     """The one line for an ``OSError`` (a full disk, a lost mount) raised while a checkpoint was being written:
-    the staging directory it was writing, the error, and the last complete checkpoint, which is intact.
-    ``None`` when no save was under way (the error is then not a save's)."""
-    from .checkpointing import STAGING_PREFIX
-
+    the checkpoint it was writing (left incomplete: skipped and removed at the next start), the error, and the
+    last complete checkpoint, which is intact. ``None`` when no save was under way (not a save's error)."""
     if not output_dir or not os.path.isdir(output_dir):
         return None
-    staging = sorted(n for n in os.listdir(output_dir) if n.startswith(STAGING_PREFIX + "checkpoint-"))
-    if not staging:
-        return None
-    where = os.path.join(output_dir, staging[-1])
-    failed = f"{err.filename}" if err.filename else where
     last = last_checkpoint(output_dir)
+    done = int(last.rsplit("-", 1)[1]) if last else -1
+    steps = [int(n.rsplit("-", 1)[1]) for n in os.listdir(output_dir)
+             if n.startswith("checkpoint-") and n.rsplit("-", 1)[1].isdigit()]
+    written = [s for s in steps if s > done]
+    if not written:
+        return None
+    where = os.path.join(output_dir, f"checkpoint-{max(written)}")
+    failed = f"{err.filename}" if err.filename else where
     kept = f"the last complete checkpoint {last} is intact; {RESUME_HINT}" if last else "no earlier checkpoint"
     return f"writing checkpoint {where} failed ({failed}: {err.strerror or err}); {kept} once there is room"
 

@@ -53,7 +53,7 @@ def test_cached_gradients_log_the_sparse_health(tiny_encoder_dir, tiny_tokenizer
     trainer = make_trainer(model, tiny_tokenizer, tmp_path, sub_batch_size=3)
     trainer.training_step(model, inputs)
     assert {f"sparse_{k}_{s}" for k in ("active", "zero", "weight") for s in ("query", "passage")} <= set(
-        trainer._log_sums)
+        trainer.term_logs.sums)
 
 
 # ------------------------------------------------------------------------------------- LoRA + sparse anchor

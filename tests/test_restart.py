@@ -206,14 +206,16 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(setup, referenc
     with pytest.raises(SystemExit) as exit_info:
         run_main(argv, monkeypatch)
     message = str(exit_info.value.code)
-    staging = out / "tmp-checkpoint-4"
+    staging = out / "checkpoint-4"  # left incomplete: skipped, and removed at the next start
     assert message == (f"flagm3 train: writing checkpoint {staging} failed ({staging / 'optimizer.pt'}: No space "
                        f"left on device); the last complete checkpoint {out / 'checkpoint-2'} is intact; rerun the "
                        "same command with --resume_from_checkpoint last to continue once there is room")
     from flagm3 import M3Model
+    from flagm3.checkpointing import is_complete_checkpoint, last_checkpoint
 
     M3Model.from_pretrained(str(out / "checkpoint-2"))
+    assert last_checkpoint(str(out)) == str(out / "checkpoint-2")
     monkeypatch.setattr(M3Trainer, "_save_optimizer_and_scheduler", write)
     _, got = run_main(argv, monkeypatch)
     assert_same_losses(got, want, range(3, STEPS + 1))
-    assert not staging.exists()
+    assert is_complete_checkpoint(str(staging))  # written again, whole
