@@ -42,6 +42,7 @@ FILE_NOT_FOUND = "file_not_found"
 NO_DATA_FILES = "no_data_files"
 ENCODING = "encoding"
 MALFORMED_JSON = "malformed_json"
+DUPLICATE_KEY = "duplicate_key"
 JSON_ARRAY = "json_array"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_FIELD = "missing_field"
@@ -292,11 +293,30 @@ def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
                 yield lineno, None, Issue(JSON_ARRAY, path, lineno, None, msg)
                 return
             first = False
-            try:
-                yield lineno, json.loads(text), None
+            try:  # without the line end: a truncated line's error is at its own end, not "column 1" of a next line
+                yield lineno, json.loads(text.rstrip("\r\n"), object_pairs_hook=_no_duplicate_keys), None
             except json.JSONDecodeError as e:
                 msg = f"malformed JSON: {e.msg} (column {e.colno})"
                 yield lineno, None, Issue(MALFORMED_JSON, path, lineno, None, msg)
+            except _DuplicateKey as e:
+                msg = f"duplicate key {e.key!r} in one object (JSON readers keep only one of the values)"
+                yield lineno, None, Issue(DUPLICATE_KEY, path, lineno, e.key, msg)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> dict:
+    """``json.loads``' ``object_pairs_hook``: an object, refusing a key given twice."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
 
 
 def _iter_dataset_rows(dataset: Any) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
