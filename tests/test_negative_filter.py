@@ -76,3 +76,13 @@ def test_a_bad_fraction_fails_before_encoding(tmp_path):
     train.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
     with pytest.raises(ValueError, match=r"false-negative fraction must be in \(0, 1\], got 1.5"):
         mine_hard_negatives(None, train, tmp_path / "o.jsonl", false_negative_fraction=1.5)
+
+
+def test_the_cli_option_reaches_the_miner():
+    from flagm3.cli import _options, build_parser
+
+    args = build_parser().parse_args(["mine", "--model", "m", "--input", "i", "--output", "o",
+                                      "--false-negative-fraction", "0.9"])
+    assert _options(args, mine_hard_negatives)["false_negative_fraction"] == 0.9
+    plain = build_parser().parse_args(["mine", "--model", "m", "--input", "i", "--output", "o"])
+    assert _options(plain, mine_hard_negatives)["false_negative_fraction"] is None
