@@ -4,7 +4,7 @@ so an existing launch script ports by changing the module name. Parsed with ``Hf
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from transformers import TrainingArguments
 
@@ -238,28 +238,41 @@ class M3TrainingArguments(TrainingArguments):
             return self.attention_dropout
         return RECIPE_ATTENTION_DROPOUT.get(self.loss_preset)
 
-    def differences_from_flagembedding(self) -> list[str]:
+    def differences_from_flagembedding(self, settings: Optional[Iterable[str]] = None) -> list[str]:
         """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
         same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
-        line per differing setting, naming the flag that restores FlagEmbedding's value; empty when they agree."""
-        ours, theirs = asdict(self.loss_config()), asdict(self.loss_config(preset="bge-m3"))
-        trained = set(ours["heads"]) | ({"ensemble"} if len(ours["heads"]) > 1 else set())
+        line per differing setting (only ``settings``, M3LossConfig field names, when given), naming the flag
+        that restores FlagEmbedding's value (a value ``flagm3 train`` parses); empty when they agree."""
+        ours, theirs = self.loss_config(), self.loss_config(preset="bge-m3")
+        mine, reference = asdict(ours), asdict(theirs)
+        trained = set(ours.heads) | ({"ensemble"} if len(ours.heads) > 1 else set())
         lines = []
-        for name, value in ours.items():
-            reference = theirs.get(name)
-            if value == reference:
+        for name, value in mine.items():
+            if value == reference.get(name) or (settings is not None and name not in settings):
                 continue
             flag = _LOSS_FLAGS.get(name, name)
-            if isinstance(value, dict) and isinstance(reference, dict):
-                for key in sorted(set(value) | set(reference)):
+            if isinstance(value, dict):
+                for key in sorted(set(value) | set(reference[name])):
                     untrained = key in (*HEADS, "ensemble") and key not in trained  # its weight changes nothing
-                    if value.get(key) != reference.get(key) and not untrained:
-                        lines.append(f"{name}[{key}] = {value.get(key)} (FlagEmbedding: {reference.get(key)}; "
-                                     f"--{flag} {key}={reference.get(key)})")
+                    ours_key, theirs_key = _effective(ours, name, key), _effective(theirs, name, key)
+                    if ours_key != theirs_key and not untrained:
+                        lines.append(f"{name}[{key}] = {ours_key:g} (FlagEmbedding: {theirs_key:g}; "
+                                     f"--{flag} {key}={theirs_key:g})")
             else:
-                shown = ",".join(reference) if isinstance(reference, (list, tuple)) else reference
-                lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
+                shown = ",".join(reference[name]) if isinstance(reference[name], (list, tuple)) else reference[name]
+                lines.append(f"{name} = {value} (FlagEmbedding: {reference[name]}; --{flag} {shown})")
         return lines
+
+
+def _effective(config: M3LossConfig, name: str, key: str) -> float:
+    """The value an ``M3LossConfig`` dict setting has for ``key``, defaults included (a temperature not
+    overridden per head is ``temperature``)."""
+    if name == "head_temperatures":
+        return config.head_temperature(key)
+    if name == "head_weights":
+        return config.head_weight(key)
+    default = 1.0 if name == "self_distill_weights" else 0.0  # as M3LossConfig.distilled_heads/ensemble_members
+    return float(getattr(config, name).get(key, default))
 
 
 # The attention dropout each recipe (--loss_preset) trains with; None keeps the encoder's own (0.1 for BERT and
@@ -270,11 +283,28 @@ RECIPE_ATTENTION_DROPOUT: Dict[str, Optional[float]] = {"flagm3": 0.0, "bge-m3":
 _LOSS_FLAGS = {"head_weights": "head_loss_weights"}
 
 
-def recipe_warning(args: M3TrainingArguments) -> Optional[str]:
-    """The one warning ``flagm3 train`` logs when the recipe trains another objective than FlagEmbedding's
-    flags ask for (see :meth:`M3TrainingArguments.differences_from_flagembedding`); ``None`` when it does not."""
-    lines = args.differences_from_flagembedding()
+# FlagEmbedding's flags that ask for a part of its objective the flagm3 recipe changes: flag -> the M3LossConfig
+# settings it asks for (None: all of them; --unified_finetuning asks for BGE-M3's joint training of every head).
+FLAGEMBEDDING_RECIPE_FLAGS: Dict[str, Optional[tuple[str, ...]]] = {
+    "unified_finetuning": None,
+    "use_self_distill": ("self_distill_weights",),
+    "temperature": ("head_temperatures",),
+}
+
+
+def recipe_warning(args: M3TrainingArguments, given: Iterable[str] = ()) -> Optional[str]:
+    """The one warning ``flagm3 train`` logs when FlagEmbedding flags given explicitly (``given``: argument
+    names, see :data:`FLAGEMBEDDING_RECIPE_FLAGS`) ask for what ``--loss_preset flagm3`` changes; ``None`` when
+    none does, or when ``--loss_preset`` was given explicitly (the recipe is then a choice)."""
+    given = set(given)
+    asked = [FLAGEMBEDDING_RECIPE_FLAGS[name] for name in given if name in FLAGEMBEDDING_RECIPE_FLAGS]
+    if not asked or "loss_preset" in given:
+        return None
+    settings = None if None in asked else {s for names in asked for s in names}
+    lines = args.differences_from_flagembedding(settings)
     if not lines:
         return None
-    return (f"--loss_preset {args.loss_preset} trains another objective than FlagEmbedding's for these flags: "
+    flags = ", ".join(f"--{name}" for name in sorted(given & set(FLAGEMBEDDING_RECIPE_FLAGS)))
+    return (f"--loss_preset {args.loss_preset} trains another objective than the FlagEmbedding flags given ({flags}) "
+            "ask for: "
             + "; ".join(lines) + ". --loss_preset bge-m3 restores all of it.")
