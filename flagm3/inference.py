@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .convert_bge_m3 import resolve_checkpoint
-from .export import is_onnx_export, read_hybrid_weights
+from .export import is_onnx_export
+from .hybrid_weights import read_hybrid_weights
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
     HEADS,
