@@ -170,11 +170,13 @@ def add_query_instruction_option(p: ConventionParser) -> None:
     p.add_alias("--query-instruction", "--query-instruction-for-retrieval")
 
 
-def add_hybrid_weights_option(p: ConventionParser, heads: Sequence[str], help: str, default: Any = None) -> None:
-    """``--hybrid-weights`` (one weight per head in ``heads``); ``--weights`` is an alias."""
+def add_hybrid_weights_option(p: ConventionParser, heads: Sequence[str], help: str, default: Any = None,
+                              alias: Optional[str] = None) -> None:
+    """``--hybrid-weights`` (one weight per head in ``heads``); ``alias``: a former name."""
     p.add_argument("--hybrid-weights", type=float, nargs=len(heads), default=default, dest="hybrid_weights",
                    metavar=tuple(h.upper() for h in heads), help=help)
-    p.add_alias("--weights", "--hybrid-weights")
+    if alias:
+        p.add_alias(alias, "--hybrid-weights")
 
 
 _WEIGHTS_HELP = ("Hybrid weights (default: the model's fitted hybrid_weights.json, else BGE-M3's "
@@ -208,7 +210,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--output", help="Write the metrics (and the weights --fit-weights fitted) as JSON here.")
     p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
     add_length_options(p, 512, 512, dests=("max_query_length", "max_passage_length"))
-    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP)
+    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP, alias="--weights")
     p.add_argument("--fp16", action="store_true", dest="use_fp16", help="Encode in float16 (ignored on CPU).")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS,
                    help="Heads to rank with (the hybrids of the heads given are added).")
@@ -256,7 +258,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--fusion", choices=["weights", "rrf"], default="weights",
                    help="Hybrid: weighted sum of exact head scores, or reciprocal rank fusion.")
     p.add_argument("--rerank", action="store_true", help="Hybrid: rerank the candidates with ColBERT.")
-    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP)
+    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP, alias="--weights")
     p.add_argument("--limit", type=int, default=10, help="Hits per query.")
     p.add_argument("--prefetch-limit", type=int, default=100, help="Hybrid: candidates per head.")
     p.add_argument("--exact", action="store_true", help="Exact search (no HNSW approximation).")
@@ -278,7 +280,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--teacher-scores", action="store_true",
                    help="Write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature.")
     p.add_argument("--teacher-score-temperature", type=float, default=0.02,
-                   help="Scores are written as score / this (logits for training's --teacher_temperature 1).")
+                   help="Scores are written as score / this (logits for flagm3 train --teacher_temperature 1).")
     p.add_argument("--no-fill-random", action="store_true",
                    help="Keep fewer negatives when the rank window is short (default: fill from lower ranks).")
     p.add_argument("--no-faiss", action="store_true", help="Search with torch even when faiss is installed.")
@@ -295,8 +297,8 @@ def build_parser() -> ConventionParser:
     p.add_alias("--tokenizer", "--tokenizer-name")
     add_length_options(p, 32, 128)
     p.add_argument("--no-sample-negatives-from-corpus", action="store_true", dest="no_sampled_negatives",
-                   help="Records without negatives are errors (default: negatives come from other records, as "
-                        "flagm3 train does unless --no_sample_negatives_from_corpus).")
+                   help="Records without negatives are errors (default: negatives come from other records, as in "
+                        "training).")
     p.add_alias("--no-sampled-negatives", "--no-sample-negatives-from-corpus")
     p.set_defaults(func=_validate)
 

@@ -35,7 +35,7 @@ class M3ModelArguments:
         metadata={"help": "An encoder (fresh heads), a BGE-M3-layout directory, or a flagm3 checkpoint."}
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    cache_dir: Optional[str] = field(default=None)
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads are cached."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Load the fast (Rust) tokenizer if there is one."})
@@ -56,9 +56,10 @@ class M3ModelArguments:
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the encoder; heads fully."})
-    lora_rank: int = field(default=16)
-    lora_alpha: float = field(default=32.0)
-    lora_dropout: float = field(default=0.1)
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={
+        "help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: str = field(
         default=r".*encoder\..*(query|key|value|dense)$",
         metadata={"help": "Regex of encoder Linear layers that get adapters."},
@@ -71,16 +72,22 @@ class M3DataArguments:
         default_factory=list, metadata={"help": "JSONL files or directories (one dataset per file).", "nargs": "+"}
     )
     train_group_size: int = field(default=8, metadata={"help": "Passages per query: 1 positive + negatives."})
-    query_max_len: int = field(default=32)
-    passage_max_len: int = field(default=128)
-    pad_to_multiple_of: Optional[int] = field(default=None)
-    max_example_num_per_dataset: Optional[int] = field(default=None)
-    query_instruction_for_retrieval: Optional[str] = field(default=None)
-    query_instruction_format: str = field(default="{}{}")
-    passage_instruction_for_retrieval: Optional[str] = field(default=None)
-    passage_instruction_format: str = field(default="{}{}")
+    query_max_len: int = field(default=32, metadata={"help": "Queries are truncated to this many tokens."})
+    passage_max_len: int = field(default=128, metadata={"help": "Passages are truncated to this many tokens."})
+    pad_to_multiple_of: Optional[int] = field(default=None, metadata={
+        "help": "Pad each batch's length up to a multiple of this (tensor-core friendly shapes)."})
+    max_example_num_per_dataset: Optional[int] = field(default=None, metadata={
+        "help": "Subsample each dataset (file) to at most this many records (seeded)."})
+    query_instruction_for_retrieval: Optional[str] = field(default=None, metadata={
+        "help": "Instruction put before every query (a record's `prompt` takes precedence)."})
+    query_instruction_format: str = field(default="{}{}", metadata={
+        "help": "Format of instruction and query, `{}{}` = instruction then query; `\\n` is a newline."})
+    passage_instruction_for_retrieval: Optional[str] = field(default=None, metadata={
+        "help": "Instruction put before every passage."})
+    passage_instruction_format: str = field(default="{}{}", metadata={"help": "Format of instruction and passage."})
     knowledge_distillation: bool = field(default=False, metadata={"help": "Distil pos_scores/neg_scores."})
-    same_dataset_within_batch: bool = field(default=False)
+    same_dataset_within_batch: bool = field(default=False, metadata={
+        "help": "Every batch draws from one dataset (file) only."})
     group_by_length: bool = field(
         default=False,
         metadata={"help": "Batch records of similar passage length (less padding; changes who the in-batch negatives "
@@ -90,17 +97,20 @@ class M3DataArguments:
         default=True, metadata={"help": "Records without negatives get some from other records."}
     )
     eval_data: Optional[str] = field(default=None, metadata={"help": "BEIR-layout directory for evaluation."})
-    eval_split: str = field(default="dev")
-    eval_max_corpus_size: Optional[int] = field(default=None)
-    eval_max_length: int = field(default=512)
+    eval_split: str = field(default="dev", metadata={
+        "help": "Split of `--eval_data` to evaluate on (`qrels/<split>.tsv`)."})
+    eval_max_corpus_size: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate on a seeded subset of the corpus of this size (judged documents kept)."})
+    eval_max_length: int = field(default=512, metadata={"help": "Maximum passage length when evaluating."})
 
 
 @dataclass
 class M3TrainingArguments(TrainingArguments):
     # --- FlagEmbedding names
     negatives_cross_device: bool = field(default=False, metadata={"help": "Negatives from every process."})
-    temperature: float = field(default=0.02)
-    fix_position_embedding: bool = field(default=False)
+    temperature: float = field(default=0.02, metadata={
+        "help": "Temperature of every head's scores (see `--loss_preset`, `--head_temperatures`)."})
+    fix_position_embedding: bool = field(default=False, metadata={"help": "Freeze the encoder's position embeddings."})
     sentence_pooling_method: Optional[str] = field(
         default=None,
         metadata={
@@ -117,10 +127,13 @@ class M3TrainingArguments(TrainingArguments):
     sub_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Cached-gradient (GradCache) training in chunks of this many texts."}
     )
-    kd_loss_type: str = field(default="kl_div", metadata={"choices": ["kl_div", "m3_kd_loss"]})
+    kd_loss_type: str = field(default="kl_div", metadata={
+        "choices": ["kl_div", "m3_kd_loss"],
+        "help": "Teacher-score distillation loss (with `--knowledge_distillation`)."})
     unified_finetuning: bool = field(default=True, metadata={"help": "Train sparse and ColBERT heads too."})
-    use_self_distill: bool = field(default=True)
-    self_distill_start_step: int = field(default=-1)
+    use_self_distill: bool = field(default=True, metadata={"help": "Distil the ensemble's scores into each head."})
+    self_distill_start_step: int = field(default=-1, metadata={
+        "help": "Self-distillation starts after this global step."})
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
     if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
         group_by_length: bool = field(default=False, init=False)
@@ -194,7 +207,8 @@ class M3TrainingArguments(TrainingArguments):
     max_consecutive_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many consecutive steps with a non-finite loss/gradient."}
     )
-    remove_unused_columns: bool = field(default=False)
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Trainer setting; flagm3 needs it off (its batches are nested dicts)."})
 
     def __post_init__(self) -> None:
         before_training_arguments(self)  # transformers 4.x differences (flagm3.compat)
