@@ -155,17 +155,17 @@ def add_length_options(p: ConventionParser, query: Optional[int], passage: Optio
     """``--query-max-len`` / ``--passage-max-len``, FlagEmbedding's and ``flagm3 train``'s names (``None``: the
     subcommand encodes no such texts); the former ``--max-query-length`` / ``--max-passage-length`` are aliases."""
     if query is not None:
-        p.add_argument("--query-max-len", type=int, default=query, dest=dests[0],
+        p.add_argument("--query-max-len", type=int, default=query, dest=dests[0], metavar="TOKENS",
                        help="Queries are truncated to this many tokens.")
         p.add_alias("--max-query-length", "--query-max-len")
     if passage is not None:
-        p.add_argument("--passage-max-len", type=int, default=passage, dest=dests[1],
+        p.add_argument("--passage-max-len", type=int, default=passage, dest=dests[1], metavar="TOKENS",
                        help="Passages are truncated to this many tokens.")
         p.add_alias("--max-passage-length", "--passage-max-len")
 
 
 def add_query_instruction_option(p: ConventionParser) -> None:
-    p.add_argument("--query-instruction-for-retrieval", dest="query_instruction_for_retrieval",
+    p.add_argument("--query-instruction-for-retrieval", dest="query_instruction_for_retrieval", metavar="TEXT",
                    help=QUERY_INSTRUCTION_HELP)
     p.add_alias("--query-instruction", "--query-instruction-for-retrieval")
 
@@ -222,7 +222,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--max-corpus-size", type=int, help="Subsample the corpus (seeded; judged documents are kept).")
     p.add_argument("--max-queries", type=int, help="Evaluate a seeded sample of this many judged queries.")
     add_query_instruction_option(p)
-    p.add_argument("--device", dest="devices", help="e.g. cuda:0 (default: the first GPU, else the CPU).")
+    p.add_argument("--device", dest="devices", metavar="DEVICE", help="e.g. cuda:0 (default: the first GPU, else the CPU).")
     p.add_argument("--backend", choices=["default", "qdrant"], default="default",
                    help="qdrant: index the corpus into Qdrant and retrieve through it (exact search).")
     p.add_argument("--qdrant", help="Qdrant backend: a directory, :memory: or a server URL "
