@@ -1,8 +1,9 @@
 """Export an M3 model for serving: one ONNX graph with all three heads, or sentence-transformers directories.
 
 ONNX (:func:`export_onnx`): ``model.onnx`` takes ``input_ids`` and ``attention_mask`` ``[B, L]`` (int64, any
-batch and length) and returns the :class:`~flagm3.modeling_m3.M3Output` fields ``dense`` [B, H], ``sparse``
-[B, L] and ``colbert`` [B, L-1, D], computed by :meth:`M3Model.forward` itself. Beside it: the tokenizer and
+batch and length) and returns the :class:`~flagm3.modeling_m3.M3Output` fields ``dense`` [B, H],
+``token_weights`` [B, L] (as the graph output ``sparse``) and ``colbert`` [B, L-1, D], computed by
+:meth:`M3Model.forward` itself. Beside it: the tokenizer and
 ``flagm3_onnx.json`` (the M3 config and the graph's names), which :class:`flagm3.onnx_model.OnnxM3Model` and
 ``M3Embedder(DIR)`` read.
 
@@ -49,7 +50,7 @@ class _ThreeHeads(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.dense, out.sparse, out.colbert
+        return out.dense, out.token_weights, out.colbert
 
 
 def copy_side_files(source: Any, output: str) -> List[str]:

@@ -274,9 +274,9 @@ class M3Embedder:
         result: Dict[str, Tensor] = {}
         if out.dense is not None:
             result["dense"] = self._truncate(out.dense.float()).cpu().clone()
-        if out.sparse is not None:
+        if out.token_weights is not None:
             result["sparse_ids"] = inputs["input_ids"].cpu().clone()
-            result["sparse_weights"] = out.sparse.float().cpu().clone()
+            result["sparse_weights"] = out.token_weights.float().cpu().clone()
         if out.colbert is not None:
             result["colbert"] = self._truncate(out.colbert.float()).cpu().clone()
             result["colbert_mask"] = out.colbert_mask.cpu().clone()
