@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .cli_convention import ConventionMixin
+from .deepspeed_config import bundled_config, hand_optimizer_to_trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
 
 logger = logging.getLogger("flagm3.train")
@@ -300,6 +301,8 @@ class M3ArgumentParser(ConventionMixin, HfArgumentParser):
         ``ds_stage1.json``) is passed on as a dict without them: bf16 needs no loss scaling, and current DeepSpeed
         refuses unknown keys there."""
         path = values.get("deepspeed")
+        if isinstance(path, str):
+            path = values["deepspeed"] = bundled_config(path)  # stage1/2/3: the configs shipped in the package
         if not isinstance(path, str) or not path.endswith(".json"):
             return []
         try:
@@ -307,14 +310,19 @@ class M3ArgumentParser(ConventionMixin, HfArgumentParser):
                 config = json.load(f)
         except (OSError, ValueError) as err:
             self.error(f"--deepspeed {path}: {err}")
-        bf16 = config.get("bf16") if isinstance(config, dict) else None
-        dropped = sorted(k for k in (bf16 if isinstance(bf16, dict) else {}) if k in _FP16_ONLY_KEYS)
-        if not dropped:
+        if not isinstance(config, dict):
             return []
-        config["bf16"] = {k: v for k, v in bf16.items() if k not in _FP16_ONLY_KEYS}
-        values["deepspeed"] = config
-        return [(logging.INFO, f"--deepspeed {path}: its bf16 section's fp16 loss-scaling keys ({', '.join(dropped)}) "
-                 "are left out: bf16 uses no loss scaling and DeepSpeed refuses them there")]
+        notes = hand_optimizer_to_trainer(config, path)  # keeps every parameter group's learning rate
+        bf16 = config.get("bf16")
+        dropped = sorted(k for k in (bf16 if isinstance(bf16, dict) else {}) if k in _FP16_ONLY_KEYS)
+        if dropped:
+            config["bf16"] = {k: v for k, v in bf16.items() if k not in _FP16_ONLY_KEYS}
+            notes.append((logging.INFO, f"--deepspeed {path}: its bf16 section's fp16 loss-scaling keys "
+                          f"({', '.join(dropped)}) are left out: bf16 uses no loss scaling and DeepSpeed refuses them "
+                          "there"))
+        if notes:
+            values["deepspeed"] = config
+        return notes
 
     def _build(self, dtype: type, values: Values):
         try:

@@ -43,11 +43,29 @@ BLANK = object()  # what iter_jsonl yields for a blank line (a line "null" is No
 
 
 class JsonlProblem(NamedTuple):
-    """A line of a JSONL file that is not one JSON value: ``kind`` is ``encoding``, ``json_array`` or
-    ``malformed_json`` (the kinds of :mod:`flagm3.data.validation`)."""
+    """A line of a JSONL file that is not one JSON value: ``kind`` is ``encoding``, ``json_array``,
+    ``malformed_json`` or ``duplicate_key`` (the kinds of :mod:`flagm3.data.validation`; ``field``: the key)."""
 
     kind: str
     message: str
+    field: Optional[str] = None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads``' ``object_pairs_hook``: an object, refusing a key given twice (JSON readers would keep only
+    one of the values)."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
 
 
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem]]]:
@@ -76,9 +94,12 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem
                 return
             first = False
             try:  # without the line end: a column past the text, not "column 1" of a next line
-                yield lineno, json.loads(text.rstrip("\r\n")), None
+                yield lineno, json.loads(text.rstrip("\r\n"), object_pairs_hook=_no_duplicate_keys), None
             except json.JSONDecodeError as e:
                 yield lineno, None, JsonlProblem("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
+            except _DuplicateKey as e:
+                msg = f"duplicate key {e.key!r} in one object (JSON readers keep only one of the values)"
+                yield lineno, None, JsonlProblem("duplicate_key", msg, e.key)
 
 
 def read_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:

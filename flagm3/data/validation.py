@@ -43,6 +43,7 @@ FILE_NOT_FOUND = "file_not_found"
 NO_DATA_FILES = "no_data_files"
 ENCODING = "encoding"
 MALFORMED_JSON = "malformed_json"
+DUPLICATE_KEY = "duplicate_key"
 JSON_ARRAY = "json_array"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_FIELD = "missing_field"
@@ -273,12 +274,13 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
 
 def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
     """Yield ``(line, object, None)`` or ``(line, None, issue)``; blank lines yield ``(line, BLANK, None)``
-    (:func:`flagm3.texts.iter_jsonl`, the one JSONL reader)."""
+    (:func:`flagm3.texts.iter_jsonl`, the one JSONL reader: encoding, JSON arrays, malformed lines, duplicate
+    keys)."""
     for lineno, value, problem in iter_jsonl(path):
         if problem is None:
             yield lineno, value, None
         else:
-            yield lineno, None, Issue(problem.kind, path, lineno, None, problem.message)
+            yield lineno, None, Issue(problem.kind, path, lineno, problem.field, problem.message)
 
 
 def _iter_dataset_rows(dataset: Any) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
