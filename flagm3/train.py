@@ -36,7 +36,7 @@ from .resume import (
 )
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
-from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
+from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
 
 logger = logging.getLogger("flagm3.train")
 
@@ -170,10 +170,7 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
         token=model_args.token,
         use_fast=model_args.use_fast_tokenizer,
     )
-    check_deepspeed_config(training_args)
-    warning = recipe_warning(training_args)
-    if warning:
-        logger.warning(warning)
+    check_deepspeed_config(training_args)  # (the recipe warning comes from the command line: flagm3.arguments)
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)
@@ -198,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     non-zero exit code, not a traceback."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, training_args = parse_args(argv)
-    with user_errors("flagm3 train"):
+    with user_errors("flagm3 train", {"--model_name_or_path": model_args.model_name_or_path,
+                                      "--tokenizer_name": model_args.tokenizer_name}):
         check_model(model_args.model_name_or_path, "--model_name_or_path")
         check_model(model_args.tokenizer_name, "--tokenizer_name")
         complete = resolve_last(training_args)  # "last": a path, a fresh start, or a finished run
