@@ -1,6 +1,6 @@
 """The loss of one training batch, from the model and the raw batch: the step's forward work in one module.
 
-:class:`M3TrainingLoss` encodes both sides of a batch (in length-sorted chunks, ``max_length_chunks``), gathers
+:class:`M3BatchLoss` (formerly ``M3TrainingLoss``) encodes both sides of a batch (in length-sorted chunks, ``max_length_chunks``), gathers
 the passages of every process (``negatives_cross_device``, :mod:`flagm3.distributed`), and applies the M3
 objective (:class:`~flagm3.losses.objective.M3Loss`). With ``sub_batch_size`` it caches gradients
 (:mod:`flagm3.losses.gradcache`): the loss it returns replays the sub-batches from a backward hook, so any
@@ -15,9 +15,11 @@ tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..distributed import gather_passages, world
@@ -39,8 +41,24 @@ def _float_output(out: M3Output) -> M3Output:
                     colbert_mask=out.colbert_mask)
 
 
-class M3TrainingLoss(nn.Module):
-    """``loss(model, inputs, step)`` -> :class:`M3LossOutput` for a batch of :class:`flagm3.data.M3Collator`.
+def trained_sparse_head(model: nn.Module) -> nn.Module:
+    """The sparse head whose parameters train: under PEFT (LoRA with ``modules_to_save``) the active adapter's
+    copy inside the ``ModulesToSaveWrapper``, not the frozen original beside it."""
+    head = unwrap_m3(model).sparse_linear
+    copies = getattr(head, "modules_to_save", None)
+    if copies is None:
+        return head
+    active = head.active_adapter
+    return copies[active if isinstance(active, str) else active[0]]
+
+
+SPARSE_ANCHOR_FILE = "sparse_anchor.safetensors"  # the sparse anchor's reference, in checkpoints (when on)
+
+
+class M3BatchLoss(nn.Module):
+    """``loss(model, inputs, step)`` -> :class:`M3LossOutput`: the loss of one batch of
+    :class:`flagm3.data.M3Collator`, computed from the model and the raw batch (``M3TrainingLoss`` is its old name).
+    Its state (the sparse anchor's reference) goes into checkpoints: :meth:`save_state` / :meth:`load_state`.
 
     Args:
         objective: the M3 objective on head outputs (its ``heads`` are the outputs computed).
@@ -64,7 +82,7 @@ class M3TrainingLoss(nn.Module):
         self._sparse_initial: Optional[list[Tensor]] = None  # the sparse head's parameters, for the anchor
 
     @classmethod
-    def from_args(cls, objective: M3Loss, args: Any) -> M3TrainingLoss:
+    def from_args(cls, objective: M3Loss, args: Any) -> M3BatchLoss:
         """The loss ``M3TrainingArguments`` describe around ``objective``."""
         return cls(
             objective,
@@ -82,7 +100,7 @@ class M3TrainingLoss(nn.Module):
         """Run the (wrapped) model on one side of the batch, computing only the heads the objective needs.
 
         With ``max_length_chunks > 1`` the rows are encoded in length-sorted chunks, each cut to its own longest
-        text (:func:`flagm3.data.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
+        text (:func:`flagm3.losses.chunking.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
         ``lengths``: the rows' token counts when known on the host (``None``: read from the mask).
         """
         mask = features["attention_mask"]
@@ -160,7 +178,7 @@ class M3TrainingLoss(nn.Module):
         batch, or the one :meth:`load_sparse_anchor_reference` restored from a checkpoint."""
         if self.objective.config.sparse_anchor_weight <= 0 or "sparse" not in self.objective.config.computed_heads():
             return None
-        head = unwrap_m3(model).sparse_linear
+        head = trained_sparse_head(model)
         if any(p.numel() == 0 for p in head.parameters()):
             raise ValueError("sparse_anchor_weight needs the sparse head's whole parameters on every process; under "
                              "DeepSpeed ZeRO-3 they are partitioned: use ZeRO stage 0-2 or sparse_anchor_weight 0.")
@@ -179,6 +197,18 @@ class M3TrainingLoss(nn.Module):
         """Restore the reference :meth:`sparse_anchor_reference` returned."""
         self._sparse_initial = [reference["weight"], reference["bias"]]
 
+    def save_state(self, directory: str) -> None:
+        """Write the loss's state into a checkpoint ``directory`` (the sparse anchor's reference, when on)."""
+        reference = self.sparse_anchor_reference()
+        if reference is not None:
+            save_file(reference, os.path.join(directory, SPARSE_ANCHOR_FILE))
+
+    def load_state(self, directory: str) -> None:
+        """Restore what :meth:`save_state` wrote into ``directory`` (nothing there: nothing changes)."""
+        path = os.path.join(directory, SPARSE_ANCHOR_FILE)
+        if os.path.isfile(path) and self.objective.config.sparse_anchor_weight > 0:
+            self.load_sparse_anchor_reference(load_file(path))
+
     def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int, q_len: Optional[list[int]],
                 p_len: Optional[list[int]]) -> M3LossOutput:
         """GradCache: outputs without a graph, the objective's gradient w.r.t. them, and a loss whose backward
@@ -191,4 +221,8 @@ class M3TrainingLoss(nn.Module):
                                          inputs["passage"]["input_ids"], inputs, step)
             out.loss.backward()
         loss = attach_replay(out.loss, self.encode, model, [q, p])
-        return M3LossOutput(loss=loss, logs=out.logs, logits={k: v.detach() for k, v in out.logits.items()})
+        return M3LossOutput(loss=loss, logs=out.logs, logits={k: v.detach() for k, v in out.logits.items()},
+                            stats=out.stats)
+
+
+M3TrainingLoss = M3BatchLoss  # the old name, kept for existing code
