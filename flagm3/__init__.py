@@ -1,9 +1,12 @@
 """flagm3: multi-granularity (dense, sparse, ColBERT) retrieval training on the Hugging Face stack.
 
-The names below load on first use (PEP 562), so ``import flagm3`` and ``flagm3 --help`` import neither torch nor
-transformers; ``flagm3.__version__`` needs nothing.
+The names below load on first use (PEP 562). ``import flagm3`` registers the ``flagm3`` model type with
+transformers' ``AutoConfig`` / ``AutoModel`` (it imports :mod:`flagm3.modeling_m3`), except in the ``flagm3``
+command itself, whose ``--help`` imports neither torch nor transformers (each subcommand imports what it runs).
 """
 
+import os
+import sys
 from importlib import import_module
 from typing import Any
 
@@ -40,3 +43,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["__version__", *sorted(_LAZY)]
+
+
+def _is_the_flagm3_command() -> bool:
+    """True while the ``flagm3`` console script or ``python -m flagm3`` imports the package."""
+    first = sys.argv[0] if sys.argv else ""
+    return first == "-m" or os.path.basename(first) == "flagm3"
+
+
+if not _is_the_flagm3_command():
+    import_module(".modeling_m3", __name__)  # AutoConfig / AutoModel know the flagm3 model type

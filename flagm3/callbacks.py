@@ -183,8 +183,8 @@ class NonFiniteStepGuard(TrainerCallback):
         (a no-op under ZeRO-1/2/3, which skip such steps before reaching it). ``optimizer.overflow`` tells
         DeepSpeed and accelerate that the step was skipped. An optimizer DeepSpeed builds from its config (a
         placeholder here) is not watched: ZeRO-1/2/3 check it themselves."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            return
+        if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "overflow"):
+            return  # not a torch optimizer, or watched already
         optimizer.overflow = False
 
         def drop_nonfinite(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

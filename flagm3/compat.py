@@ -44,18 +44,6 @@ def tokenizer_config_for_v4(config: dict) -> dict:
     return config
 
 
-def rotate_checkpoints(trainer: Any, output_dir: str, use_mtime: bool = True) -> None:
-    """Delete ``trainer``'s oldest checkpoints in ``output_dir`` beyond ``save_total_limit``, keeping the newest
-    and the best (5.x: ``trainer_utils.rotate_checkpoints``; 4.x: the Trainer's own method)."""
-    if TRANSFORMERS_5:
-        from transformers.trainer_utils import rotate_checkpoints as rotate
-
-        rotate(output_dir=output_dir, save_total_limit=trainer.args.save_total_limit,
-               best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=use_mtime)
-    else:
-        trainer._rotate_checkpoints(use_mtime=use_mtime, output_dir=output_dir)
-
-
 def enable_activation_checkpointing(model: Any) -> None:
     """Recompute encoder activations in backward (5.x: ``activation_checkpointing_enable``; 4.x:
     ``gradient_checkpointing_enable``, the name 5.x deprecates)."""

@@ -127,7 +127,7 @@ def gather_with_grad(t: Tensor) -> Tensor:
     The backward of the gather sums every rank's gradient for each slice (a reduce-scatter), so a loss over
     local queries against all passages trains every passage by every rank's loss. With DDP averaging the
     gradients, the update is the gradient of the mean of the ranks' losses: the loss of one process holding
-    the whole global batch. Shapes must agree on every rank beyond dim 0 (see :func:`pad_to_common_length`).
+    the whole global batch. Shapes must agree on every rank beyond dim 0 (see :func:`longest_on_any_rank`).
     """
     t = t.contiguous()
     try:  # functional collectives with autograd; torch.distributed.nn's all_gather is deprecated in newer torch
@@ -145,28 +145,37 @@ def gather_without_grad(t: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def pad_to_common_length(t: Tensor, dim: int, value: float = 0) -> Tensor:
-    """Right-pad ``t`` along ``dim`` to the longest length on any rank (gloo cannot gather uneven shapes)."""
-    length = torch.tensor([t.shape[dim]], device=t.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    missing = int(length.item()) - t.shape[dim]
+def longest_on_any_rank(length: int, device: torch.device) -> int:
+    """The largest ``length`` over all ranks: one all-reduce and one host read."""
+    value = torch.tensor([length], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def pad_to_length(t: Tensor, dim: int, length: int, value: float = 0) -> Tensor:
+    """Right-pad ``t`` along ``dim`` to ``length`` (``t`` itself when it has that length)."""
+    missing = length - t.shape[dim]
     if missing == 0:
         return t
+    if missing < 0:
+        raise ValueError(f"cannot pad dim {dim} of a tensor of shape {tuple(t.shape)} to the shorter length {length}")
     pad = [0, 0] * (t.dim() - dim - 1) + [0, missing]
     return F.pad(t, pad, value=value)
 
 
 def gather_passages(p: M3Output, p_ids: Tensor, pad_token_id: int = 0) -> tuple[M3Output, Tensor]:
     """All ranks' passages for every head that was computed: dense [W*P, H], sparse [W*P, L*], ColBERT
-    [W*P, L*-1, D] with token-level tensors padded to a common length L* (padding has zero weight/mask)."""
+    [W*P, L*-1, D] with token-level tensors padded to a common length L* (padding has zero weight/mask).
+    ``p_ids`` [P, L] and the token-level outputs share the batch's length L, so L* takes one all-reduce."""
     sparse: Optional[Tensor] = None
     colbert: Optional[Tensor] = None
     colbert_mask: Optional[Tensor] = None
     dense = gather_with_grad(p.dense) if p.dense is not None else None
-    ids = gather_without_grad(pad_to_common_length(p_ids, 1, pad_token_id))
+    length = longest_on_any_rank(p_ids.shape[1], p_ids.device)
+    ids = gather_without_grad(pad_to_length(p_ids, 1, length, pad_token_id))
     if p.sparse is not None:
-        sparse = gather_with_grad(pad_to_common_length(p.sparse, 1))
-    if p.colbert is not None:
-        colbert = gather_with_grad(pad_to_common_length(p.colbert, 1))
-        colbert_mask = gather_without_grad(pad_to_common_length(p.colbert_mask, 1))
+        sparse = gather_with_grad(pad_to_length(p.sparse, 1, length))
+    if p.colbert is not None:  # positions 1..L-1
+        colbert = gather_with_grad(pad_to_length(p.colbert, 1, length - 1))
+        colbert_mask = gather_without_grad(pad_to_length(p.colbert_mask, 1, length - 1))
     return M3Output(dense=dense, sparse=sparse, colbert=colbert, colbert_mask=colbert_mask), ids

@@ -76,30 +76,53 @@ class M3Output(ModelOutput):
         return super().__getitem__(key)
 
 
-def pad_tokens(t: Tensor, length: int) -> Tensor:
-    """Right-pad dim 1 of a ``[n, l, ...]`` tensor with zeros to ``length`` (what the heads give for padding)."""
-    missing = length - t.shape[1]
-    return t if missing == 0 else F.pad(t, [0, 0] * (t.dim() - 2) + [0, missing])
+class _PlaceRows(torch.autograd.Function):
+    """``out[rows[c], :v.shape[1]] = v`` for each part ``v``, into one new zero tensor of ``shape`` and ``dtype``:
+    one copy forward (a part of another dtype is cast first, one part at a time), one gather per part backward
+    (each gradient in its part's dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, shape: tuple, dtype: torch.dtype, rows: list[Tensor], *values: Tensor) -> Tensor:
+        out = values[0].new_zeros(shape, dtype=dtype)
+        for index, value in zip(rows, values):
+            value = value.to(dtype)
+            if value.dim() > 1:
+                out[index, : value.shape[1]] = value
+            else:
+                out[index] = value
+        ctx.rows, ctx.widths = rows, [(v.shape[1] if v.dim() > 1 else None, v.dtype) for v in values]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        parts = [(grad[index, :width] if width is not None else grad[index]).to(dtype)
+                 for index, (width, dtype) in zip(ctx.rows, ctx.widths)]
+        return (None, None, None, *parts)
 
 
-def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], length: int) -> M3Output:
+def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], length: int, upcast: bool = False) -> M3Output:
     """Reassemble outputs of row subsets (each of its own, shorter length) into one batch of ``length`` tokens.
 
     ``parts[c]`` holds rows ``rows[c]`` of the batch; token-level fields are zero-padded to ``length`` (as the
-    heads give for padding). Returns the batch's output in the original row order.
+    heads give for padding). Returns the batch's output in the original row order. ``upcast``: floating fields
+    in at least fp32 (bf16/fp16 parts are cast in the same copy). Each field is written once into its
+    batch-sized tensor (no padded, concatenated and reordered intermediate copies); gradients flow back to the
+    parts.
     """
-    order = torch.tensor([r for chunk in rows for r in chunk], device=_first_tensor(parts[0]).device)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    device = _first_tensor(parts[0]).device
+    index = [torch.as_tensor(list(r), dtype=torch.long, device=device) for r in rows]
+    total = sum(len(r) for r in rows)
 
     def merged(name: str, tokens: int = 0) -> Optional[Tensor]:
         """``tokens``: the field's full token count (0 for the per-text dense vector)."""
         values = [getattr(part, name) for part in parts]
         if values[0] is None:
             return None
-        if tokens:
-            values = [pad_tokens(v, tokens) for v in values]
-        return torch.cat(values).index_select(0, inverse)
+        first = values[0]
+        upcast_here = upcast and first.is_floating_point()
+        out_dtype = torch.promote_types(first.dtype, torch.float32) if upcast_here else first.dtype
+        shape = (total, tokens, *first.shape[2:]) if tokens else (total, *first.shape[1:])
+        return _PlaceRows.apply(shape, out_dtype, index, *values)
 
     return M3Output(dense=merged("dense"), token_weights=merged("token_weights", length),
                     colbert=merged("colbert", length - 1),

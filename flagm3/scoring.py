@@ -66,11 +66,36 @@ def pool_lexical(token_ids: Tensor, weights: Tensor) -> PooledLexical:
     return PooledLexical(keys // id_base, keys % id_base, pooled, batch)
 
 
-def _compact_dense(pooled: PooledLexical, columns: Tensor) -> Tensor:
-    """[B, U] matrix of pooled weights over the compact vocabulary ``columns`` (sorted unique ids)."""
-    col = torch.searchsorted(columns, pooled.token_ids)
-    out = pooled.weights.new_zeros(pooled.num_rows, columns.shape[0])
-    return out.index_put((pooled.rows, col), pooled.weights)
+def _query_columns(token_ids: Tensor, weights: Tensor) -> Tensor:
+    """Sorted distinct ids of the tokens with a positive weight: ``[Q, Lq]`` -> ``[U]``."""
+    return torch.unique(token_ids[weights > 0])
+
+
+def _column_weights(token_ids: Tensor, weights: Tensor, columns: Tensor) -> Tensor:
+    """Max-pooled weights of each text over ``columns`` (sorted distinct ids): ``[B, L]`` -> ``[B, U]``.
+
+    Tokens whose id is not a column, and tokens of zero weight, are dropped (written to a spare column that is
+    cut off): they neither score nor receive gradient. Differentiable in ``weights``; repeated ids in one text
+    share the gradient of their maximum, as :func:`pool_lexical`. No host read, no tensor of vocabulary size.
+    """
+    batch, length = token_ids.shape
+    num = columns.shape[0]
+    if num == 0:
+        return weights.new_zeros(batch, 0) + 0.0 * weights.sum()  # keeps the graph: zero gradients
+    col = torch.searchsorted(columns, token_ids).clamp_(max=num - 1)
+    hit = (columns[col] == token_ids) & (weights > 0)
+    col = torch.where(hit, col, num)  # the spare column
+    flat = (torch.arange(batch, device=token_ids.device).unsqueeze(1) * (num + 1) + col).reshape(-1)
+    values = weights.reshape(-1)
+    with torch.no_grad():  # which occurrences hold their cell's maximum, and how many tie for it
+        best = values.new_zeros(batch * (num + 1)).scatter_reduce_(0, flat, values, reduce="amax")
+        wins = (values == best[flat]) & hit.reshape(-1)
+        share = wins.to(values.dtype) / values.new_zeros(best.shape).index_add_(0, flat, wins.to(values.dtype))[flat]
+        del best
+    # Each winner adds weight / ties: the maximum, and the gradient of scatter_reduce("amax") (ties share it), with
+    # a backward of one gather instead of amax's several cell-sized buffers.
+    out = values.new_zeros(batch * (num + 1)).index_add(0, flat, values * share.nan_to_num_(0.0))
+    return out.view(batch, num + 1)[:, :num]
 
 
 def sparse_scores(
@@ -78,17 +103,18 @@ def sparse_scores(
 ) -> Tensor:
     """Lexical matching scores ``sum_t w_q(t) * w_p(t)`` for all pairs.
 
-    ``q_ids``/``q_weights`` [Q, Lq], ``p_ids``/``p_weights`` [P, Lp] -> [Q, P]. Exact, differentiable, and
-    memory bounded by the number of distinct tokens in the batch: only a compact vocabulary of the ids that
-    occur is materialised, passages ``chunk_size`` at a time.
+    ``q_ids``/``q_weights`` [Q, Lq], ``p_ids``/``p_weights`` [P, Lp] -> [Q, P]. Exact and differentiable. Only a
+    token that occurs in some query can score, so both sides are max-pooled over the ``U`` distinct query token
+    ids (``U <= Q * Lq``): memory is ``[Q + chunk_size, U]``, whatever the vocabulary and the passages' own
+    tokens; passages are scored ``chunk_size`` at a time.
     """
-    q_pooled = pool_lexical(q_ids, q_weights)
-    blocks = []
-    for start in range(0, max(p_ids.shape[0], 1), chunk_size):
-        p_pooled = pool_lexical(p_ids[start : start + chunk_size], p_weights[start : start + chunk_size])
-        columns = torch.unique(torch.cat([q_pooled.token_ids, p_pooled.token_ids]))
-        blocks.append(_compact_dense(q_pooled, columns) @ _compact_dense(p_pooled, columns).T)
-    return torch.cat(blocks, dim=1)[:, : p_ids.shape[0]]
+    columns = _query_columns(q_ids, q_weights)
+    q_matrix = _column_weights(q_ids, q_weights, columns)
+    blocks = [
+        q_matrix @ _column_weights(p_ids[s : s + chunk_size], p_weights[s : s + chunk_size], columns).T
+        for s in range(0, p_ids.shape[0], chunk_size)
+    ]
+    return torch.cat(blocks, dim=1) if blocks else q_matrix.new_zeros(q_ids.shape[0], 0)
 
 
 def sparse_scores_paired(q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Tensor) -> Tensor:

@@ -1,12 +1,10 @@
 """``M3Trainer``: a Hugging Face ``Trainer`` for M3 models, whose loss owns the training step.
 
-What the run trains comes from one :class:`~flagm3.recipe.Recipe` (the arguments' ``recipe()`` unless given):
-the loss (``loss_class``: the objective, ``batch_loss_class``: the loss of one batch around it,
-:class:`flagm3.losses.M3BatchLoss`), the optimizer's parameter groups, and the model's preparation (freezing,
-attention; once per model). The trainer feeds the loss length-grouped batches (``batch_sampler_class``,
-``collator_class``) and dispatches to it; the rest is callbacks (:mod:`flagm3.callbacks`: non-finite steps,
-sparse health, model-card data; :mod:`flagm3.checkpointing`: complete checkpoints). The training step is the
-Trainer's own.
+What the run trains comes from one :class:`~flagm3.recipe.Recipe` (the arguments' unless given): the loss
+(``loss_class``, the objective; ``batch_loss_class``, :class:`flagm3.losses.M3BatchLoss`, the loss of one batch
+around it), the optimizer's parameter groups and the model's preparation (once per model). The trainer feeds
+the loss length-grouped batches and dispatches to it; the rest is callbacks (:mod:`flagm3.callbacks`,
+:mod:`flagm3.checkpointing`). The training step is the Trainer's own.
 """
 
 from __future__ import annotations
@@ -63,6 +61,7 @@ class M3Trainer(Trainer):
 
     loss_class: type[M3Loss] = M3Loss
     batch_loss_class: type[M3BatchLoss] = M3BatchLoss
+    training_loss_class: type[M3BatchLoss] = M3BatchLoss  # the old name of batch_loss_class; either is read
     collator_class: type[M3Collator] = M3Collator
     batch_sampler_class: type[M3BatchSampler] = M3BatchSampler
 
@@ -87,7 +86,8 @@ class M3Trainer(Trainer):
             )
         self.recipe = recipe if recipe is not None else Recipe.from_args(args, loss=loss.config if loss else None)
         self.m3_loss = loss if loss is not None else self.loss_class(self.recipe.loss)
-        self.training_loss = self.batch_loss_class.from_args(self.m3_loss, args)
+        loss_cls = self.batch_loss_class if self.training_loss_class is M3BatchLoss else self.training_loss_class
+        self.training_loss = loss_cls.from_args(self.m3_loss, args)
         if getattr(args, "sub_batch_size", None) and getattr(args, "deepspeed", None) and zero3_enabled():
             raise ValueError("sub_batch_size (cached gradients) runs under DeepSpeed ZeRO stages 0-2, not ZeRO-3.")
         self.evaluator = evaluator

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import itertools
 import random
+import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 from test_gradcache import assert_same_grads, collate, load_model, make_items, make_trainer, step
 
 from flagm3.data import length_chunks
+from flagm3.losses import chunking
 from flagm3.losses import training as training_loss_module
 from flagm3.modeling_m3 import merge_outputs
 
@@ -44,6 +47,71 @@ def test_plan_covers_every_row_once_and_is_optimal(seed):
     longest = [max(lengths[i] for i in c) for c in chunks]
     assert longest == sorted(longest, reverse=True)
     assert plan_cost(lengths, chunks, overhead) == best_cost_by_enumeration(lengths, max_chunks, overhead)
+
+
+def quadratic_length_chunks(lengths, max_chunks, overhead):
+    """flagm3's earlier plan: the same dynamic programme over (n+1)^2 float64 cost matrices."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    if n == 0:
+        return []
+    longest = np.array([lengths[i] for i in order], dtype=np.float64)
+    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    chunk_cost = np.where(starts < ends, (ends - starts) * np.append(longest, 0)[:, None] + overhead, np.inf)
+    cost = np.full(n + 1, np.inf)
+    cost[0] = 0.0
+    cuts, best = [], []
+    for _ in range(max(1, max_chunks)):
+        candidates = cost[:, None] + chunk_cost
+        cuts.append(candidates.argmin(0))
+        cost = candidates.min(0)
+        best.append(cost[n])
+    k = int(np.argmin(best))
+    bounds, j = [], n
+    for layer in range(k, -1, -1):
+        i = int(cuts[layer][j])
+        bounds.append((i, j))
+        j = i
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_equals_the_quadratic_programme(seed):
+    """The same chunks as the (n+1)^2 programme, ties included (few distinct lengths, long runs of equals)."""
+    rng = random.Random(seed)
+    for _ in range(400):
+        n = rng.randint(0, 60)
+        lengths = [rng.randint(1, rng.choice([2, 4, 32, 256, 8192])) for _ in range(n)]
+        max_chunks, overhead = rng.randint(1, 6), rng.choice([0, 1, 7, 64, 256])
+        assert chunking.length_chunks(lengths, max_chunks, overhead) == quadratic_length_chunks(
+            lengths, max_chunks, overhead), (lengths, max_chunks, overhead)
+
+
+def test_plan_memory_is_linear():
+    """Peak memory grows linearly with the number of rows (the quadratic programme: 16x for 4x the rows)."""
+    rng = random.Random(0)
+
+    def peak(n):
+        lengths = [rng.randint(1, 512) for _ in range(n)]
+        tracemalloc.start()
+        chunking.length_chunks(lengths, 4)
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    small, large = peak(1_000), peak(4_000)
+    assert large < 6 * small
+    assert large < 4_000 * 200  # bytes: a few Python lists of n entries per chunk layer (not (n+1)^2 * 8)
+
+
+def test_moved_names_stay_importable_from_the_data_package():
+    from flagm3 import data
+    from flagm3.data import sampler
+
+    for name in ("length_chunks", "split_by_length", "chunked_padding_fraction", "trim_padding",
+                 "CHUNK_OVERHEAD_TOKENS"):
+        assert getattr(sampler, name) is getattr(chunking, name)
+    assert data.length_chunks is chunking.length_chunks
 
 
 def test_plan_examples():

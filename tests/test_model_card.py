@@ -114,6 +114,9 @@ def test_card_written_by_the_trainer_lists_data_arguments_and_loss(trained):
                  "`passage_max_len`: 24", "`learning_rate`: 3e-05", "`head_learning_rate`: 0.001",
                  "`max_steps`: 2", "`steps trained`: 2", "`loss_preset`: bge-m3", "`lr_scheduler_type`: linear"):
         assert line in card
+    for key, value in trainer.recipe.card().items():  # the recipe, as the trainer ran it
+        assert f"- `{key}`: {value}" in card
+    assert "`head_learning_rate`: 0.001" in card and "`sparse_learning_rate`: 0.001" in card
     loss_block = re.search(r"```json\n(.*?)```", card, flags=re.S).group(1)
     assert json.loads(loss_block) == json.loads(json.dumps(trainer.m3_loss.get_config_dict()))
     final_loss = [e for e in trainer.state.log_history if "train_loss" in e][-1]["train_loss"]

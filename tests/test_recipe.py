@@ -74,3 +74,60 @@ def test_trainer_built_directly_applies_the_recipe_once(tiny_model, tmp_path):
     M3Trainer(model=fresh, args=args)  # no prepare_for_training call
     assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == frozen
     assert len(fresh.sparse_linear._forward_pre_hooks) == hooks
+
+
+def test_recipe_holds_every_setting_of_the_presets(tmp_path):
+    """One object: the loss preset, the learning rate of each parameter group, attention, sparse init, the sparse
+    stop-gradient and anchor; explicit arguments win over the preset's."""
+    from flagm3 import M3TrainingArguments
+    from flagm3.recipe import RECIPE_SPARSE_LEARNING_RATE, Recipe
+
+    def recipe(**overrides) -> Recipe:
+        return M3TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides).recipe()
+
+    flagm3, bge = recipe(), recipe(loss_preset="bge-m3")
+    assert (flagm3.preset, flagm3.sparse_learning_rate, flagm3.head_learning_rate) == (
+        "flagm3", RECIPE_SPARSE_LEARNING_RATE, None)
+    assert flagm3.attention_dropout == 0.0 and flagm3.sparse_stop_gradient and flagm3.sparse_anchor_weight == 0
+    assert flagm3.loss.head_temperature("sparse") == 0.05
+    assert (bge.sparse_learning_rate, bge.attention_dropout, bge.sparse_stop_gradient) == (None, None, False)
+    assert recipe(head_learning_rate=1e-3).sparse_learning_rate == 1e-3  # the heads' rate, the sparse head's too
+    assert recipe(sparse_learning_rate=1e-2, attention_dropout=0.2, sparse_anchor_weight=5.0).card() == {
+        **flagm3.card(), "sparse_learning_rate": 1e-2, "attention_dropout": 0.2, "sparse_anchor_weight": 5.0}
+    assert recipe(loss_preset="bge-m3", sparse_stop_gradient=True).sparse_stop_gradient
+    # the sparse head's initialisation: a fresh head (plain encoder) in the loss, unless asked otherwise
+    assert flagm3.fits_sparse_idf("encoder") and not flagm3.fits_sparse_idf("flagm3")
+    assert not recipe(heads="dense,colbert").fits_sparse_idf("encoder")
+    assert Recipe.from_args(M3TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                            sparse_init="idf").fits_sparse_idf("flagm3")
+    with pytest.raises(ValueError, match="sparse_init"):
+        Recipe(sparse_init="bm25")
+
+
+def test_parameter_groups_come_from_the_recipe(tiny_model, tmp_path):
+    from flagm3 import M3TrainingArguments
+
+    args = M3TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, head_learning_rate=1e-3,
+                               sparse_learning_rate=1e-2, weight_decay=0.1)
+    groups = args.recipe().parameter_groups(tiny_model, 0.1, [n for n, _ in tiny_model.named_parameters()
+                                                                if not n.endswith("bias")])
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    by_name = {names[id(p)]: (g.get("lr"), g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_name["sparse_linear.weight"] == (1e-2, 0.1) and by_name["sparse_linear.bias"] == (1e-2, 0.0)
+    assert by_name["colbert_linear.weight"] == (1e-3, 0.1)
+    assert {v for n, v in by_name.items() if n.startswith("encoder.")} == {(None, 0.1), (None, 0.0)}
+    assert set(by_name) == {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert M3TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                               loss_preset="bge-m3").recipe().parameter_groups(tiny_model, 0.0, []) is None
+
+
+def test_flagm3_train_prepares_the_model_once(tiny_encoder_dir, train_file, tmp_path, monkeypatch):
+    """flagm3 train used to prepare the model twice (in train.py and in the trainer)."""
+    from flagm3 import recipe
+
+    calls = []
+    freeze = recipe.freeze_untrained
+    monkeypatch.setattr(recipe, "freeze_untrained", lambda *a, **k: calls.append(1) or freeze(*a, **k))
+    trainer = build(tiny_encoder_dir, train_file, tmp_path / "once")
+    assert len(calls) == 1
+    assert trainer.recipe.sparse_init == "auto" and trainer.m3_loss.config == trainer.recipe.loss

@@ -225,6 +225,78 @@ def test_sparse_gradients_match_vocabulary_reference():
     torch.testing.assert_close(paired_q[1], paired_ref[1])
 
 
+def union_columns_sparse_scores(q_ids, q_w, p_ids, p_w, chunk_size=4096):
+    """flagm3's earlier ``sparse_scores``: columns over the union of query and passage token ids."""
+    q_pooled = pool_lexical(q_ids, q_w)
+    blocks = []
+    for start in range(0, max(p_ids.shape[0], 1), chunk_size):
+        p_pooled = pool_lexical(p_ids[start : start + chunk_size], p_w[start : start + chunk_size])
+        columns = torch.unique(torch.cat([q_pooled.token_ids, p_pooled.token_ids]))
+
+        def compact(pooled, columns=columns):
+            out = pooled.weights.new_zeros(pooled.num_rows, columns.shape[0])
+            return out.index_put((pooled.rows, torch.searchsorted(columns, pooled.token_ids)), pooled.weights)
+
+        blocks.append(compact(q_pooled) @ compact(p_pooled).T)
+    return torch.cat(blocks, dim=1)[:, : p_ids.shape[0]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_query_columns_equal_union_columns_and_dense_reference(seed):
+    """Query-token columns give the scores and gradients of the union-column implementation and of the
+    vocabulary-sized reference: repeated ids (with tied weights too), padding, special tokens (weight 0 from the
+    model's mask), passage tokens no query has, a query with no positive weight."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    vocab, special = 31, torch.tensor([0, 1, 2])  # CLS / pad / EOS-like ids: the model gives them weight 0
+    q_ids, _ = random_lexical(gen, 4, 7, vocab)
+    p_ids, _ = random_lexical(gen, 9, 11, vocab)
+    p_ids[:, -2:] = torch.randint(vocab, vocab + 50, (9, 2), generator=gen)  # ids no query has
+    q_ids[:, 0] = 0
+    p_ids[:, 0] = 0
+    q_raw, p_raw = torch.rand(4, 7, generator=gen).double(), torch.rand(9, 11, generator=gen).double()
+    q_raw[0, 1:4] = 2.0  # tied weights of one repeated id (the maximum: other weights are < 1)
+    q_ids[0, 1:4] = 5
+    p_raw[3, 4:7] = 2.0
+    p_ids[3, 4:7] = 5
+
+    def model_mask(ids, lengths):  # the sparse head's zeros: padding and special tokens
+        pad = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+        return (pad & ~torch.isin(ids, special)).double()
+
+    q_mask = model_mask(q_ids, [7, 5, 3, 1])  # the last query: only CLS, no weight at all
+    p_lengths = torch.randint(1, 12, (9,), generator=gen)
+    p_lengths[3] = 11  # keeps the tied repeats
+    p_mask = model_mask(p_ids, p_lengths.tolist())
+    upstream = torch.randn(4, 9, generator=gen).double()
+
+    def run(fn):
+        qr, pr = q_raw.clone().requires_grad_(), p_raw.clone().requires_grad_()
+        scores = fn(q_ids, torch.relu(qr) * q_mask, p_ids, torch.relu(pr) * p_mask)
+        (scores * upstream).sum().backward()
+        return scores.detach(), qr.grad, pr.grad
+
+    got = run(lambda *a: sparse_scores(*a, chunk_size=4))
+    union = run(lambda *a: union_columns_sparse_scores(*a, chunk_size=4))
+    dense = run(lambda *a: sparse_reference(*a, vocab + 50))
+    for expected in (union, dense):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert (got[0][3] == 0).all() and got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+    assert (got[2][:, -2:] == 0).all()  # tokens of no query: no gradient
+    assert got[1][0, 1] == got[1][0, 2] == got[1][0, 3] != 0  # a tie shares the gradient
+
+
+def test_sparse_scores_no_query_weight_and_no_passages():
+    q_ids, p_ids = torch.tensor([[3, 4]]), torch.tensor([[3, 4], [5, 6]])
+    q_w = torch.zeros(1, 2, requires_grad=True)
+    p_w = torch.ones(2, 2, requires_grad=True)
+    scores = sparse_scores(q_ids, q_w, p_ids, p_w)
+    assert scores.shape == (1, 2) and (scores == 0).all()
+    scores.sum().backward()
+    assert (q_w.grad == 0).all() and (p_w.grad == 0).all()
+    assert sparse_scores(q_ids, q_w, p_ids[:0], p_w[:0]).shape == (1, 0)
+
+
 # ------------------------------------------------------------------------ ColBERT against a reference loop
 @pytest.mark.parametrize("block_elements", [1, 50, 1 << 25])
 def test_colbert_scores_match_reference_loop(block_elements):

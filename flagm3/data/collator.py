@@ -7,14 +7,25 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 
+def right_padded_lengths(attention_mask: torch.Tensor) -> Optional[List[int]]:
+    """Each row's token count of a right-padded host mask ``[B, L]``; ``None`` when some row is not
+    right-padded (then the loss encodes that side whole)."""
+    mask = attention_mask.ne(0).long()
+    if not bool((mask.cumprod(1) == mask).all()):
+        return None
+    return mask.sum(1).tolist()
+
+
 class M3Collator:
     """Collate :class:`~flagm3.data.dataset.M3TrainDataset` items into model inputs.
 
     Returns ``{"query": {input_ids, attention_mask[, token_type_ids]}`` LongTensors ``[B, Lq]``,
     ``"passage"``: the same ``[B*G, Lp]`` in group-major order (rows ``i*G:(i+1)*G`` belong to query ``i``,
     positive first), ``"teacher_scores"``: FloatTensor ``[B, G]`` (only when every item has scores),
-    ``"no_in_batch_neg"``: bool}``. Each side is one batched tokenizer call, truncated to its max length and
-    padded to the longest sequence in the batch, then up to a multiple of ``pad_to_multiple_of``.
+    ``"no_in_batch_neg"``: bool, ``"lengths"``: ``{"query": [B], "passage": [B*G]}`` host lists of each row's
+    token count (``None`` for a side that is not right-padded), so that the loss never reads the masks back
+    from the device}``. Each side is one batched tokenizer call, truncated to its max length and padded to the
+    longest sequence in the batch, then up to a multiple of ``pad_to_multiple_of``.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class M3Collator:
             "passage": self._tokenize([p for f in features for p in f["passages"]], self.passage_max_len),
             "no_in_batch_neg": flags.pop(),
         }
+        batch["lengths"] = {side: right_padded_lengths(batch[side]["attention_mask"]) for side in ("query", "passage")}
         scores = [f.get("teacher_scores") for f in features]
         if all(s is not None for s in scores):
             batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float32)

@@ -29,11 +29,19 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+# Length chunking is the loss's (flagm3.losses.chunking); these names stay importable from here.
+from ..losses.chunking import (  # noqa: F401
+    CHUNK_OVERHEAD_TOKENS,
+    chunked_padding_fraction,
+    length_chunks,
+    split_by_length,
+    trim_padding,
+)
 
 
 def padding_fraction(attention_mask: torch.Tensor) -> float:
@@ -41,90 +49,6 @@ def padding_fraction(attention_mask: torch.Tensor) -> float:
     if attention_mask.numel() == 0:
         return 0.0
     return 1.0 - float(attention_mask.ne(0).sum()) / attention_mask.numel()
-
-
-# What one more encoder call costs, in tokens, when choosing length chunks (docs/performance.md).
-CHUNK_OVERHEAD_TOKENS = 256
-
-
-def length_chunks(lengths: Sequence[int], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS) -> List[List[int]]:
-    """Split rows into at most ``max_chunks`` groups of similar length, each to be padded only to its own longest.
-
-    Rows are sorted by length and cut into contiguous runs minimising ``sum(rows * longest + overhead)``
-    (tokens processed, padding included, plus ``overhead`` token-equivalents per extra encoder call), by
-    dynamic programming. Returns lists of row indices, longest chunk first; a single chunk when splitting
-    does not pay.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    if n == 0:
-        return []
-    longest = np.array([lengths[i] for i in order], dtype=np.float64)  # a chunk's longest is its first row
-    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
-    # chunk_cost[i, j]: rows i..j-1 as one chunk (inf unless i < j)
-    chunk_cost = np.where(starts < ends, (ends - starts) * np.append(longest, 0)[:, None] + overhead, np.inf)
-    cost = np.full(n + 1, np.inf)  # cost[j]: best cost of the first j rows in k chunks
-    cost[0] = 0.0
-    cuts, best = [], []
-    for _ in range(max(1, max_chunks)):
-        candidates = cost[:, None] + chunk_cost
-        cuts.append(candidates.argmin(0))
-        cost = candidates.min(0)
-        best.append(cost[n])
-    k = int(np.argmin(best))  # the fewest chunks among the cheapest plans
-    bounds, j = [], n
-    for step in range(k, -1, -1):
-        i = int(cuts[step][j])
-        bounds.append((i, j))
-        j = i
-    return [order[i:j] for i, j in reversed(bounds)]
-
-
-def trim_padding(features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A tokenised batch (``[n, L]`` tensors) without the trailing columns that are padding in every row. Only
-    trailing columns go (right padding), so positions never shift; a left-padded batch keeps every column."""
-    attended = features["attention_mask"].bool().any(0).nonzero()
-    length = int(attended.max()) + 1 if attended.numel() else 1
-    return {k: v[:, :length] for k, v in features.items()}
-
-
-def split_by_length(
-    features: Dict[str, torch.Tensor], max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS,
-    lengths: Optional[Sequence[int]] = None,
-) -> List[Tuple[List[int], Dict[str, torch.Tensor]]]:
-    """``(rows, features of those rows, trimmed)`` for each chunk of :func:`length_chunks` of a tokenised batch.
-
-    ``lengths``: the rows' token counts when the caller already has them on the host (then a right-padded
-    batch is cut without reading the device tensors again)."""
-    mask = features["attention_mask"]
-    known = lengths is not None
-    if not known:
-        lengths = mask.ne(0).sum(1).tolist()
-
-    def cut(rows: List[int], part: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        if not known:
-            return trim_padding(part)
-        width = max(1, max(lengths[i] for i in rows))
-        return {k: v[:, :width] for k, v in part.items()}
-
-    chunks = length_chunks(lengths, max_chunks, overhead)
-    if len(chunks) < 2:  # the batch as it is, rows in order (no copy)
-        rows = list(range(mask.shape[0]))
-        return [(rows, cut(rows, features))] if chunks else []
-    return [(rows, cut(rows, {k: v.index_select(0, torch.tensor(rows, device=v.device)) for k, v in features.items()}))
-            for rows in chunks]
-
-
-def chunked_padding_fraction(
-    attention_mask: torch.Tensor, max_chunks: int, overhead: int = CHUNK_OVERHEAD_TOKENS,
-    lengths: Optional[Sequence[int]] = None,
-) -> float:
-    """Fraction of padded positions the encoder processes when the rows of ``attention_mask`` [B, L] are
-    encoded in :func:`length_chunks` (``max_chunks=1``: :func:`padding_fraction`); ``lengths``: the rows'
-    token counts if already on the host."""
-    lengths = attention_mask.ne(0).sum(1).tolist() if lengths is None else lengths
-    processed = sum(len(c) * max(lengths[i] for i in c) for c in length_chunks(lengths, max_chunks, overhead))
-    return 1.0 - sum(lengths) / processed if processed else 0.0
 
 
 class M3BatchSampler(Sampler[List[int]]):

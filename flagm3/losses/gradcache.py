@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..data import trim_padding
 from ..modeling_m3 import M3Output, merge_outputs
+from .chunking import trim_padding
 
 Encode = Callable[[nn.Module, dict, Optional[list]], M3Output]  # (model, features, row lengths or None)
 FIELDS = ("dense", "sparse", "colbert")

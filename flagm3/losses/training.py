@@ -6,9 +6,11 @@ objective (:class:`~flagm3.losses.objective.M3Loss`). With ``sub_batch_size`` it
 (:mod:`flagm3.losses.gradcache`): the loss it returns replays the sub-batches from a backward hook, so any
 training loop that calls ``backward`` on it (the Hugging Face Trainer's own, DeepSpeed's) trains with it.
 
-Nothing here reads a value back to the host except lengths: each side's attention mask once (the length chunks
-need the rows' lengths) and, with negatives gathered across processes, the longest token length on any rank.
-The logs stay tensors.
+Nothing here reads a value back to the host except, with negatives gathered across processes, the longest token
+length on any rank (one all-reduce per batch). The rows' token counts, which the length chunks need, come from
+the collator (``inputs["lengths"]``, host lists); only a batch without them has its attention masks read back.
+Outputs of a low-precision encoder are cast to fp32 in the one copy that reassembles the chunks. The logs stay
+tensors.
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..data import chunked_padding_fraction, split_by_length
-from ..data.sampler import CHUNK_OVERHEAD_TOKENS
 from ..distributed import gather_passages, world
 from ..modeling_m3 import M3Output, merge_outputs, unwrap_m3
+from .chunking import CHUNK_OVERHEAD_TOKENS, chunked_padding_fraction, split_by_length
 from .gradcache import attach_replay, encode_without_graph
 from .objective import M3Loss, M3LossOutput
 
 
 def _float_output(out: M3Output) -> M3Output:
-    """Scores and losses in fp32 even when the encoder ran in bf16/fp16."""
-    cast = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
+    """Scores and losses in fp32 even when the encoder ran in bf16/fp16 (fp32 and fp64 outputs as they are)."""
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point():
+            return t
+        return t.to(torch.promote_types(t.dtype, torch.float32))  # no copy when already fp32/fp64
+
     return M3Output(dense=cast(out.dense), sparse=cast(out.sparse), colbert=cast(out.colbert),
                     colbert_mask=out.colbert_mask)
 
@@ -94,7 +100,7 @@ class M3BatchLoss(nn.Module):
         """Run the (wrapped) model on one side of the batch, computing only the heads the objective needs.
 
         With ``max_length_chunks > 1`` the rows are encoded in length-sorted chunks, each cut to its own longest
-        text (:func:`flagm3.data.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
+        text (:func:`flagm3.losses.chunking.split_by_length`), and reassembled: the same outputs for fewer padded tokens.
         ``lengths``: the rows' token counts when known on the host (``None``: read from the mask).
         """
         mask = features["attention_mask"]
@@ -107,8 +113,8 @@ class M3BatchLoss(nn.Module):
         chunks = split_by_length(features, self.max_length_chunks, CHUNK_OVERHEAD_TOKENS, lengths=lengths)
         if len(chunks) < 2:
             return _float_output(model(**features, heads=self.heads))
-        parts = [_float_output(model(**part, heads=self.heads)) for _, part in chunks]
-        return merge_outputs(parts, [rows for rows, _ in chunks], mask.shape[1])
+        parts = [model(**part, heads=self.heads) for _, part in chunks]
+        return merge_outputs(parts, [rows for rows, _ in chunks], mask.shape[1], upcast=True)
 
     @staticmethod
     def _lengths(mask: Tensor) -> Optional[list[int]]:
@@ -146,7 +152,11 @@ class M3BatchLoss(nn.Module):
         ``no_in_batch_neg``) at optimizer step ``step``; ``logs`` also hold ``padding_query`` and
         ``padding_passage`` (host floats: the fraction of padded positions the encoder processes)."""
         q_feat, p_feat = inputs["query"], inputs["passage"]
-        q_len, p_len = self._lengths(q_feat["attention_mask"]), self._lengths(p_feat["attention_mask"])
+        known = inputs.get("lengths")  # from the collator: no host read of the masks
+        if known is not None:
+            q_len, p_len = known["query"], known["passage"]
+        else:
+            q_len, p_len = self._lengths(q_feat["attention_mask"]), self._lengths(p_feat["attention_mask"])
         if self.sub_batch_size and torch.is_grad_enabled():
             out = self._cached(model, inputs, step, q_len, p_len)
         else:
