@@ -20,7 +20,7 @@ import logging
 import math
 import random
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -139,4 +139,37 @@ def init_sparse_head_from_idf(
     stats = {"tokens": float(n_tokens), "texts": float(len(sample)), "r2": r2, "mean_sqrt_idf": y_mean,
              "scale": scale}
     logger.info("sparse head initialised from corpus IDF: %s", stats)
+    return stats
+
+
+def fit_sparse_head_once(
+    model: M3Model,
+    tokenizer: Any,
+    corpus: Union[Sequence[str], Callable[[], Sequence[str]]],
+    device: Union[str, torch.device, None] = None,
+    max_length: int = 256,
+    **fit_options: Any,
+) -> Optional[dict[str, float]]:
+    """:func:`init_sparse_head_from_idf` on rank 0 only, on ``device`` (the training device: the model is moved
+    there, as training would), then the fitted head broadcast to every other process. ``corpus`` may be a
+    callable, called on rank 0 only. Every process must call this. Returns the fit statistics on rank 0."""
+    import torch.distributed as dist
+
+    from .distributed import world
+
+    rank, world_size = world()
+    stats = None
+    if device is not None:
+        model.to(device)
+    if rank == 0:
+        texts = corpus() if callable(corpus) else corpus
+        stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+    if world_size > 1:
+        head = model.sparse_linear
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        for param in (head.weight, head.bias):
+            buffer = param.detach().to(on).contiguous()
+            dist.broadcast(buffer, src=0)
+            with torch.no_grad():
+                param.copy_(buffer.to(param.device))
     return stats

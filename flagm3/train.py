@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from transformers import AutoTokenizer, set_seed
 
@@ -22,11 +22,12 @@ from .distributed import (
     keep_used_weight_conversions,
     setup_process_group,
     shutdown_process_group,
+    zero3_enabled,
 )
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .recipe import prepare_for_training
-from .sparse_init import init_sparse_head_from_idf
+from .sparse_init import fit_sparse_head_once
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
 
@@ -43,12 +44,13 @@ def load_model(
     model_args: M3ModelArguments,
     training_args: M3TrainingArguments,
     tokenizer,
-    corpus: Optional[Sequence[str]] = None,
+    corpus: Union[Sequence[str], Callable[[], Sequence[str]], None] = None,
     corpus_max_length: int = 256,
 ) -> M3Model:
     """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads).
 
-    A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages) when ``sparse_init`` asks.
+    A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages, or a callable giving them) when
+    ``sparse_init`` asks: once, by rank 0 on the training device, then broadcast (:func:`fit_sparse_head_once`).
     """
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     path = resolve_checkpoint(model_args.model_name_or_path, dict(hub))
@@ -63,8 +65,10 @@ def load_model(
     keep_used_weight_conversions(model)
     check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
     _check_colbert_dim(model, model_args, layout, path)
-    if corpus and _wants_idf_init(model_args, training_args, layout):
-        init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
+    if corpus is not None and _wants_idf_init(model_args, training_args, layout):
+        # on the device training uses (under ZeRO-3 the model stays where it loaded until DeepSpeed places it)
+        device = None if zero3_enabled() else training_args.device
+        fit_sparse_head_once(model, tokenizer, corpus, device, max_length=corpus_max_length)
     # the checkpoint's own pooling and normalisation, unless given explicitly
     if training_args.sentence_pooling_method is not None:
         model.config.pooling = training_args.sentence_pooling_method
@@ -142,6 +146,7 @@ def build_dataset(data_args: M3DataArguments, training_args: M3TrainingArguments
         tokenizer=tokenizer,
         query_max_len=data_args.query_max_len,
         passage_max_len=data_args.passage_max_len,
+        cache_dir=data_args.cache_path,
     )
 
 
@@ -177,9 +182,11 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)
-    model = load_model(
-        model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
-    )
+    # a resumed run's sparse head comes from its checkpoint: no refit
+    corpus = None if training_args.resume_from_checkpoint else dataset.idf_corpus
+    if corpus is None:
+        logger.info("resuming from a checkpoint: the sparse head is loaded from it, not fitted again")
+    model = load_model(model_args, training_args, tokenizer, corpus=corpus, corpus_max_length=data_args.passage_max_len)
     prepare_for_training(model, training_args)
     evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
     extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate

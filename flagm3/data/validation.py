@@ -265,11 +265,11 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
                     sources.append(source)
             else:
                 report.add_error(Issue(FILE_NOT_FOUND, path, None, None, "no such file or directory"))
+        elif _is_iterable_dataset(item):  # datasets.IterableDataset: read once, in one pass
+            sources.append(_Source(f"<datasets.IterableDataset #{k}>", False, dataset=item))
         elif hasattr(item, "column_names") and hasattr(item, "__getitem__"):  # datasets.Dataset
             name = f"<datasets.Dataset #{k}>"
             sources.append(_Source(name, False, dataset=item))
-        elif _is_iterable_dataset(item):  # datasets.IterableDataset: read once, in one pass
-            sources.append(_Source(f"<datasets.IterableDataset #{k}>", False, dataset=item))
         else:
             what = f"training data input #{k}"
             raise TypeError(f"{what} must be a path or a datasets.Dataset, got {type(item)!r}")
@@ -507,10 +507,10 @@ def _check_record(
 
 class _CorpusPoolCheck:
     """A record without negatives needs some other text in its dataset to draw them from; checked in one streaming
-    pass. Distinct texts are counted up to ``cap``: past it, every record with at most ``cap`` distinct positives
-    has another text to draw from (a record with more positives than that is not checked)."""
+    pass. Distinct texts (their hashes) are counted up to ``cap``: past it, every record with at most ``cap``
+    distinct positives has another text to draw from (a record with more positives than that is not checked)."""
 
-    def __init__(self, opts: _Options, cap: int = 100_000):
+    def __init__(self, opts: _Options, cap: int = 10_000):
         self.active = opts.sample_negatives_from_corpus and opts.train_group_size != 1
         self.cap = cap
         self.distinct: Optional[set] = set()
@@ -519,8 +519,8 @@ class _CorpusPoolCheck:
     def add(self, record: Record) -> None:
         if not self.active or self.distinct is None:
             return
-        self.distinct.update(record.pos)
-        self.distinct.update(record.neg)
+        self.distinct.update(map(hash, record.pos))
+        self.distinct.update(map(hash, record.neg))
         if not record.neg:
             self.needy.append((record.line, len(set(record.pos))))
         if len(self.distinct) > self.cap:  # enough texts for everyone: stop counting
