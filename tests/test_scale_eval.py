@@ -69,3 +69,25 @@ def test_hybrid_metrics_from_running_top_k_equal_the_full_ranking(embedder):
         expected.append(evaluate_run(run, qrels, (5,), ("ndcg",))["ndcg@5"])
     assert got == pytest.approx(expected, abs=1e-9)
     assert len(set(round(v, 6) for v in got)) > 1  # the weight sets rank differently
+
+
+@pytest.mark.slow  # two spawned worker processes: about 20 s on 2 cores
+def test_encode_pool_of_two_processes_equals_one_embedder(tiny_encoder_dir, tiny_tokenizer, tmp_path):
+    from flagm3 import M3Embedder, M3Model
+    from flagm3.encode_pool import EncodePool
+
+    model = M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    kwargs = dict(batch_size=4, use_fp16=False, query_instruction_for_retrieval="q: ")
+    expected = M3Embedder(str(tmp_path / "m"), devices="cpu", **kwargs).encode_queries(
+        DOCS, max_length=32, return_sparse=True, return_colbert_vecs=True)
+    with EncodePool(str(tmp_path / "m"), devices=["cpu", "cpu"], chunk_size=5, **kwargs) as pool:
+        got = pool.encode_queries(DOCS, max_length=32, return_sparse=True, return_colbert_vecs=True)
+        single = pool.encode("one text", max_length=32)
+    np.testing.assert_allclose(got["dense_vecs"], expected["dense_vecs"], atol=1e-5)
+    assert [dict(d) == pytest.approx(dict(e), abs=1e-5) for d, e in
+            zip(got["lexical_weights"], expected["lexical_weights"])] == [True] * len(DOCS)
+    for a, b in zip(got["colbert_vecs"], expected["colbert_vecs"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert single["dense_vecs"].shape == expected["dense_vecs"][0].shape
