@@ -78,7 +78,7 @@ class EncodePool:
                 self.close()
                 raise RuntimeError(f"EncodePool: the worker on {device} failed to start: {error}")
 
-    def __enter__(self) -> "EncodePool":
+    def __enter__(self) -> EncodePool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
