@@ -36,7 +36,7 @@ from .prepared import PreparedSource, prepare_training_data, record_from_row
 from .validation import DataInput, Record, ValidationReport, mean_passage_lengths
 
 # Passages whose IDF a fresh sparse head is fitted to (flagm3.sparse_init): all of them up to this many.
-IDF_MAX_TEXTS = 50_000
+IDF_MAX_TEXTS = 20_000
 
 
 class M3TrainDataset(Dataset):
