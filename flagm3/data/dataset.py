@@ -171,12 +171,15 @@ class M3TrainDataset(Dataset):
                     seen.update(dict.fromkeys((*r.pos, *r.neg)))
             return list(seen)
         rng = random.Random(f"flagm3.idf:{seed}")
-        for idx in rng.sample(range(self._length), self._length):
+        drawn: set = set()
+        while len(seen) < max_texts and len(drawn) < self._length:  # records drawn one at a time, no index list
+            idx = rng.randrange(self._length)
+            if idx in drawn:
+                continue
+            drawn.add(idx)
             d = self.dataset_index(idx)
             r = self._record(d, idx - self.dataset_offsets[d])
             seen.update(dict.fromkeys((*r.pos, *r.neg)))
-            if len(seen) >= max_texts:
-                break
         return list(seen)[:max_texts]
 
     def passage_texts(self) -> List[str]:
