@@ -165,6 +165,11 @@ class M3LossConfig:
         if not self.contrastive_terms() and not self.distilled_heads():
             raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
                              f"self-distillation {'on' if self.use_self_distill else 'off'}")
+        if not self.contrastive_terms() and self.self_distill_start_step >= 0:
+            raise ValueError(f"every contrastive weight is 0 (head_weights={self.head_weights}) and self-distillation "
+                             f"starts only after step {self.self_distill_start_step}: steps 0-"
+                             f"{self.self_distill_start_step} would have no loss term; give a head a weight or set "
+                             "self_distill_start_step -1")
 
     def head_temperature(self, head: str) -> float:
         return self.head_temperatures.get(head, self.temperature)
