@@ -12,7 +12,8 @@ Rows (nDCG@10 and Recall@100 on the split, full-corpus ranking), each changing o
    what the sparse score ``sum_t w_q(t) w_p(t)`` computes with max-pooled, context-free IDF weights.
    `idf_squared_no_tf` beside it scores ``sum idf(t)^2``: what a head whose weights are IDF itself computes.
 5. `idf_head`: the sparse head as training starts: all-MiniLM-L6-v2 with the head fitted to the training
-   passages' IDF (flagm3.sparse_init, as `flagm3 train` does), scored by flagm3.scoring.
+   passages' IDF (flagm3.sparse_init, as `flagm3 train` does), scored by flagm3.scoring. `--fit-texts 1024,256`
+   gives one row per number of passages the regression encodes (`idf_head@1024`, `idf_head@256`).
 6. each `--model NAME=DIR`: a trained checkpoint's sparse head.
 
 Rows 1->2 measure the tokenizer, 2->3 truncation, 3->4 term frequency and length normalisation (which a max-pooled
@@ -66,7 +67,7 @@ def head_scores(model_dir: str, queries: list[str], passages: list[str], max_len
     return compute_lexical_matching_scores(q, p)
 
 
-def idf_head(target: Path, train_passages: list[str], seed: int) -> Path:
+def idf_head(target: Path, train_passages: list[str], seed: int, fit_texts: int = 1024) -> Path:
     """all-MiniLM-L6-v2 with fresh heads (seeded) and the sparse head fitted to the training passages' IDF."""
     import torch
     from transformers import AutoTokenizer
@@ -78,7 +79,7 @@ def idf_head(target: Path, train_passages: list[str], seed: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = M3Model.from_encoder(str(base), tokenizer=tokenizer)
-    init_sparse_head_from_idf(model, tokenizer, train_passages)
+    init_sparse_head_from_idf(model, tokenizer, train_passages, max_texts=fit_texts)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -102,6 +103,9 @@ def main() -> None:
     p.add_argument("--train-data", default=None, help="training JSONL (default bench/work/<collection>_train.jsonl)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fit-texts", default="1024",
+                   help="comma-separated passage counts for the IDF head's regression: one `idf_head` row each "
+                        "(`idf_head@N` when several)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -131,8 +135,11 @@ def main() -> None:
     rows["idf_no_tf"] = idf_overlap_scores(q_tok, p_trunc)
     rows["idf_squared_no_tf"] = idf_overlap_scores(q_tok, p_trunc, power=2.0)
     train_path = Path(args.train_data) if args.train_data else WORK_DIR / f"{name}_train.jsonl"
-    head_dir = idf_head(WORK_DIR / f"sparse_gap_idf_head_{name}", training_passages(train_path), args.seed)
-    rows["idf_head"] = head_scores(str(head_dir), queries, passages, args.max_length)
+    sizes = [int(n) for n in args.fit_texts.split(",")]
+    for n in sizes:
+        head_dir = idf_head(WORK_DIR / f"sparse_gap_idf_head_{name}_{n}", training_passages(train_path), args.seed, n)
+        label = "idf_head" if len(sizes) == 1 else f"idf_head@{n}"
+        rows[label] = head_scores(str(head_dir), queries, passages, args.max_length)
     for spec in args.model:
         label, _, path = spec.partition("=")
         rows[label] = head_scores(path, queries, passages, args.max_length)

@@ -110,7 +110,6 @@ _REMOVED_IN_5 = "transformers 5 removed it"
 LEGACY_ARGUMENTS: tuple[LegacyArgument, ...] = (
     # FlagEmbedding's model and data arguments
     LegacyArgument("config_name", str, reason="the encoder's config is the one in --model_name_or_path"),
-    LegacyArgument("cache_path", str, reason="flagm3 reads the JSONL files directly and writes no datasets cache"),
     LegacyArgument("shuffle_ratio", float, warn=True, fe_default=0.0,
                    reason="flagm3 does not shuffle the words of passages (FlagEmbedding's text augmentation)"),
     LegacyArgument("small_threshold", int, warn=True, fe_default=0,

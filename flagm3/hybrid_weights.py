@@ -1,8 +1,8 @@
 """A model's hybrid weights (dense, sparse, ColBERT): fitted on a dev split, and the one file that stores them.
 
-:func:`fit_hybrid_weights` scores every dev query against the whole corpus once per head, then ranks by
-:func:`flagm3.scoring.hybrid_scores` for each weight triple of a small grid and keeps the one with the best
-metric (BGE-M3's 1 : 0.3 : 1 wins ties). This module alone writes and reads ``hybrid_weights.json``
+:func:`fit_hybrid_weights` encodes the corpus once, chunk by chunk, ranks it by
+:func:`flagm3.scoring.hybrid_scores` for each weight triple of a small grid (a running top-k per triple) and keeps
+the one with the best metric (BGE-M3's 1 : 0.3 : 1 wins ties). This module alone writes and reads ``hybrid_weights.json``
 (:func:`save_hybrid_weights`, :func:`read_hybrid_weights`): beside a model, ``M3Embedder`` (``compute_score``),
 ``flagm3 eval``, ``flagm3 search`` use it and the exports copy it. ``flagm3 eval --fit-weights`` writes the
 fitted weights only into its ``--output``; storing them beside a model is an explicit
@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-import torch
+from tqdm.auto import tqdm
 
 from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS, hybrid_scores
 
@@ -41,31 +41,34 @@ def hybrid_metrics(
     max_passage_length: int = 512,
     batch_size: Optional[int] = None,
     show_progress: bool = True,
+    corpus_chunk_size: int = 8192,
 ) -> List[float]:
     """``metric`` of the full-corpus hybrid ranking for each of ``weight_sets``, from one encoding of the
-    corpus (one ``[queries, documents]`` score matrix per head)."""
+    corpus: each chunk's ``[queries, chunk]`` score block per head is fused with every weight set and merged
+    into that set's running top-k (k from ``metric``), so memory is bounded by the chunk and the top-k, not by
+    ``queries x documents``, and the rankings are exact."""
     from .evaluation.metrics import evaluate_run
-    from .evaluation.retrieval import retrieve, top_k_positions
+    from .evaluation.retrieval import RunningTopK, encode_texts, iter_score_blocks
+    from .texts import with_instruction
 
     base, _, k = metric.partition("@")
     if not k.isdigit():
         raise ValueError(f"metric must look like 'ndcg@10', got {metric!r}")
-    judged = {qid: queries[qid] for qid in qrels}
+    weight_sets = [dict(w) for w in weight_sets]
+    qids = [qid for qid in qrels if qid in queries]
     doc_ids = sorted(corpus, reverse=True)  # column order = the evaluator's tie order
-    runs = retrieve(embedder, corpus, judged, heads=HEADS, hybrids=(), top_k=len(corpus),
-                    max_query_length=max_query_length, max_passage_length=max_passage_length,
-                    batch_size=batch_size, show_progress=show_progress)
-    qids = list(judged)
-    matrices = {h: torch.tensor([[runs[h][q].get(d, 0.0) for d in doc_ids] for q in qids], dtype=torch.float64)
-                for h in HEADS}
-
-    def value(weights: Mapping[str, float]) -> float:
-        fused = hybrid_scores(matrices, weights)
-        top = top_k_positions(fused, int(k))
-        run = {q: {doc_ids[j]: float(fused[i, j]) for j in top[i].tolist()} for i, q in enumerate(qids)}
-        return evaluate_run(run, qrels, (int(k),), (base,))[metric]
-
-    return [value(weights) for weights in weight_sets]
+    encoded = encode_texts(embedder, with_instruction(embedder, (queries[q] for q in qids), "query"),
+                           max_query_length, batch_size, HEADS)
+    texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
+    keepers = [RunningTopK(len(qids), int(k)) for _ in weight_sets]
+    progress = tqdm(total=len(texts), desc="Hybrid weights", unit="doc", disable=not show_progress)
+    for indices, blocks in iter_score_blocks(embedder, encoded, texts, HEADS, max_passage_length, batch_size,
+                                             corpus_chunk_size, progress):
+        blocks = {h: b.double() for h, b in blocks.items()}
+        for keeper, weights in zip(keepers, weight_sets):
+            keeper.update(hybrid_scores(blocks, weights), indices)
+    progress.close()
+    return [evaluate_run(keeper.to_run(qids, doc_ids), qrels, (int(k),), (base,))[metric] for keeper in keepers]
 
 
 def fit_hybrid_weights(

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 LexicalWeights = Dict[str, float]
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 _TOKENIZE_CHUNK = 4096  # texts tokenised per call before length sorting
+_ENCODE_WINDOW = 16384  # texts tokenised and length-sorted together: bounds the token lists held at once
 
 
 def _drops_arrays(method: Any) -> Any:
@@ -122,6 +123,11 @@ def _resolve_device(devices: Any, model: Optional[M3Model]) -> torch.device:
     if isinstance(devices, int):
         devices = f"cuda:{devices}"
     return torch.device(devices)
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """One copy of ``t`` on the host, outside inference mode (a device tensor's transfer is that copy)."""
+    return t.cpu() if t.device.type != "cpu" else t.clone()
 
 
 class M3Embedder:
@@ -270,16 +276,16 @@ class M3Embedder:
                 out = self.model(**inputs, heads=heads)
         finally:
             self.model.train(was_training)
-        # clone outside inference mode: callers get ordinary tensors
+        # copied outside inference mode, once: callers get ordinary host tensors
         result: Dict[str, Tensor] = {}
         if out.dense is not None:
-            result["dense"] = self._truncate(out.dense.float()).cpu().clone()
+            result["dense"] = _to_host(self._truncate(out.dense.float()))
         if out.token_weights is not None:
-            result["sparse_ids"] = inputs["input_ids"].cpu().clone()
-            result["sparse_weights"] = out.token_weights.float().cpu().clone()
+            result["sparse_ids"] = _to_host(inputs["input_ids"])
+            result["sparse_weights"] = _to_host(out.token_weights.float())
         if out.colbert is not None:
-            result["colbert"] = self._truncate(out.colbert.float()).cpu().clone()
-            result["colbert_mask"] = out.colbert_mask.cpu().clone()
+            result["colbert"] = _to_host(self._truncate(out.colbert.float()))
+            result["colbert_mask"] = _to_host(out.colbert_mask)
         return result
 
     def _truncate(self, vecs: Tensor) -> Tensor:
@@ -306,7 +312,8 @@ class M3Embedder:
         show_progress: bool = True,
         **tokenizer_kwargs: Any,
     ) -> Iterator[Tuple[List[int], Dict[str, Tensor]]]:
-        """Encode ``texts`` in length-sorted batches (longest first), yielding ``(indices, outputs)``.
+        """Encode ``texts`` in length-sorted batches (longest first within each window of ``_ENCODE_WINDOW``
+        texts, which are tokenised together just before they are encoded), yielding ``(indices, outputs)``.
 
         ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, keys
         of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
@@ -316,12 +323,22 @@ class M3Embedder:
         unknown = set(heads) - set(HEADS)
         if unknown or not heads:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {tuple(heads)}")
-        features = self._tokenize(texts, max_length, **tokenizer_kwargs)
-        lengths = [len(ids) for ids in features.get("input_ids", [])]
-        batches = self._length_sorted_batches(lengths, batch_size or self.batch_size)
-        bar = tqdm(batches, desc="Inference Embeddings", disable=not show_progress or len(batches) <= 1)
-        for indices in bar:
-            yield indices, self._forward(features, indices, tuple(heads))
+        batch_size = batch_size or self.batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        window = max(_ENCODE_WINDOW, batch_size)
+        bar = tqdm(total=len(texts), desc="Inference Embeddings", unit="text",
+                   disable=not show_progress or len(texts) <= batch_size)
+        try:
+            for start in range(0, len(texts), window):
+                features = self._tokenize(texts[start : start + window], max_length, **tokenizer_kwargs)
+                lengths = [len(ids) for ids in features.get("input_ids", [])]
+                for indices in self._length_sorted_batches(lengths, batch_size):
+                    out = self._forward(features, indices, tuple(heads))
+                    bar.update(len(indices))
+                    yield [start + i for i in indices], out
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------------------------------- encoding
     @staticmethod

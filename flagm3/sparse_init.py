@@ -20,13 +20,16 @@ import logging
 import math
 import random
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from .modeling_m3 import M3Model
 
 logger = logging.getLogger(__name__)
+
+# How many texts the regression encodes by default (their IDF is computed over the whole corpus given).
+DEFAULT_FIT_TEXTS = 1024
 
 
 def bm25_idf(tokenized: Sequence[Sequence[int]]) -> dict[int, float]:
@@ -36,13 +39,45 @@ def bm25_idf(tokenized: Sequence[Sequence[int]]) -> dict[int, float]:
     return {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
 
 
+def document_frequencies(input_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """LongTensor ``[vocab_size]``: in how many rows of ``input_ids`` ``[B, L]`` (where ``mask`` is true) each
+    token id occurs; no Python loop over tokens."""
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+    pairs = torch.unique(rows[mask] * vocab_size + input_ids[mask])  # one (row, token) pair per occurrence set
+    return torch.bincount(pairs % vocab_size, minlength=vocab_size)
+
+
+def idf_table(
+    tokenizer: Any, corpus: Sequence[str], max_length: int, vocab_size: int, batch_size: int = 4096,
+) -> torch.Tensor:
+    """FloatTensor ``[vocab_size]``: :func:`bm25_idf` of every token id over ``corpus`` (0 for absent ids),
+    tokenised in batches (special tokens excluded), counted with :func:`document_frequencies`."""
+    df = torch.zeros(vocab_size, dtype=torch.long)
+    for start in range(0, len(corpus), batch_size):
+        batch = tokenizer(list(corpus[start : start + batch_size]), truncation=True, max_length=max_length,
+                          add_special_tokens=False, padding=True, return_tensors="pt")
+        ids = batch["input_ids"]
+        if ids.numel():
+            df += document_frequencies(ids, batch["attention_mask"].bool(), vocab_size)
+    n = float(len(corpus))
+    idf = torch.log1p((n - df.double() + 0.5) / (df.double() + 0.5))
+    return torch.where(df > 0, idf, torch.zeros_like(idf)).float()
+
+
+def _vocab_size(model: M3Model, tokenizer: Any) -> int:
+    """Enough ids for every token the tokenizer or the model's embeddings know."""
+    embeddings = model.encoder.get_input_embeddings()
+    sizes = [len(tokenizer), getattr(embeddings, "num_embeddings", 0), getattr(model.config, "vocab_size", 0) or 0]
+    return int(max(sizes))
+
+
 @torch.no_grad()
 def init_sparse_head_from_idf(
     model: M3Model,
     tokenizer: Any,
     corpus: Sequence[str],
     max_length: int = 256,
-    max_texts: int = 1024,
+    max_texts: int = DEFAULT_FIT_TEXTS,
     ridge: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
@@ -51,42 +86,90 @@ def init_sparse_head_from_idf(
     """Fit ``model.sparse_linear`` so that its token weights approximate ``sqrt(idf)`` of each token.
 
     IDF is computed over all of ``corpus``; the regression uses the encoder's token states of at most
-    ``max_texts`` texts of it; the fitted head is then scaled so its mean token weight is ``mean_weight``.
-    Returns fit statistics (number of tokens, R^2 of the linear fit, the scale applied).
+    ``max_texts`` texts of it, on the device the sparse head is on; the fitted head is then scaled so its mean
+    token weight is ``mean_weight``. Returns fit statistics (number of tokens, R^2 of the fit, the scale applied).
+
+    Memory: the normal equations ``[H+1, H+1]`` are accumulated in float64 one batch at a time; the token states
+    ``[tokens, H]`` are kept once, in float32 on the device, to evaluate the fit (no float64 copy of them).
     """
     if not corpus:
         raise ValueError("init_sparse_head_from_idf needs a non-empty corpus")
-    ids = tokenizer(list(corpus), truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
-    idf = bm25_idf(ids)
+    device = model.sparse_linear.weight.device
+    idf = idf_table(tokenizer, corpus, max_length, _vocab_size(model, tokenizer))
+    sqrt_idf = idf.sqrt().to(device)
     sample = list(corpus)
     if len(sample) > max_texts:
         sample = random.Random(seed).sample(sample, max_texts)
     was_training = model.training
     model.eval()
-    ignore = model.sparse_ignore_ids
-    device = model.sparse_linear.weight.device
+    ignore = model.sparse_ignore_ids.to(device)
+    hidden_size = model.sparse_linear.weight.shape[1]
+    gram = torch.zeros(hidden_size + 1, hidden_size + 1, dtype=torch.float64, device=device)
+    moment = torch.zeros(hidden_size + 1, dtype=torch.float64, device=device)
     states, targets = [], []
     for start in range(0, len(sample), batch_size):
         batch = tokenizer(sample[start : start + batch_size], truncation=True, max_length=max_length,
                           padding=True, return_tensors="pt").to(device)
         hidden = model.encoder(**batch, return_dict=True).last_hidden_state
-        keep = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], ignore.to(device))
-        token_ids = batch["input_ids"][keep].tolist()
-        states.append(hidden[keep].float().cpu())
-        targets.append(torch.tensor([math.sqrt(idf.get(t, 0.0)) for t in token_ids]))
+        keep = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], ignore)
+        x = hidden[keep].float()  # [tokens of this batch, H]
+        y = sqrt_idf[batch["input_ids"][keep]]
+        x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1).double()  # one batch at a time
+        gram += x1.T @ x1
+        moment += x1.T @ y.double()
+        states.append(x)
+        targets.append(y)
     model.train(was_training)
-    x = torch.cat(states)
-    y = torch.cat(targets)
-    x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1).double()
-    gram = x1.T @ x1 + ridge * torch.eye(x1.shape[1], dtype=torch.float64)
-    solution = torch.linalg.solve(gram, x1.T @ y.double())
-    weight, bias = solution[:-1], solution[-1]
-    fitted = torch.relu(x1 @ solution).float()
-    r2 = 1 - float(((fitted - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-12))
-    scale = mean_weight / float(fitted.mean().clamp(min=1e-12))
+    gram += ridge * torch.eye(hidden_size + 1, dtype=torch.float64, device=device)
+    solution = torch.linalg.solve(gram, moment)
+    weight, bias = solution[:-1].float(), solution[-1].float()
+    n_tokens = sum(x.shape[0] for x in states)
+    y_sum = sum(float(y.sum()) for y in targets)
+    y_mean = y_sum / max(n_tokens, 1)
+    fitted_sum = sse = sst = 0.0
+    for x, y in zip(states, targets):
+        fitted = torch.relu(x @ weight + bias)
+        fitted_sum += float(fitted.sum())
+        sse += float(((fitted - y) ** 2).sum())
+        sst += float(((y - y_mean) ** 2).sum())
+    r2 = 1 - sse / max(sst, 1e-12)
+    scale = mean_weight / max(fitted_sum / max(n_tokens, 1), 1e-12)
     model.sparse_linear.weight.copy_((scale * weight).to(model.sparse_linear.weight).view(1, -1))
     model.sparse_linear.bias.copy_((scale * bias).to(model.sparse_linear.bias).view(1))
-    stats = {"tokens": float(x.shape[0]), "texts": float(len(sample)), "r2": r2, "mean_sqrt_idf": float(y.mean()),
+    stats = {"tokens": float(n_tokens), "texts": float(len(sample)), "r2": r2, "mean_sqrt_idf": y_mean,
              "scale": scale}
     logger.info("sparse head initialised from corpus IDF: %s", stats)
+    return stats
+
+
+def fit_sparse_head_once(
+    model: M3Model,
+    tokenizer: Any,
+    corpus: Union[Sequence[str], Callable[[], Sequence[str]]],
+    device: Union[str, torch.device, None] = None,
+    max_length: int = 256,
+    **fit_options: Any,
+) -> Optional[dict[str, float]]:
+    """:func:`init_sparse_head_from_idf` on rank 0 only, on ``device`` (the training device: the model is moved
+    there, as training would), then the fitted head broadcast to every other process. ``corpus`` may be a
+    callable, called on rank 0 only. Every process must call this. Returns the fit statistics on rank 0."""
+    import torch.distributed as dist
+
+    from .distributed import world
+
+    rank, world_size = world()
+    stats = None
+    if device is not None:
+        model.to(device)
+    if rank == 0:
+        texts = corpus() if callable(corpus) else corpus
+        stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+    if world_size > 1:
+        head = model.sparse_linear
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        for param in (head.weight, head.bias):
+            buffer = param.detach().to(on).contiguous()
+            dist.broadcast(buffer, src=0)
+            with torch.no_grad():
+                param.copy_(buffer.to(param.device))
     return stats

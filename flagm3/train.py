@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from transformers import AutoTokenizer, set_seed
 
@@ -23,6 +23,7 @@ from .distributed import (
     keep_used_weight_conversions,
     setup_process_group,
     shutdown_process_group,
+    zero3_enabled,
 )
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
@@ -34,7 +35,7 @@ from .resume import (
     save_failure_message,
     stop_message,
 )
-from .sparse_init import init_sparse_head_from_idf
+from .sparse_init import fit_sparse_head_once
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
 
@@ -51,12 +52,13 @@ def load_model(
     model_args: M3ModelArguments,
     training_args: M3TrainingArguments,
     tokenizer,
-    corpus: Optional[Sequence[str]] = None,
+    corpus: Union[Sequence[str], Callable[[], Sequence[str]], None] = None,
     corpus_max_length: int = 256,
 ) -> M3Model:
     """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads).
 
-    A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages) when ``sparse_init`` asks.
+    A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages, or a callable giving them) when
+    ``sparse_init`` asks: once, by rank 0 on the training device, then broadcast (:func:`fit_sparse_head_once`).
     """
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     path = resolve_checkpoint(model_args.model_name_or_path, dict(hub))
@@ -71,8 +73,10 @@ def load_model(
     keep_used_weight_conversions(model)
     check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
     _check_colbert_dim(model, model_args, layout, path)
-    if corpus and training_args.recipe(model_args.sparse_init).fits_sparse_idf(layout):
-        init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
+    if corpus is not None and training_args.recipe(model_args.sparse_init).fits_sparse_idf(layout):
+        # on the device training uses (under ZeRO-3 the model stays where it loaded until DeepSpeed places it)
+        device = None if zero3_enabled() else training_args.device
+        fit_sparse_head_once(model, tokenizer, corpus, device, max_length=corpus_max_length)
     # the checkpoint's own pooling and normalisation, unless given explicitly
     if training_args.sentence_pooling_method is not None:
         model.config.pooling = training_args.sentence_pooling_method
@@ -142,6 +146,7 @@ def build_dataset(data_args: M3DataArguments, training_args: M3TrainingArguments
         tokenizer=tokenizer,
         query_max_len=data_args.query_max_len,
         passage_max_len=data_args.passage_max_len,
+        cache_dir=data_args.cache_path,
     )
 
 
@@ -174,9 +179,11 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)
-    model = load_model(
-        model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
-    )
+    # a resumed run's sparse head comes from its checkpoint: no refit
+    corpus = None if training_args.resume_from_checkpoint else dataset.idf_corpus
+    if corpus is None:
+        logger.info("resuming from a checkpoint: the sparse head is loaded from it, not fitted again")
+    model = load_model(model_args, training_args, tokenizer, corpus=corpus, corpus_max_length=data_args.passage_max_len)
     recipe = training_args.recipe(model_args.sparse_init)
     evaluator = build_evaluator(data_args, training_args, recipe.loss.heads)
     return M3Trainer(  # prepares the model with the recipe

@@ -71,7 +71,13 @@ class M3ModelArguments:
 @dataclass
 class M3DataArguments:
     train_data: List[str] = field(
-        default_factory=list, metadata={"help": "JSONL files or directories (one dataset per file).", "nargs": "+"}
+        default_factory=list, metadata={"help": "JSONL files or directories (one dataset per file); hf:ID for a datasets id.",
+                                        "nargs": "+"}
+    )
+    cache_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where the validated training data is kept as memory-mapped Arrow files, reused while the "
+                  "files are unchanged (default: the system's temporary directory)."},
     )
     train_group_size: int = field(default=8, metadata={"help": "Passages per query: 1 positive + negatives."})
     query_max_len: int = field(default=32, metadata={"help": "Queries are truncated to this many tokens."})

@@ -28,10 +28,15 @@ import math
 import random
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from ..texts import format_instruction, unescape_newlines
-from .validation import DataInput, LoadedSource, Record, ValidationReport, load_and_validate
+from .prepared import PreparedSource, prepare_training_data, record_from_row
+from .validation import DataInput, Record, ValidationReport, mean_passage_lengths
+
+# Passages whose IDF a fresh sparse head is fitted to (flagm3.sparse_init): all of them up to this many.
+IDF_MAX_TEXTS = 20_000
 
 
 class M3TrainDataset(Dataset):
@@ -40,9 +45,14 @@ class M3TrainDataset(Dataset):
     Items are ``{"query": str, "passages": list[str] (G: positive first), "teacher_scores": list[float]
     (G) or None, "dataset_index": int, "no_in_batch_neg": bool}``.
 
+    The records live in memory-mapped Arrow files (:mod:`flagm3.data.prepared`, validated once and cached by
+    the files' fingerprint in ``cache_dir``); an item is read from them when asked for, and tokenised only by the
+    collator.
+
     Attributes: ``dataset_names``, ``dataset_sizes``, ``dataset_offsets`` (first global index of each
     dataset), ``no_in_batch_neg`` (one flag per dataset), ``lengths`` (per item: mean passage length in
-    tokens, capped at ``passage_max_len``; exact with a tokenizer, else estimated), ``validation_report``.
+    tokens, capped at ``passage_max_len``; exact with a tokenizer, else estimated; computed on first use, which
+    only length grouping asks for), ``validation_report``, ``prepared_dir`` (the Arrow files).
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class M3TrainDataset(Dataset):
         tokenizer: Any = None,
         query_max_len: Optional[int] = 32,
         passage_max_len: Optional[int] = 128,
+        cache_dir: Optional[str] = None,
     ):
         if train_group_size < 1:
             raise ValueError(f"train_group_size must be >= 1, got {train_group_size}")
@@ -72,53 +83,112 @@ class M3TrainDataset(Dataset):
         self.knowledge_distillation = knowledge_distillation
         self.seed = seed
         self.epoch = 0
+        self.tokenizer = tokenizer
+        self.passage_max_len = passage_max_len
 
-        sources, report = load_and_validate(
+        prepared = prepare_training_data(
             data,
-            tokenizer=tokenizer,
-            query_max_len=query_max_len,
-            passage_max_len=passage_max_len,
+            cache_dir=cache_dir,
             sample_negatives_from_corpus=sample_negatives_from_corpus,
             knowledge_distillation=knowledge_distillation,
             train_group_size=train_group_size,
         )
-        report.raise_if_errors()
-        self.validation_report: ValidationReport = report
+        self.validation_report: ValidationReport = prepared.report
+        self.prepared_dir = prepared.directory
 
-        self._records: List[Record] = []
-        self.lengths: List[int] = []
+        self._tables: List[Any] = []  # one memory-mapped datasets.Dataset per dataset
         self.dataset_names: List[str] = []
         self.dataset_sizes: List[int] = []
         self.dataset_offsets: List[int] = []
         self.no_in_batch_neg: List[bool] = []
-        self._pools: Dict[int, List[str]] = {}
-        for d, src in enumerate(sources):
-            keep = self._subsample(src, max_example_num_per_dataset, seed)
-            records = [src.records[i] for i in keep]
-            self.dataset_offsets.append(len(self._records))
+        self._pools: Dict[int, np.ndarray] = {}  # dataset -> cumulative text counts of its records
+        total = 0
+        for d, src in enumerate(prepared.sources):
+            table = self._subsample(src, max_example_num_per_dataset, seed)
+            self.dataset_offsets.append(total)
             self.dataset_names.append(src.name)
-            self.dataset_sizes.append(len(records))
+            self.dataset_sizes.append(len(table))
             self.no_in_batch_neg.append(src.no_in_batch_neg)
-            self._records.extend(records)
-            cap = passage_max_len if passage_max_len is not None else math.inf
-            self.lengths.extend(int(min(src.passage_lengths[i], cap)) for i in keep)
-            if train_group_size > 1 and any(not r.neg for r in records):
-                # negatives for records without any: every text of the other records (duplicates kept)
-                self._pools[d] = [t for r in records for t in (*r.pos, *r.neg)]
+            self._tables.append(table)
+            total += len(table)
+            if train_group_size > 1:
+                n_pos, n_neg = _list_lengths(table, "pos"), _list_lengths(table, "neg")
+                if (n_neg == 0).any():
+                    # negatives for records without any: every text of the other records (duplicates kept)
+                    self._pools[d] = np.cumsum(n_pos + n_neg)
+        self._length = total
+        self._lengths: Optional[np.ndarray] = None
 
     @staticmethod
-    def _subsample(src: LoadedSource, limit: Optional[int], seed: int) -> List[int]:
-        n = len(src.records)
+    def _subsample(src: PreparedSource, limit: Optional[int], seed: int) -> Any:
+        n = len(src.data)
         if limit is None or n <= limit:
-            return list(range(n))
-        return sorted(random.Random(f"flagm3.subsample:{seed}:{src.name}").sample(range(n), limit))
+            return src.data
+        keep = sorted(random.Random(f"flagm3.subsample:{seed}:{src.name}").sample(range(n), limit))
+        return src.data.select(keep)
+
+    def _record(self, d: int, i: int) -> Record:
+        return record_from_row(self._tables[d][i])
+
+    def _iter_records(self, d: int, chunk: int = 1024):
+        table = self._tables[d]
+        for start in range(0, len(table), chunk):
+            rows = table[start : start + chunk]
+            for j in range(len(rows["query"])):
+                yield record_from_row({k: v[j] for k, v in rows.items()})
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per item: mean passage length in tokens, capped at ``passage_max_len`` (exact with the tokenizer given,
+        else estimated). Computed on first use, 1,024 records at a time."""
+        if self._lengths is None:
+            cap = self.passage_max_len if self.passage_max_len is not None else math.inf
+            out = np.zeros(self._length, dtype=np.int64)
+            pos = 0
+            for d in range(len(self._tables)):
+                chunk: List[Record] = []
+                for record in self._iter_records(d):
+                    chunk.append(record)
+                    if len(chunk) == 1024:
+                        out[pos : pos + len(chunk)] = np.minimum(mean_passage_lengths(chunk, self.tokenizer), cap)
+                        pos += len(chunk)
+                        chunk = []
+                if chunk:
+                    out[pos : pos + len(chunk)] = np.minimum(mean_passage_lengths(chunk, self.tokenizer), cap)
+                    pos += len(chunk)
+            self._lengths = out
+        return self._lengths
+
+    def idf_corpus(self, max_texts: int = IDF_MAX_TEXTS, seed: int = 0) -> List[str]:
+        """Distinct passages to fit a fresh sparse head's IDF to: all of them, in first-seen order, when the
+        datasets hold at most ``max_texts`` passages; otherwise those of records drawn at random (seeded) until
+        ``max_texts`` are collected. Reads only the records it uses."""
+        total = sum(int((_list_lengths(t, "pos") + _list_lengths(t, "neg")).sum()) for t in self._tables)
+        seen: Dict[str, None] = {}
+        if total <= max_texts:
+            for d in range(len(self._tables)):
+                for r in self._iter_records(d):
+                    seen.update(dict.fromkeys((*r.pos, *r.neg)))
+            return list(seen)
+        rng = random.Random(f"flagm3.idf:{seed}")
+        drawn: set = set()
+        while len(seen) < max_texts and len(drawn) < self._length:  # records drawn one at a time, no index list
+            idx = rng.randrange(self._length)
+            if idx in drawn:
+                continue
+            drawn.add(idx)
+            d = self.dataset_index(idx)
+            r = self._record(d, idx - self.dataset_offsets[d])
+            seen.update(dict.fromkeys((*r.pos, *r.neg)))
+        return list(seen)[:max_texts]
 
     def passage_texts(self) -> List[str]:
-        """Every distinct passage (positives and negatives) of the loaded records, in first-seen order."""
-        return list(dict.fromkeys(t for r in self._records for t in (*r.pos, *r.neg)))
+        """Every distinct passage (positives and negatives) of the loaded records, in first-seen order (reads
+        every record: :meth:`idf_corpus` bounds it)."""
+        return self.idf_corpus(max_texts=math.inf)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._length
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose groups ``__getitem__`` draws (called by :class:`M3BatchSampler`)."""
@@ -132,28 +202,36 @@ class M3TrainDataset(Dataset):
         instruction = record.prompt if record.prompt is not None else self.query_instruction_for_retrieval
         return format_instruction(record.query, instruction, self.query_instruction_format)
 
-    def _corpus_negatives(self, record: Record, pool: List[str], k: int, rng: random.Random) -> List[str]:
-        """``k`` negatives drawn from ``pool`` (texts of the dataset), never one of the record's positives;
-        distinct while cheap to find, repeated otherwise (validation ensured a candidate exists)."""
+    def _pool_text(self, d: int, j: int) -> str:
+        """The ``j``-th text of dataset ``d``'s pool: every record's positives then negatives, in order."""
+        cum = self._pools[d]
+        i = int(np.searchsorted(cum, j, side="right"))
+        r = self._record(d, i)
+        return (*r.pos, *r.neg)[j - (int(cum[i - 1]) if i else 0)]
+
+    def _corpus_negatives(self, record: Record, d: int, k: int, rng: random.Random) -> List[str]:
+        """``k`` negatives drawn from the texts of dataset ``d``, never one of the record's positives; distinct
+        while cheap to find, repeated otherwise (validation ensured a candidate exists)."""
         positives = set(record.pos)
+        size = int(self._pools[d][-1])
         chosen: List[str] = []
         for _ in range(10 * k + 20):
             if len(chosen) == k:
                 return chosen
-            text = pool[rng.randrange(len(pool))]
+            text = self._pool_text(d, rng.randrange(size))
             if text not in positives and text not in chosen:
                 chosen.append(text)
-        candidates = [t for t in pool if t not in positives]
+        candidates = [t for r in self._iter_records(d) for t in (*r.pos, *r.neg) if t not in positives]
         chosen.extend(rng.choice(candidates) for _ in range(k - len(chosen)))
         return chosen
 
     def __getitem__(self, idx: int) -> Dict[str, Any]:
         if idx < 0:
-            idx += len(self._records)
-        if not 0 <= idx < len(self._records):
-            raise IndexError(f"index {idx} out of range for {len(self._records)} items")
-        record = self._records[idx]
+            idx += self._length
+        if not 0 <= idx < self._length:
+            raise IndexError(f"index {idx} out of range for {self._length} items")
         d = self.dataset_index(idx)
+        record = self._record(d, idx - self.dataset_offsets[d])
         rng = random.Random(f"flagm3.group:{self.seed}:{self.epoch}:{idx}")
         k = self.train_group_size - 1
 
@@ -170,7 +248,7 @@ class M3TrainDataset(Dataset):
             if self.knowledge_distillation:  # validation made sure the scores are there
                 teacher = [record.pos_scores[pos_idx]] + [record.neg_scores[j] for j in neg_idxs]
         else:
-            passages += self._corpus_negatives(record, self._pools[d], k, rng)
+            passages += self._corpus_negatives(record, d, k, rng)
 
         passages = [format_instruction(p, self.passage_instruction_for_retrieval, self.passage_instruction_format)
                     for p in passages]
@@ -181,3 +259,14 @@ class M3TrainDataset(Dataset):
             "dataset_index": d,
             "no_in_batch_neg": self.no_in_batch_neg[d],
         }
+
+
+def _list_lengths(table: Any, column: str) -> np.ndarray:
+    """Lengths of a list column of a (possibly index-mapped) ``datasets.Dataset``, without reading its texts."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(table.data.column(column)).to_numpy(zero_copy_only=False)
+    mapping = getattr(table, "_indices", None)
+    if mapping is not None:  # a .select()ed dataset: rows through its index mapping
+        lengths = lengths[mapping.column(0).to_numpy()]
+    return lengths.astype(np.int64)

@@ -83,7 +83,8 @@ class M3BatchSampler(Sampler[List[int]]):
 
         sizes: Sequence[int] = getattr(dataset, "dataset_sizes", None) or [len(dataset)]
         flags: Sequence[bool] = getattr(dataset, "no_in_batch_neg", None) or [False] * len(sizes)
-        self.lengths: Optional[Sequence[int]] = getattr(dataset, "lengths", None)
+        # lengths are read (and, for M3TrainDataset, computed) only when grouping by length
+        self.lengths: Optional[Sequence[int]] = getattr(dataset, "lengths", None) if group_by_length else None
         self.group_by_length = group_by_length and self.lengths is not None
         self.buckets = self._make_buckets(sizes, flags)
 

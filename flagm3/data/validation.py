@@ -261,8 +261,14 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
                     sources.append(_Source(os.path.join(path, n), flag, path=os.path.join(path, n)))
             elif os.path.isfile(path):
                 sources.append(_Source(path, NO_IN_BATCH_NEG_MARK in os.path.basename(path), path=path))
+            elif hub_dataset_id(path) is not None:
+                source = _hub_source(path, report)
+                if source is not None:
+                    sources.append(source)
             else:
                 report.add_error(Issue(FILE_NOT_FOUND, path, None, None, "no such file or directory"))
+        elif _is_iterable_dataset(item):  # datasets.IterableDataset: read once, in one pass
+            sources.append(_Source(f"<datasets.IterableDataset #{k}>", False, dataset=item))
         elif hasattr(item, "column_names") and hasattr(item, "__getitem__"):  # datasets.Dataset
             name = f"<datasets.Dataset #{k}>"
             sources.append(_Source(name, False, dataset=item))
@@ -270,6 +276,42 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
             what = f"training data input #{k}"
             raise TypeError(f"{what} must be a path or a datasets.Dataset, got {type(item)!r}")
     return sources
+
+
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_dataset_id(name: str) -> Optional[str]:
+    """The dataset id ``name`` names when it is no local path: ``hf:ID`` (ID may also be a local directory that
+    ``datasets.load_dataset`` reads, e.g. of parquet files), or a bare ``owner/name`` without a .json/.jsonl suffix."""
+    if name.startswith(HUB_PREFIX):
+        return name[len(HUB_PREFIX):]
+    if _HUB_ID.match(name) and not name.endswith(DATA_FILE_SUFFIXES):
+        return name
+    return None
+
+
+def _hub_source(name: str, report: ValidationReport) -> Optional[_Source]:
+    """A hub (or ``load_dataset``-readable) dataset's train split, streamed: read once, never held in memory."""
+    dataset_id = hub_dataset_id(name)
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(dataset_id, split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - any loader failure is the user's input problem, reported as such
+        msg = f"no such file or directory, and not a loadable datasets id ({type(err).__name__}: {err})"
+        report.add_error(Issue(FILE_NOT_FOUND, name, None, None, msg.splitlines()[0]))
+        return None
+    return _Source(name, NO_IN_BATCH_NEG_MARK in dataset_id, dataset=stream)
+
+
+def _is_iterable_dataset(item: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(item, datasets.IterableDataset)
 
 
 def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
@@ -447,18 +489,48 @@ def _check_record(
     return Record(query, pos, neg, pos_scores, neg_scores, prompt if prompt else None, line)
 
 
-def _check_corpus_pool(records: List[Record], source: str, report: ValidationReport, opts: _Options) -> None:
-    """A record without negatives needs some other text in its dataset to draw them from."""
-    if not opts.sample_negatives_from_corpus or opts.train_group_size == 1:
-        return
-    needy = [r for r in records if not r.neg]
-    if not needy:
-        return
-    texts = {t for r in records for t in (*r.pos, *r.neg)}
-    for r in needy:
-        if len(texts) <= len(set(r.pos)):  # every text of the dataset is one of its positives
-            msg = "no negatives, and no other text in this dataset to draw negatives from"
-            report.add_error(Issue(NO_CORPUS_NEGATIVES, source, r.line, "neg", msg))
+class _CorpusPoolCheck:
+    """A record without negatives needs some other text in its dataset to draw them from; checked in one streaming
+    pass. Distinct texts (their hashes) are counted up to ``cap``: past it, every record with at most ``cap``
+    distinct positives has another text to draw from (a record with more positives than that is not checked)."""
+
+    def __init__(self, opts: _Options, cap: int = 10_000):
+        self.active = opts.sample_negatives_from_corpus and opts.train_group_size != 1
+        self.cap = cap
+        self.distinct: Optional[set] = set()
+        self.needy: List[Tuple[int, int]] = []  # (line, distinct positives) of records without negatives
+
+    def add(self, record: Record) -> None:
+        if not self.active or self.distinct is None:
+            return
+        self.distinct.update(map(hash, record.pos))
+        self.distinct.update(map(hash, record.neg))
+        if not record.neg:
+            self.needy.append((record.line, len(set(record.pos))))
+        if len(self.distinct) > self.cap:  # enough texts for everyone: stop counting
+            self.distinct, self.needy = None, []
+
+    def report_errors(self, source: str, report: ValidationReport) -> None:
+        if self.distinct is None:
+            return
+        for line, n_pos in self.needy:
+            if len(self.distinct) <= n_pos:  # every text of the dataset is one of its positives
+                msg = "no negatives, and no other text in this dataset to draw negatives from"
+                report.add_error(Issue(NO_CORPUS_NEGATIVES, source, line, "neg", msg))
+
+
+def _length_function(records: Sequence[Record], tokenizer: Any, queries: bool = True) -> Any:
+    """``text -> tokens`` for the texts of ``records``: exact (one batched tokenizer call) or estimated."""
+    if tokenizer is None:
+        return approx_num_tokens
+    texts = (t for r in records for t in ((r.query,) if queries else ()) + (*r.pos, *r.neg))
+    return _token_lengths(texts, tokenizer).__getitem__
+
+
+def mean_passage_lengths(records: Sequence[Record], tokenizer: Any = None) -> List[int]:
+    """Each record's mean passage (positives and negatives) length in tokens; exact with a tokenizer."""
+    length = _length_function(records, tokenizer, queries=False)
+    return [round(sum(map(length, (*r.pos, *r.neg))) / (len(r.pos) + len(r.neg))) for r in records]
 
 
 def _check_lengths(
@@ -470,11 +542,7 @@ def _check_lengths(
     passage_max_len: Optional[int],
 ) -> List[int]:
     """Count texts that will be truncated; return each record's mean passage length in tokens."""
-    if tokenizer is not None:
-        table = _token_lengths((t for r in records for t in (r.query, *r.pos, *r.neg)), tokenizer)
-        length = table.__getitem__
-    else:
-        length = approx_num_tokens
+    length = _length_function(records, tokenizer)
     means: List[int] = []
     for r in records:
         if query_max_len is not None and length(r.query) > query_max_len:
@@ -492,17 +560,47 @@ def _check_lengths(
     return means
 
 
-def _load_source(
+@dataclass
+class LengthCheck:
+    """Which lengths a streaming pass checks: texts over these maximum lengths are counted as truncated
+    (exact with ``tokenizer``, else :func:`approx_num_tokens`)."""
+
+    tokenizer: Any = None
+    query_max_len: Optional[int] = 32
+    passage_max_len: Optional[int] = 128
+
+
+# Records whose lengths are checked together (one tokenizer call): bounds the memory of a streaming pass.
+STREAM_CHUNK = 1024
+
+
+def stream_source(
     src: _Source,
     report: ValidationReport,
     opts: _Options,
-    tokenizer: Any,
-    query_max_len: Optional[int],
-    passage_max_len: Optional[int],
-) -> Optional[LoadedSource]:
+    lengths: Optional[LengthCheck] = None,
+    sink: Any = None,
+) -> Tuple[int, bool]:
+    """Validate one source in one streaming pass: every problem goes into ``report``; each valid (fixed) record
+    is handed to ``sink(record, mean_passage_length or None)`` in order (``None`` without ``lengths``). Holds
+    at most :data:`STREAM_CHUNK` records at a time. Returns ``(valid records, source had no error)``; a source
+    without records gets an ``empty_file`` warning and is not added to the report's sources."""
     rows = _iter_jsonl(src.path) if src.path is not None else _iter_dataset_rows(src.dataset)
-    records: List[Record] = []
     errors_before = report.num_errors
+    pool = _CorpusPoolCheck(opts)
+    chunk: List[Record] = []
+    count = 0
+
+    def flush() -> None:
+        means: List[Optional[int]] = [None] * len(chunk)
+        if lengths is not None:
+            means = _check_lengths(chunk, src.name, report, lengths.tokenizer, lengths.query_max_len,
+                                   lengths.passage_max_len)
+        if sink is not None:
+            for record, mean in zip(chunk, means):
+                sink(record, mean)
+        chunk.clear()
+
     for line, obj, problem in rows:
         if problem is not None:
             report.add_error(problem)
@@ -511,18 +609,41 @@ def _load_source(
         else:
             record = _check_record(obj, src.name, line, opts, report)
             if record is not None:
-                records.append(record)
-    if report.num_errors == errors_before and not records:
+                count += 1
+                pool.add(record)
+                chunk.append(record)
+                if len(chunk) >= STREAM_CHUNK:
+                    flush()
+    flush()
+    if report.num_errors == errors_before and not count:
         report.add_warning(Issue(EMPTY_FILE, src.name, None, None, "no records: skipped"))
-        return None
-    _check_corpus_pool(records, src.name, report, opts)
+        return 0, True
+    pool.report_errors(src.name, report)
     report.sources.append(src.name)
-    report.dataset_sizes.append(len(records))
+    report.dataset_sizes.append(count)
     report.no_in_batch_neg.append(src.no_in_batch_neg)
-    if report.num_errors > errors_before:
+    return count, report.num_errors == errors_before
+
+
+def _load_source(
+    src: _Source,
+    report: ValidationReport,
+    opts: _Options,
+    tokenizer: Any,
+    query_max_len: Optional[int],
+    passage_max_len: Optional[int],
+) -> Optional[LoadedSource]:
+    records: List[Record] = []
+    means: List[int] = []
+
+    def keep(record: Record, mean: Optional[int]) -> None:
+        records.append(record)
+        means.append(int(mean))
+
+    count, ok = stream_source(src, report, opts, LengthCheck(tokenizer, query_max_len, passage_max_len), keep)
+    if not count or not ok:
         return None
-    lengths = _check_lengths(records, src.name, report, tokenizer, query_max_len, passage_max_len)
-    return LoadedSource(src.name, records, src.no_in_batch_neg, lengths)
+    return LoadedSource(src.name, records, src.no_in_batch_neg, means)
 
 
 def load_and_validate(
@@ -551,6 +672,33 @@ def load_and_validate(
     return loaded, report
 
 
+def stream_validate(
+    inputs: Union[DataInput, Sequence[DataInput]],
+    *,
+    tokenizer: Any = None,
+    query_max_len: Optional[int] = 32,
+    passage_max_len: Optional[int] = 128,
+    sample_negatives_from_corpus: bool = True,
+    knowledge_distillation: bool = False,
+    train_group_size: Optional[int] = None,
+    check_lengths: bool = True,
+    sink: Any = None,
+) -> ValidationReport:
+    """One streaming pass over every source (nothing kept but the report): what :func:`load_and_validate`
+    checks, in memory bounded by :data:`STREAM_CHUNK` records. ``sink(source_index, source, record, mean_length)``
+    receives each valid record; ``check_lengths=False`` skips the truncation counts (no text is tokenised)."""
+    report = ValidationReport(exact_lengths=tokenizer is not None)
+    opts = _Options(sample_negatives_from_corpus, knowledge_distillation, train_group_size)
+    lengths = LengthCheck(tokenizer, query_max_len, passage_max_len) if check_lengths else None
+    total = 0
+    for k, src in enumerate(_expand_inputs(inputs, report)):
+        to_sink = None if sink is None else (lambda record, mean, k=k, src=src: sink(k, src, record, mean))
+        total += stream_source(src, report, opts, lengths, to_sink)[0]
+    if report.ok and not total:
+        report.add_error(Issue(NO_RECORDS, str(inputs), None, None, "no training records found"))
+    return report
+
+
 def validate_data(
     paths: Union[DataInput, Sequence[DataInput]], raise_on_error: bool = False, **options: Any
 ) -> ValidationReport:
@@ -561,7 +709,7 @@ def validate_data(
     (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with ``raise_on_error=True`` raises one
     :class:`DataValidationError` listing the problems instead.
     """
-    _, report = load_and_validate(paths, **options)
+    report = stream_validate(paths, **options)
     if raise_on_error:
         report.raise_if_errors()
     return report

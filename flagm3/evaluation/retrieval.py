@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import scipy.sparse
 import torch
@@ -162,6 +162,34 @@ def _head_scores(
     return scores
 
 
+def iter_score_blocks(
+    embedder: Any,
+    queries: EncodedTexts,
+    texts: Sequence[str],
+    heads: Sequence[str],
+    max_length: int,
+    batch_size: Optional[int],
+    chunk_size: int = 8192,
+    progress: Any = None,
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """``(columns [c], {head: [Q, c] scores})`` for each chunk of ``chunk_size`` of ``texts``, encoded as they
+    come (``embedder.iter_outputs``): memory bounded by the chunk, whatever the corpus size. ``progress``: a
+    tqdm bar advanced by the texts encoded."""
+    for start in range(0, len(texts), chunk_size):
+        blocks: dict[str, list[Tensor]] = defaultdict(list)
+        columns = []
+        for local, out in embedder.iter_outputs(
+            texts[start : start + chunk_size], max_length=max_length, batch_size=batch_size, heads=tuple(heads),
+            show_progress=False,
+        ):
+            for name, block in _head_scores(queries, out, heads).items():
+                blocks[name].append(block)
+            columns.append(torch.as_tensor(local, dtype=torch.long) + start)
+            if progress is not None:
+                progress.update(len(local))
+        yield torch.cat(columns), {name: torch.cat(parts, dim=1) for name, parts in blocks.items()}
+
+
 def _with_hybrids(
     scores: dict[str, Tensor], hybrids: Iterable[str], weights: Mapping[str, float]
 ) -> dict[str, Tensor]:
@@ -301,20 +329,9 @@ def retrieve(
         keepers[rerank_source] = RunningTopK(len(qids), max(top_k, rerank_depth), extras=first_heads)
     total = len(texts) + (min(len(texts), len(qids) * rerank_depth) if rerank else 0)
     progress = tqdm(total=total, desc="Retrieval", unit="doc", disable=not show_progress)
-    for start in range(0, len(texts), corpus_chunk_size):
-        blocks: dict[str, list[Tensor]] = defaultdict(list)
-        columns = []
-        for local, out in embedder.iter_outputs(
-            texts[start : start + corpus_chunk_size], max_length=max_passage_length, batch_size=batch_size,
-            heads=first_heads, show_progress=False,
-        ):
-            scores = _with_hybrids(_head_scores(encoded, out, first_heads), hybrids, weights)
-            for name, block in scores.items():
-                blocks[name].append(block)
-            columns.append(torch.as_tensor(local, dtype=torch.long) + start)
-            progress.update(len(local))
-        indices = torch.cat(columns)
-        chunk_scores = {name: torch.cat(parts, dim=1) for name, parts in blocks.items()}
+    for indices, head_blocks in iter_score_blocks(embedder, encoded, texts, first_heads, max_passage_length,
+                                                  batch_size, corpus_chunk_size, progress):
+        chunk_scores = _with_hybrids(head_blocks, hybrids, weights)
         for name, keeper in keepers.items():
             keeper.update(chunk_scores[name], indices, extras=chunk_scores)
     runs = {name: keeper.to_run(qids, doc_ids, top_k) for name, keeper in keepers.items()}
