@@ -166,6 +166,30 @@ class M3TrainingArguments(TrainingArguments):
         metadata={"help": "Weight of the sparse head's squared relative distance to its initial (IDF-fitted) "
                   "parameters. Default: the recipe's."},
     )
+    use_mrl: bool = field(
+        default=False,
+        metadata={"help": "Matryoshka training (FlagEmbedding's name): on when --mrl_dims is given; --use_mrl alone "
+                  "trains at 256 and 512 dimensions (MRL_DEFAULT_DIMS)."},
+    )
+    mrl_dims: Optional[List[int]] = field(
+        default=None,
+        metadata={"help": "Matryoshka training: the dense and ColBERT InfoNCE terms also on these leading dimensions "
+                  "(each capped at the head's size), e.g. 96 192 384; ensemble and self-distillation stay at full "
+                  "size (flagm3.losses.matryoshka).", "nargs": "+"},
+    )
+    mrl_weights: Optional[List[float]] = field(
+        default=None, metadata={"help": "Weight of each --mrl_dims term (default 1 each).", "nargs": "+"}
+    )
+    sparse_flops_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the FLOPS regulariser on the passages' sparse weights (fewer active tokens "
+                  "per passage; flagm3.losses.flops). Default 0 (off)."},
+    )
+    sparse_flops_target: Optional[float] = field(
+        default=None,
+        metadata={"help": "Apply the FLOPS regulariser only while passages have more active tokens than this "
+                  "on average (default: always)."},
+    )
     max_length_chunks: int = field(
         default=4,
         metadata={
@@ -219,6 +243,11 @@ class M3TrainingArguments(TrainingArguments):
             sparse_stop_gradient=self.sparse_stop_gradient,
             sparse_hard_negatives=self.sparse_hard_negatives,
             sparse_anchor_weight=self.sparse_anchor_weight,
+            mrl_dims=tuple(self.mrl_dims) if self.mrl_dims else (MRL_DEFAULT_DIMS if self.use_mrl else None),
+            mrl_weights=tuple(self.mrl_weights) if self.mrl_weights else None,
+            mrl_normalize=self.normalize_embeddings is not False,
+            sparse_flops_weight=self.sparse_flops_weight,
+            sparse_flops_target=self.sparse_flops_target,
         )
         for attr, text in (
             ("head_weights", self.head_loss_weights),
@@ -261,6 +290,10 @@ class M3TrainingArguments(TrainingArguments):
                 lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
         return lines
 
+
+# --use_mrl without --mrl_dims: FlagEmbedding's embedder default is the full size only; here 1/4 and 1/2 of
+# BGE-M3's 1024 dimensions (each capped at the head's size).
+MRL_DEFAULT_DIMS = (256, 512)
 
 # The attention dropout each recipe (--loss_preset) trains with; None keeps the encoder's own (0.1 for BERT and
 # XLM-RoBERTa). 0 lets PyTorch's fused attention kernels run (docs/performance.md).

@@ -38,6 +38,8 @@ from ..scoring import (
     sparse_scores,
     sparse_scores_paired,
 )
+from .flops import flops_penalty
+from .matryoshka import matryoshka_terms
 
 # Per head: its all-pairs score [Q, P], its paired score [N] (flagm3.scoring), and the score's inputs from one
 # side's outputs and input ids.
@@ -120,6 +122,14 @@ class M3LossConfig:
     sparse_hard_negatives: bool = True
     # weight of ||theta - theta_0||^2 / ||theta_0||^2, the sparse head's distance to its initial (IDF-fitted) fit
     sparse_anchor_weight: float = 0.0
+    # --- smaller vectors (flagm3.losses.matryoshka, flagm3.losses.flops)
+    # Matryoshka: dense/ColBERT InfoNCE also on these leading dimensions (each capped at the head's size)
+    mrl_dims: Sequence[int] = ()
+    mrl_weights: Sequence[float] = ()  # one per mrl_dims entry (empty: all 1)
+    mrl_normalize: bool = True  # renormalise truncated vectors (as the model normalises its full ones)
+    # FLOPS regulariser on the passages' sparse weights, applied while their mean active tokens > target
+    sparse_flops_weight: float = 0.0
+    sparse_flops_target: Optional[float] = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M3LossConfig:
@@ -162,9 +172,23 @@ class M3LossConfig:
             raise ValueError(f"teacher_temperature must be positive, got {self.teacher_temperature}")
         if self.sparse_anchor_weight < 0:
             raise ValueError(f"sparse_anchor_weight must be >= 0, got {self.sparse_anchor_weight}")
+        if any(int(d) < 1 for d in self.mrl_dims):
+            raise ValueError(f"mrl_dims must be positive, got {list(self.mrl_dims)}")
+        if self.mrl_weights and len(self.mrl_weights) != len(self.mrl_dims):
+            raise ValueError(f"mrl_weights needs one weight per mrl_dims entry: {len(self.mrl_weights)} weights for "
+                             f"mrl_dims {list(self.mrl_dims)}")
+        if self.sparse_flops_weight < 0:
+            raise ValueError(f"sparse_flops_weight must be >= 0, got {self.sparse_flops_weight}")
         if not self.contrastive_terms() and not self.distilled_heads():
             raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
                              f"self-distillation {'on' if self.use_self_distill else 'off'}")
+
+    def mrl_weight(self, dim: int) -> float:
+        """Weight of the nested term at ``dim`` dimensions: that of the smallest ``mrl_dims`` entry >= ``dim`` (the
+        entry itself, or one capped to a smaller head); 1 when ``mrl_weights`` is empty."""
+        if not self.mrl_weights:
+            return 1.0
+        return float(min((int(d), w) for d, w in zip(self.mrl_dims, self.mrl_weights) if int(d) >= dim)[1])
 
     def head_temperature(self, head: str) -> float:
         return self.head_temperatures.get(head, self.temperature)
@@ -336,10 +360,20 @@ class M3Loss(nn.Module):
         own = sizes is None and teacher_probs is None  # hard negatives can be left out of plain InfoNCE only
         terms = {t: self.contrastive(self.own_logits(t, logits[t], positive_index, group_size) if own else logits[t],
                                      positive_index, group_size, teacher_probs) for t in terms_on}
+        nested = {}
+        if cfg.mrl_dims:  # Matryoshka: the dense/ColBERT terms again on leading dimensions (.matryoshka)
+            def nested_term(head: str, head_logits: Tensor) -> Tensor:
+                return self.contrastive(self.own_logits(head, head_logits, positive_index, group_size) if own
+                                        else head_logits, positive_index, group_size, teacher_probs)
+
+            nested = matryoshka_terms(self, [t for t in terms_on if t in HEADS], q, q_ids, p, p_ids, sizes,
+                                      nested_term)
         parts = []
         if terms:
-            parts.append(sum(cfg.head_weight(t) * value for t, value in terms.items()) / len(terms))
+            nested_sum = sum(cfg.head_weight(h) * cfg.mrl_weight(d) * v for (h, d), v in nested.items())
+            parts.append((sum(cfg.head_weight(t) * value for t, value in terms.items()) + nested_sum) / len(terms))
         logs = {f"loss_{t}": value.detach() for t, value in terms.items()}
+        logs.update({f"loss_{h}@{d}": v.detach() for (h, d), v in nested.items()})
         if distilled:
             target = torch.softmax(logits["ensemble"].detach(), dim=-1)
             distill = {h: kl_distill(target, logits[h]) for h in distilled}
@@ -351,6 +385,11 @@ class M3Loss(nn.Module):
         if q.sparse is not None and p.sparse is not None:
             for side, out in (("query", q), ("passage", p)):
                 stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
+        if cfg.sparse_flops_weight > 0 and p.sparse is not None:  # .flops: fewer active tokens per passage
+            penalty = flops_penalty(p_ids, p.sparse, cfg.sparse_flops_weight, cfg.sparse_flops_target)
+            loss = loss + penalty
+            logs["loss"] = loss.detach()
+            stats["sparse_flops"] = penalty.detach()
         return M3LossOutput(loss=loss, logs=logs, logits=logits, stats=stats)
 
     def own_logits(self, head: str, logits: Tensor, positive_index: Tensor, group_size: int) -> Tensor:
