@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from . import compression
 from .errors import check_file, check_model, user_errors
 from .mining import DENSE_SPARSE_WEIGHTS
 from .scoring import HEADS
@@ -28,13 +29,15 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from .export import export_onnx
 
-        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source)
+        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source,
+                            compression=compression.from_arguments(args))
         print(f"wrote ONNX graph (dense, sparse, colbert outputs) to {graph}")
         return
     if args.format == "sentence-transformers":
         from .export import export_sentence_transformers
 
-        summary = export_sentence_transformers(model, tokenizer, args.output, source=source)
+        summary = export_sentence_transformers(model, tokenizer, args.output, source=source,
+                                               compression=compression.from_arguments(args))
         for head, directory in summary["written"].items():
             print(f"wrote the {head} head as sentence-transformers model to {directory}")
         for head, reason in summary["left_out"].items():
@@ -65,7 +68,8 @@ def _embedder(args: argparse.Namespace) -> Any:
 
     return M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
                       passage_max_length=args.max_passage_length,
-                      query_instruction_for_retrieval=args.query_instruction_for_retrieval)
+                      query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                      compression=compression.from_arguments(args))
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -76,7 +80,8 @@ def _index(args: argparse.Namespace) -> None:
     total = sum(1 for line in open(args.corpus, encoding="utf-8") if line.strip())
     client = qdrant.connect(args.qdrant)
     summary = qdrant.index_corpus(embedder, client, args.collection, read_corpus(args.corpus),
-                                  chunk_size=args.chunk_size, store_text=not args.no_text, total=total)
+                                  chunk_size=args.chunk_size, store_text=not args.no_text, total=total,
+                                  quantization=args.quantization)
     summary["points"] = client.count(args.collection).count
     print(json.dumps(summary))
 
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
                         "the dense head (and ColBERT in OUTPUT/colbert where supported)")
     p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights")
+    compression.add_arguments(p, passage=False)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="retrieval metrics of every head and hybrid on a BEIR-layout dataset")
@@ -182,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default="flagm3-eval", help="qdrant backend: the collection")
     p.add_argument("--fit-weights", metavar="SPLIT",
                    help="first fit the hybrid weights on this split (e.g. dev) and store them beside the model")
+    compression.add_arguments(p)
     p.set_defaults(func=_eval)
 
     def serving_args(p: argparse.ArgumentParser) -> None:
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text)")
     p.add_argument("--chunk-size", type=int, default=256, help="documents encoded and upserted at a time")
     p.add_argument("--no-text", action="store_true", help="do not store the passage text in the payload")
+    compression.add_arguments(p, quantization=True)
     p.set_defaults(func=_index)
 
     p = sub.add_parser("search", help="search a Qdrant index: one head or the hybrid")
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10, help="hits per query")
     p.add_argument("--prefetch-limit", type=int, default=100, help="hybrid: candidates per head")
     p.add_argument("--exact", action="store_true", help="exact search (no HNSW approximation)")
+    compression.add_arguments(p, passage=False)
     p.set_defaults(func=_search)
 
     p = sub.add_parser("mine", help="mine hard negatives for a training JSONL")

@@ -17,13 +17,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from .compression import Compression, PassageStats, pool_colbert_batch, prune_lexical, truncate
 from .convert_bge_m3 import resolve_checkpoint
-from .export import is_onnx_export, read_hybrid_weights
+from .export import is_onnx_export, read_export_compression, read_hybrid_weights
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
     HEADS,
@@ -143,6 +143,9 @@ class M3Embedder:
         truncate_dim: keep the first ``truncate_dim`` dense/ColBERT dimensions (renormalised).
         tokenizer: the tokenizer (required with a model instance; loaded from the path otherwise).
         passage_instruction_for_retrieval, passage_instruction_format: prefix for ``encode_corpus``.
+        compression: :class:`flagm3.compression.Compression`: dense/ColBERT dimensions (both sides; overrides
+            ``truncate_dim``), ColBERT token pooling and sparse pruning (passages: ``encode_corpus``,
+            ``iter_outputs(passage=True)``). Default: the one an ONNX export was written with, else none.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class M3Embedder:
         passage_instruction_for_retrieval: Optional[str] = None,
         passage_instruction_format: str = "{}{}",
         convert_to_numpy: bool = True,
+        compression: Optional[Compression] = None,
     ) -> None:
         if isinstance(model_name_or_path, M3Model):
             if tokenizer is None:
@@ -217,6 +221,13 @@ class M3Embedder:
         self.return_dense, self.return_sparse = return_dense, return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
+        if compression is None:
+            compression = read_export_compression(self.model_name_or_path) or Compression()
+        if truncate_dim is not None:
+            compression = Compression(dense_dim=truncate_dim, colbert_dim=truncate_dim).replace(
+                **{k: v for k, v in compression.to_dict().items()})
+        self.compression = compression
+        self.passage_stats = PassageStats()  # what the passages encoded so far would store in an index
         self.convert_to_numpy = convert_to_numpy  # accepted for compatibility: outputs are always numpy
         # weights fitted by `flagm3 eval --fit-weights` (hybrid_weights.json beside the model), else None
         self.hybrid_weights = (None if isinstance(model_name_or_path, M3Model)
@@ -254,8 +265,10 @@ class M3Embedder:
         return features
 
     def _forward(self, features: Dict[str, List[List[int]]], indices: Sequence[int],
-                 heads: Sequence[str]) -> Dict[str, Tensor]:
-        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs."""
+                 heads: Sequence[str], compression: Optional[Compression] = None) -> Dict[str, Tensor]:
+        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs
+        (``compression``, default the embedder's dimensions only, applied)."""
+        compression = self.compression.dims_only() if compression is None else compression
         batch = self.tokenizer.pad({k: [v[i] for i in indices] for k, v in features.items()},
                                    padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in batch.items()}
@@ -270,21 +283,18 @@ class M3Embedder:
             self.model.train(was_training)
         # clone outside inference mode: callers get ordinary tensors
         result: Dict[str, Tensor] = {}
+        normalize = self.normalize_embeddings
         if out.dense is not None:
-            result["dense"] = self._truncate(out.dense.float()).cpu().clone()
+            result["dense"] = truncate(out.dense.float(), compression.dense_dim, normalize).cpu().clone()
         if out.sparse is not None:
             result["sparse_ids"] = inputs["input_ids"].cpu().clone()
-            result["sparse_weights"] = out.sparse.float().cpu().clone()
+            result["sparse_weights"] = prune_lexical(result["sparse_ids"], out.sparse.float().cpu(),
+                                                     compression.sparse_top_k, compression.sparse_threshold).clone()
         if out.colbert is not None:
-            result["colbert"] = self._truncate(out.colbert.float()).cpu().clone()
-            result["colbert_mask"] = out.colbert_mask.cpu().clone()
+            vecs = truncate(out.colbert.float(), compression.colbert_dim, normalize).cpu()
+            vecs, mask = pool_colbert_batch(vecs, out.colbert_mask.cpu(), compression.pool_factor, normalize)
+            result["colbert"], result["colbert_mask"] = vecs.clone(), mask.clone()
         return result
-
-    def _truncate(self, vecs: Tensor) -> Tensor:
-        if self.truncate_dim is None:
-            return vecs
-        vecs = vecs[..., : self.truncate_dim]
-        return F.normalize(vecs, dim=-1) if self.normalize_embeddings else vecs
 
     @staticmethod
     def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -302,9 +312,15 @@ class M3Embedder:
         batch_size: Optional[int] = None,
         heads: Sequence[str] = HEADS,
         show_progress: bool = True,
+        passage: bool = False,
+        compression: Optional[Compression] = None,
         **tokenizer_kwargs: Any,
     ) -> Iterator[Tuple[List[int], Dict[str, Tensor]]]:
         """Encode ``texts`` in length-sorted batches (longest first), yielding ``(indices, outputs)``.
+
+        ``compression`` (default: the embedder's, its dimensions only unless ``passage``) is applied: ColBERT
+        vectors pooled (``colbert_mask`` then marks the pooled vectors), lexical weights pruned. Passages are
+        counted in :attr:`passage_stats`.
 
         ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, keys
         of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
@@ -318,8 +334,13 @@ class M3Embedder:
         lengths = [len(ids) for ids in features.get("input_ids", [])]
         batches = self._length_sorted_batches(lengths, batch_size or self.batch_size)
         bar = tqdm(batches, desc="Inference Embeddings", disable=not show_progress or len(batches) <= 1)
+        if compression is None:
+            compression = self.compression if passage else self.compression.dims_only()
         for indices in bar:
-            yield indices, self._forward(features, indices, tuple(heads))
+            out = self._forward(features, indices, tuple(heads), compression)
+            if passage:
+                self.passage_stats.update(out)
+            yield indices, out
 
     # ------------------------------------------------------------------------------------- encoding
     @staticmethod
@@ -341,6 +362,12 @@ class M3Embedder:
         instruction_format: str = "{}{}",
         convert_to_numpy: Optional[bool] = None,
         show_progress: bool = True,
+        dense_dim: Optional[int] = None,
+        colbert_dim: Optional[int] = None,
+        pool_factor: Optional[int] = None,
+        sparse_top_k: Optional[int] = None,
+        sparse_threshold: Optional[float] = None,
+        passage: bool = False,
         **tokenizer_kwargs: Any,
     ) -> Dict[str, Any]:
         """Encode texts (passage length by default) as ``BGEM3FlagModel.encode``.
@@ -348,7 +375,15 @@ class M3Embedder:
         Returns ``{"dense_vecs": [N, H] float32 array, "lexical_weights": [{str(token_id): weight}],
         "colbert_vecs": [[n_tokens - 1, D] arrays]}`` in input order (``None`` for outputs not asked for);
         a single string gives a single vector / dict / array.
+
+        Compression (:mod:`flagm3.compression`): ``dense_dim``/``colbert_dim`` keep the first dimensions
+        (renormalised), ``pool_factor`` pools ColBERT token vectors, ``sparse_top_k``/``sparse_threshold`` prune
+        lexical weights; unset, the embedder's ``compression`` applies (its dimensions only unless ``passage``,
+        which ``encode_corpus`` sets).
         """
+        base = self.compression if passage else self.compression.dims_only()
+        compression = base.replace(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor,
+                                   sparse_top_k=sparse_top_k, sparse_threshold=sparse_threshold)
         batch_size = batch_size or self.batch_size
         max_length = max_length or self.passage_max_length
         want = {
@@ -363,13 +398,14 @@ class M3Embedder:
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         n = len(texts)
-        dim = self.truncate_dim or self.model.config.encoder_hidden_size
+        dim = min(compression.dense_dim or self.model.config.encoder_hidden_size,
+                  self.model.config.encoder_hidden_size)
         dense = np.zeros((n, dim), dtype=np.float32) if want["dense"] else None
         lexical: Optional[List[Any]] = [None] * n if want["sparse"] else None
         colbert: Optional[List[Any]] = [None] * n if want["colbert"] else None
         for indices, out in self.iter_outputs(texts, max_length, batch_size, heads,
                                               show_progress=show_progress and n >= batch_size,
-                                              **tokenizer_kwargs):
+                                              passage=passage, compression=compression, **tokenizer_kwargs):
             if dense is not None:
                 dense[indices] = out["dense"].numpy()
             if lexical is not None:
@@ -394,7 +430,9 @@ class M3Embedder:
         return_colbert_vecs: Optional[bool] = None,
         **kwargs: Any,
     ) -> Dict[str, Any]:
-        """:meth:`encode` at ``query_max_length`` with the query instruction."""
+        """:meth:`encode` at ``query_max_length`` with the query instruction (queries are never pooled)."""
+        if (kwargs.get("pool_factor") or 1) > 1:
+            raise ValueError("encode_queries: queries are never pooled (pool_factor applies to passages)")
         return self.encode(queries, batch_size, max_length or self.query_max_length, return_dense, return_sparse,
                            return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
                            instruction_format=self.query_instruction_format, **kwargs)
@@ -409,10 +447,10 @@ class M3Embedder:
         return_colbert_vecs: Optional[bool] = None,
         **kwargs: Any,
     ) -> Dict[str, Any]:
-        """:meth:`encode` at ``passage_max_length`` with the passage instruction."""
+        """:meth:`encode` at ``passage_max_length`` with the passage instruction and the passage compression."""
         return self.encode(corpus, batch_size, max_length or self.passage_max_length, return_dense, return_sparse,
                            return_colbert_vecs, instruction=self.passage_instruction_for_retrieval,
-                           instruction_format=self.passage_instruction_format, **kwargs)
+                           instruction_format=self.passage_instruction_format, passage=True, **kwargs)
 
     # -------------------------------------------------------------------------------------- scoring
     def convert_id_to_token(self, lexical_weights: Union[LexicalWeights, List[LexicalWeights]]) -> Any:

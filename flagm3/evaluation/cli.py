@@ -39,6 +39,11 @@ def run_eval(
     qdrant: Optional[str] = None,
     collection: str = "flagm3-eval",
     fit_weights: Optional[str] = None,
+    dense_dim: Optional[int] = None,
+    colbert_dim: Optional[int] = None,
+    pool_factor: Optional[int] = None,
+    sparse_top_k: Optional[int] = None,
+    sparse_threshold: Optional[float] = None,
     **embedder_kwargs: Any,
 ) -> dict[str, dict[str, float]]:
     """``flagm3 eval``: load a model directory (flagm3 or BGE-M3 layout, or an ONNX export), evaluate it on a
@@ -51,8 +56,13 @@ def run_eval(
     through a Qdrant collection (:func:`flagm3.qdrant.evaluate_qdrant`; ``qdrant``: a directory, ``:memory:``
     or a server URL, default a temporary embedded index; exact search; the hybrids rank the dense and sparse
     top ``rerank_depth`` candidates). ``devices`` defaults to the first GPU when there is one, else the CPU.
+    ``dense_dim``, ``colbert_dim``, ``pool_factor``, ``sparse_top_k``, ``sparse_threshold``: evaluate the model
+    compressed so (:class:`flagm3.compression.Compression`); the JSON written to ``output`` also holds
+    ``index_bytes_per_passage`` ``{"dense", "sparse", "colbert"}`` (float32 vectors, the corpus's mean sparse
+    entries and ColBERT vectors; :func:`flagm3.compression.index_bytes_per_passage`).
     Other keyword arguments go to ``M3Embedder`` (``use_bf16``, ``truncate_dim``, ...).
     """
+    from ..compression import Compression, index_bytes
     from ..inference import M3Embedder
 
     corpus, queries, qrels = subsample(*load_beir(data_dir, split), max_corpus_size, max_queries, seed)
@@ -61,7 +71,10 @@ def run_eval(
     embedder = M3Embedder(
         str(model_path), use_fp16=use_fp16, batch_size=batch_size, devices=devices,
         query_instruction_for_retrieval=query_instruction_for_retrieval,
-        query_instruction_format=query_instruction_format, **embedder_kwargs,
+        query_instruction_format=query_instruction_format,
+        compression=Compression(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor or 1,
+                                sparse_top_k=sparse_top_k, sparse_threshold=sparse_threshold),
+        **embedder_kwargs,
     )
     if backend not in ("default", "qdrant"):
         raise ValueError(f"backend must be 'default' or 'qdrant', got {backend!r}")
@@ -100,8 +113,11 @@ def run_eval(
         )
     print(f"{model_path} on {data_dir} ({split}: {len(queries)} queries, {len(corpus)} documents)")
     print(format_results_table(results))
+    sizes = index_bytes(embedder)
+    print("index bytes per passage: " + ", ".join(f"{h} {v:.0f}" for h, v in sizes.items()))
     if output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+            json.dump({**results, "index_bytes_per_passage": sizes}, f, indent=2)
     return results
+

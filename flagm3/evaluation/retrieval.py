@@ -220,7 +220,7 @@ def _colbert_on_candidates(
         chunk = union[start : start + chunk_size]
         for local, out in embedder.iter_outputs(
             [texts[i] for i in chunk.tolist()], max_length=max_length, batch_size=batch_size,
-            heads=("colbert",), show_progress=False,
+            heads=("colbert",), show_progress=False, passage=True,
         ):
             docs = chunk[torch.as_tensor(local, dtype=torch.long)]
             position[docs] = torch.arange(docs.numel())
@@ -306,7 +306,7 @@ def retrieve(
         columns = []
         for local, out in embedder.iter_outputs(
             texts[start : start + corpus_chunk_size], max_length=max_passage_length, batch_size=batch_size,
-            heads=first_heads, show_progress=False,
+            heads=first_heads, show_progress=False, passage=True,
         ):
             scores = _with_hybrids(_head_scores(encoded, out, first_heads), hybrids, weights)
             for name, block in scores.items():

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..compression import truncate
 from ..modeling_m3 import M3Output
 
 if TYPE_CHECKING:  # the objective passes itself in
@@ -27,13 +27,6 @@ def nested_dims(dims: Sequence[int], size: int) -> Tuple[int, ...]:
     """The prefixes of a head of ``size`` dimensions to train: each of ``dims`` capped at ``size``, without the
     full size itself (the head's own term) and without repeats, ascending."""
     return tuple(sorted({min(int(d), size) for d in dims} - {size}))
-
-
-def truncate(vecs: Tensor, dim: int, normalize: bool) -> Tensor:
-    """The first ``dim`` dimensions of ``vecs`` [..., D] -> [..., dim], L2-normalised when ``normalize``
-    (zero vectors, ColBERT's padding, stay zero)."""
-    vecs = vecs[..., :dim]
-    return F.normalize(vecs, dim=-1) if normalize else vecs
 
 
 def truncate_output(out: M3Output, head: str, dim: int, normalize: bool) -> M3Output:
