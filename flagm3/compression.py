@@ -205,9 +205,7 @@ class PassageStats:
 def index_bytes(embedder: Any, quantization: Optional[str] = None) -> dict[str, float]:
     """Bytes per passage of each head for the passages ``embedder`` encoded (its ``passage_stats``) at its
     compression's dimensions, float32 or ``quantization`` (``int8``/``binary``) for dense and ColBERT."""
-    config, compression = embedder.model.config, embedder.compression
-    dense_dim = min(compression.dense_dim or config.encoder_hidden_size, config.encoder_hidden_size)
-    colbert_dim = min(compression.colbert_dim or config.colbert_output_dim, config.colbert_output_dim)
+    dense_dim, colbert_dim = embedder.vector_sizes()
     return embedder.passage_stats.bytes_per_passage(dense_dim, colbert_dim, quantization)
 
 

@@ -223,9 +223,6 @@ class M3Embedder:
         self.truncate_dim = truncate_dim
         if compression is None:
             compression = read_export_compression(self.model_name_or_path) or Compression()
-        if truncate_dim is not None:
-            compression = Compression(dense_dim=truncate_dim, colbert_dim=truncate_dim).replace(
-                **{k: v for k, v in compression.to_dict().items()})
         self.compression = compression
         self.passage_stats = PassageStats()  # what the passages encoded so far would store in an index
         self.convert_to_numpy = convert_to_numpy  # accepted for compatibility: outputs are always numpy
@@ -268,7 +265,7 @@ class M3Embedder:
                  heads: Sequence[str], compression: Optional[Compression] = None) -> Dict[str, Tensor]:
         """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs
         (``compression``, default the embedder's dimensions only, applied)."""
-        compression = self.compression.dims_only() if compression is None else compression
+        compression = self.compression_for(passage=False) if compression is None else compression
         batch = self.tokenizer.pad({k: [v[i] for i in indices] for k, v in features.items()},
                                    padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in batch.items()}
@@ -295,6 +292,20 @@ class M3Embedder:
             vecs, mask = pool_colbert_batch(vecs, out.colbert_mask.cpu(), compression.pool_factor, normalize)
             result["colbert"], result["colbert_mask"] = vecs.clone(), mask.clone()
         return result
+
+    def compression_for(self, passage: bool) -> Compression:
+        """The compression applied to passages (``passage``) or queries (its dimensions only); ``truncate_dim``
+        sets the dimensions :attr:`compression` leaves unset."""
+        compression = self.compression if passage else self.compression.dims_only()
+        if self.truncate_dim is None:
+            return compression
+        return Compression(dense_dim=self.truncate_dim, colbert_dim=self.truncate_dim).replace(**compression.to_dict())
+
+    def vector_sizes(self) -> Tuple[int, int]:
+        """The dense and ColBERT sizes this embedder gives (after truncation)."""
+        config, compression = self.model.config, self.compression_for(passage=False)
+        return (min(compression.dense_dim or config.encoder_hidden_size, config.encoder_hidden_size),
+                min(compression.colbert_dim or config.colbert_output_dim, config.colbert_output_dim))
 
     @staticmethod
     def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -335,7 +346,7 @@ class M3Embedder:
         batches = self._length_sorted_batches(lengths, batch_size or self.batch_size)
         bar = tqdm(batches, desc="Inference Embeddings", disable=not show_progress or len(batches) <= 1)
         if compression is None:
-            compression = self.compression if passage else self.compression.dims_only()
+            compression = self.compression_for(passage)
         for indices in bar:
             out = self._forward(features, indices, tuple(heads), compression)
             if passage:
@@ -381,8 +392,7 @@ class M3Embedder:
         lexical weights; unset, the embedder's ``compression`` applies (its dimensions only unless ``passage``,
         which ``encode_corpus`` sets).
         """
-        base = self.compression if passage else self.compression.dims_only()
-        compression = base.replace(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor,
+        compression = self.compression_for(passage).replace(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor,
                                    sparse_top_k=sparse_top_k, sparse_threshold=sparse_threshold)
         batch_size = batch_size or self.batch_size
         max_length = max_length or self.passage_max_length
@@ -398,8 +408,8 @@ class M3Embedder:
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         n = len(texts)
-        dim = min(compression.dense_dim or self.model.config.encoder_hidden_size,
-                  self.model.config.encoder_hidden_size)
+        hidden = self.model.config.encoder_hidden_size
+        dim = min(compression.dense_dim or hidden, hidden)
         dense = np.zeros((n, dim), dtype=np.float32) if want["dense"] else None
         lexical: Optional[List[Any]] = [None] * n if want["sparse"] else None
         colbert: Optional[List[Any]] = [None] * n if want["colbert"] else None

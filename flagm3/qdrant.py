@@ -173,9 +173,7 @@ def index_corpus(
     :func:`flagm3.compression.index_bytes_per_passage`, quantised dense/ColBERT sizes when quantised).
     """
     models = _models()
-    config, compression = embedder.model.config, embedder.compression
-    dense_dim = min(compression.dense_dim or config.encoder_hidden_size, config.encoder_hidden_size)
-    colbert_dim = min(compression.colbert_dim or config.colbert_output_dim, config.colbert_output_dim)
+    dense_dim, colbert_dim = embedder.vector_sizes()
     ensure_collection(client, collection, dense_dim, colbert_dim, quantization)
     pairs = corpus.items() if isinstance(corpus, Mapping) else corpus
     total = len(corpus) if isinstance(corpus, Mapping) else total

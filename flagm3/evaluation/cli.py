@@ -111,10 +111,10 @@ def run_eval(
             max_query_length=max_query_length, max_passage_length=max_passage_length, batch_size=batch_size,
             colbert_mode=colbert_mode, rerank_depth=rerank_depth, show_progress=show_progress,
         )
-    print(f"{model_path} on {data_dir} ({split}: {len(queries)} queries, {len(corpus)} documents)")
-    print(format_results_table(results))
     sizes = index_bytes(embedder)
     print("index bytes per passage: " + ", ".join(f"{h} {v:.0f}" for h, v in sizes.items()))
+    print(f"{model_path} on {data_dir} ({split}: {len(queries)} queries, {len(corpus)} documents)")
+    print(format_results_table(results))
     if output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:

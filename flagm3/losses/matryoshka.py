@@ -10,15 +10,12 @@ terms stay at full size. Scores come from :meth:`M3Loss.head_logits` (:mod:`flag
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 from torch import Tensor
 
 from ..compression import truncate
 from ..modeling_m3 import M3Output
-
-if TYPE_CHECKING:  # the objective passes itself in
-    from .objective import M3Loss
 
 MRL_HEADS = ("dense", "colbert")  # heads with vector dimensions to nest
 
@@ -37,28 +34,21 @@ def truncate_output(out: M3Output, head: str, dim: int, normalize: bool) -> M3Ou
 
 
 def matryoshka_terms(
-    objective: M3Loss,
+    dims: Sequence[int],
+    normalize: bool,
     heads: Sequence[str],
     q: M3Output,
-    q_ids: Tensor,
     p: M3Output,
-    p_ids: Tensor,
-    group_size: Optional[int],
-    contrastive: Callable[[str, Tensor], Tensor],
+    term: Callable[[str, M3Output, M3Output], Tensor],
 ) -> Dict[Tuple[str, int], Tensor]:
-    """``{(head, d): L_head@d}`` for each head of ``heads`` in :data:`MRL_HEADS` and each nested ``d``.
-
-    ``group_size``: as :meth:`M3Loss.head_logits` (``None``: all pairs). ``contrastive(head, logits)`` turns a
-    head's logits into its term exactly as the full-size term is made (InfoNCE, teacher scores, masks).
-    """
-    cfg = objective.config
+    """``{(head, d): L_head@d}`` for each head of ``heads`` in :data:`MRL_HEADS` and each nested ``d`` of ``dims``
+    (:func:`nested_dims`). ``term(head, q_d, p_d)`` makes the head's term from outputs whose ``head`` vectors are
+    cut to ``d`` dimensions (renormalised when ``normalize``), exactly as the full-size term is made."""
     terms: Dict[Tuple[str, int], Tensor] = {}
     for head in heads:
         if head not in MRL_HEADS:
             continue
-        full = getattr(q, head)
-        for dim in nested_dims(cfg.mrl_dims, full.shape[-1]):
-            qd = truncate_output(q, head, dim, cfg.mrl_normalize)
-            pd = truncate_output(p, head, dim, cfg.mrl_normalize)
-            terms[(head, dim)] = contrastive(head, objective.head_logits(head, qd, q_ids, pd, p_ids, group_size))
+        for dim in nested_dims(dims, getattr(q, head).shape[-1]):
+            terms[(head, dim)] = term(head, truncate_output(q, head, dim, normalize),
+                                      truncate_output(p, head, dim, normalize))
     return terms

@@ -362,11 +362,12 @@ class M3Loss(nn.Module):
                                      positive_index, group_size, teacher_probs) for t in terms_on}
         nested = {}
         if cfg.mrl_dims:  # Matryoshka: the dense/ColBERT terms again on leading dimensions (.matryoshka)
-            def nested_term(head: str, head_logits: Tensor) -> Tensor:
+            def nested_term(head: str, q_d: M3Output, p_d: M3Output) -> Tensor:
+                head_logits = self.head_logits(head, q_d, q_ids, p_d, p_ids, sizes)
                 return self.contrastive(self.own_logits(head, head_logits, positive_index, group_size) if own
                                         else head_logits, positive_index, group_size, teacher_probs)
 
-            nested = matryoshka_terms(self, [t for t in terms_on if t in HEADS], q, q_ids, p, p_ids, sizes,
+            nested = matryoshka_terms(cfg.mrl_dims, cfg.mrl_normalize, [t for t in terms_on if t in HEADS], q, p,
                                       nested_term)
         parts = []
         if terms:
