@@ -180,6 +180,11 @@ class M3TrainingArguments(TrainingArguments):
     mrl_weights: Optional[List[float]] = field(
         default=None, metadata={"help": "Weight of each --mrl_dims term (default 1 each).", "nargs": "+"}
     )
+    colbert_pool_factor: Optional[int] = field(
+        default=None,
+        metadata={"help": "Pooling-aware ColBERT training: passages' token vectors pooled by this factor "
+                  "(hierarchical clustering, as `--pool-factor` at encode time) in every ColBERT score. Default 1."},
+    )
     sparse_flops_weight: Optional[float] = field(
         default=None,
         metadata={"help": "Weight of the FLOPS regulariser on the passages' sparse weights (fewer active tokens "
@@ -245,7 +250,8 @@ class M3TrainingArguments(TrainingArguments):
             sparse_anchor_weight=self.sparse_anchor_weight,
             mrl_dims=tuple(self.mrl_dims) if self.mrl_dims else (MRL_DEFAULT_DIMS if self.use_mrl else None),
             mrl_weights=tuple(self.mrl_weights) if self.mrl_weights else None,
-            mrl_normalize=self.normalize_embeddings is not False,
+            normalize_compressed=self.normalize_embeddings is not False,
+            colbert_pool_factor=self.colbert_pool_factor,
             sparse_flops_weight=self.sparse_flops_weight,
             sparse_flops_target=self.sparse_flops_target,
         )

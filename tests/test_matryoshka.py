@@ -157,3 +157,24 @@ def test_mrl_dims_flag_trains_and_logs_no_not_implemented(caplog):
     assert tuple(args.loss_config().mrl_dims) == (256, 512)
     with pytest.raises(ValueError, match="one weight per mrl_dims"):
         M3LossConfig(mrl_dims=(2, 4), mrl_weights=(1.0,)).validate()
+
+
+def test_pooling_aware_training_scores_the_pooled_passages():
+    """colbert_pool_factor 2: the ColBERT term equals the one on passages pooled by flagm3.compression, and the
+    gradient reaches the (unpooled) passage vectors through the cluster means."""
+    from flagm3.compression import pool_colbert_batch
+
+    q, q_ids = random_outputs(2, 5, 0)
+    p, p_ids = random_outputs(6, 7, 1)
+    p.colbert.requires_grad_(True)
+    config = dict(heads=("colbert",), use_self_distill=False)
+    out = M3Loss(M3LossConfig(colbert_pool_factor=2, **config))(q, q_ids, p, p_ids, group_size=3)
+    vecs, mask = pool_colbert_batch(p.colbert.detach(), p.colbert_mask, 2)
+    assert mask.sum(1).tolist() == [1, 3, 3, 3, 3, 3]  # 3 real tokens (row 0) -> 1, 7 -> 3
+    pooled = M3Output(dense=p.dense, sparse=p.sparse, colbert=vecs, colbert_mask=mask)
+    want = M3Loss(M3LossConfig(**config))(q, q_ids, pooled, p_ids, group_size=3)
+    assert float(out.loss) == pytest.approx(float(want.loss), abs=1e-12)
+    plain = M3Loss(M3LossConfig(**config))(q, q_ids, p, p_ids, group_size=3)
+    assert float(out.loss) != pytest.approx(float(plain.loss))
+    out.loss.backward()
+    assert p.colbert.grad.abs().sum() > 0

@@ -3,7 +3,7 @@
 With ``mrl_dims`` (``--mrl_dims 96 192 384``) each of these heads' InfoNCE term is also computed on the first ``d``
 dimensions of its vectors, for every ``d`` of ``mrl_dims`` below the head's size, and added to the head's own
 term with the dimension's weight (``mrl_weights``, default 1): head ``h``'s term becomes
-``L_h + sum_d m_d * L_h@d``. Truncated vectors are renormalised when the model normalises (``mrl_normalize``),
+``L_h + sum_d m_d * L_h@d``. Truncated vectors are renormalised when the model normalises (``normalize_compressed``),
 as :meth:`flagm3.inference.M3Embedder.encode` truncates them at inference. The ensemble and self-distillation
 terms stay at full size. Scores come from :meth:`M3Loss.head_logits` (:mod:`flagm3.scoring`).
 """

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compression import pool_colbert_batch
 from ..modeling_m3 import M3Output
 from ..scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
@@ -126,7 +127,9 @@ class M3LossConfig:
     # Matryoshka: dense/ColBERT InfoNCE also on these leading dimensions (each capped at the head's size)
     mrl_dims: Sequence[int] = ()
     mrl_weights: Sequence[float] = ()  # one per mrl_dims entry (empty: all 1)
-    mrl_normalize: bool = True  # renormalise truncated vectors (as the model normalises its full ones)
+    normalize_compressed: bool = True  # renormalise truncated/pooled vectors (as the model normalises its own)
+    # pooling-aware training: every ColBERT score of passages on their token vectors pooled by this factor
+    colbert_pool_factor: int = 1
     # FLOPS regulariser on the passages' sparse weights, applied while their mean active tokens > target
     sparse_flops_weight: float = 0.0
     sparse_flops_target: Optional[float] = None
@@ -177,6 +180,8 @@ class M3LossConfig:
         if self.mrl_weights and len(self.mrl_weights) != len(self.mrl_dims):
             raise ValueError(f"mrl_weights needs one weight per mrl_dims entry: {len(self.mrl_weights)} weights for "
                              f"mrl_dims {list(self.mrl_dims)}")
+        if int(self.colbert_pool_factor) < 1:
+            raise ValueError(f"colbert_pool_factor must be >= 1, got {self.colbert_pool_factor}")
         if self.sparse_flops_weight < 0:
             raise ValueError(f"sparse_flops_weight must be >= 0, got {self.sparse_flops_weight}")
         if not self.contrastive_terms() and not self.distilled_heads():
@@ -350,6 +355,10 @@ class M3Loss(nn.Module):
             positive_index = (torch.arange(batch, device=q_ids.device) + query_offset) * group_size
             sizes = None
 
+        if cfg.colbert_pool_factor > 1 and p.colbert is not None:  # as flagm3.compression pools at encode time
+            vecs, mask = pool_colbert_batch(p.colbert, p.colbert_mask, cfg.colbert_pool_factor,
+                                            cfg.normalize_compressed)
+            p = M3Output(dense=p.dense, sparse=p.sparse, colbert=vecs, colbert_mask=mask)
         terms_on = cfg.contrastive_terms()
         distilled = cfg.distilled_heads() if cfg.distills(step) else ()
         members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
@@ -367,7 +376,7 @@ class M3Loss(nn.Module):
                 return self.contrastive(self.own_logits(head, head_logits, positive_index, group_size) if own
                                         else head_logits, positive_index, group_size, teacher_probs)
 
-            nested = matryoshka_terms(cfg.mrl_dims, cfg.mrl_normalize, [t for t in terms_on if t in HEADS], q, p,
+            nested = matryoshka_terms(cfg.mrl_dims, cfg.normalize_compressed, [t for t in terms_on if t in HEADS], q, p,
                                       nested_term)
         parts = []
         if terms:
