@@ -3,6 +3,7 @@
 from importlib import import_module
 from typing import Any
 
+from .compression import Compression
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
 from .inference import BGEM3FlagModel, M3Embedder
 from .losses import M3Loss, M3LossConfig
@@ -15,6 +16,7 @@ _LAZY = {
     "M3TrainingArguments": "training_args",
     "M3ModelArguments": "training_args",
     "M3DataArguments": "training_args",
+    "M3SparsePooling": "st_modules",  # needs sentence-transformers
 }
 
 
@@ -27,6 +29,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BGEM3FlagModel",
     "CheckpointError",
+    "Compression",
     "M3Config",
     "M3DataArguments",
     "M3Embedder",
@@ -35,6 +38,7 @@ __all__ = [
     "M3Model",
     "M3ModelArguments",
     "M3Output",
+    "M3SparsePooling",
     "M3Trainer",
     "M3TrainingArguments",
     "__version__",
