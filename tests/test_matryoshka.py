@@ -178,3 +178,25 @@ def test_pooling_aware_training_scores_the_pooled_passages():
     assert float(out.loss) != pytest.approx(float(plain.loss))
     out.loss.backward()
     assert p.colbert.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_two_ranks_with_cross_device_negatives_give_the_single_process_step(tmp_path, tiny_encoder_dir):
+    """--mrl_dims with negatives gathered from 2 gloo ranks: the nested terms score the gathered passages, so the
+    loss and the gradients after DDP are those of one process holding the global batch."""
+    from dist_scripts.common import assert_close, launch, losses, ranks, run_in_process, tensors, train_args, \
+        write_train_data
+
+    data = write_train_data(tmp_path / "four.jsonl", 4)
+    args = train_args(tiny_encoder_dir, data, tmp_path / "out", optim="sgd", learning_rate=0.5, max_grad_norm=0,
+                      negatives_cross_device=True) + ["--mrl_dims", "4", "8", "--mrl_weights", "0.5", "1"]
+    launch([[tmp_path / "two", *args]], timeout=240)
+    run_in_process(tmp_path / "one", args + ["--per_device_train_batch_size", "4",
+                                             "--output_dir", str(tmp_path / "out1")])
+    (single,) = ranks(tmp_path / "one")
+    rank0, _ = ranks(tmp_path / "two")
+    assert losses(rank0) == pytest.approx(losses(single), rel=1e-5)
+    grads_2, grads_1 = tensors(tmp_path / "two", "grads"), tensors(tmp_path / "one", "grads")
+    scale = max(g.abs().max() for g in grads_1.values())
+    for name in grads_1:
+        assert_close(grads_2[name], grads_1[name], name, rtol=1e-4, atol=5e-5 * scale)
