@@ -173,9 +173,12 @@ SPARSE_HEALTH = (("sparse_active", "active tokens per text"), ("sparse_zero", "s
 
 
 def sparse_health_table(trainer: Any) -> list[str]:
-    """Markdown rows of the sparse head's health (queries and passages) at the first and last logged step."""
-    history = getattr(getattr(trainer, "state", None), "log_history", None) or []
-    logged = [e for e in history if _is_number(e.get("sparse_active_passage"))]
+    """Markdown rows of the sparse head's health (queries and passages) at the first and last logged step (from
+    the trainer's model-card data, :class:`flagm3.callbacks.ModelCardCallback`, else its log history)."""
+    logged = list(getattr(getattr(trainer, "model_card_data", None), "sparse_health", None) or [])
+    if not logged:
+        history = getattr(getattr(trainer, "state", None), "log_history", None) or []
+        logged = [e for e in history if _is_number(e.get("sparse_active_passage"))]
     if not logged:
         return []
     first, last = logged[0], logged[-1]
@@ -266,6 +269,9 @@ def render_model_card(
     config = getattr(model, "config", None)
     pooling = getattr(config, "pooling", None) or getattr(getattr(trainer, "args", None),
                                                          "sentence_pooling_method", None) or "cls"
+    card_data = getattr(trainer, "model_card_data", None)
+    if metrics is None and getattr(card_data, "eval_metrics", None):
+        metrics = card_data.eval_metrics
     if metrics is None and trainer is not None:
         history = getattr(getattr(trainer, "state", None), "log_history", None) or []
         evals = [e for e in history if any(k.startswith("eval_") for k in e)]
@@ -309,10 +315,15 @@ def render_model_card(
         parts.append("")
 
     arguments = training_arguments(trainer, data_args)
-    loss = trainer.m3_loss.get_config_dict() if hasattr(getattr(trainer, "m3_loss", None), "get_config_dict") else None
+    loss = getattr(card_data, "loss", None) or (trainer.m3_loss.get_config_dict()
+                                                 if hasattr(getattr(trainer, "m3_loss", None), "get_config_dict") else None)
+    recipe = getattr(card_data, "recipe", None) or (trainer.recipe.card() if hasattr(trainer, "recipe") else None)
     if arguments or loss:
         parts += ["## Training", ""]
         parts += [f"- `{k}`: {v}" for k, v in arguments.items()]
+        if recipe:
+            parts += ["", "Recipe (`flagm3.recipe.Recipe`: learning rates per parameter group, attention, sparse "
+                      "head):", "", *[f"- `{k}`: {v}" for k, v in recipe.items()]]
         if loss is not None:
             parts += ["", "Loss configuration (`M3Loss.get_config_dict()`):", "", "```json",
                       json.dumps(loss, indent=2, default=str), "```"]

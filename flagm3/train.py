@@ -25,7 +25,6 @@ from .distributed import (
 )
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
-from .recipe import prepare_for_training
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
 from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
@@ -63,7 +62,7 @@ def load_model(
     keep_used_weight_conversions(model)
     check_tokenizer_fits(model, tokenizer, path)  # before training, not when a high id first appears
     _check_colbert_dim(model, model_args, layout, path)
-    if corpus and _wants_idf_init(model_args, training_args, layout):
+    if corpus and training_args.recipe(model_args.sparse_init).fits_sparse_idf(layout):
         init_sparse_head_from_idf(model, tokenizer, corpus, max_length=corpus_max_length)
     # the checkpoint's own pooling and normalisation, unless given explicitly
     if training_args.sentence_pooling_method is not None:
@@ -73,14 +72,6 @@ def load_model(
     if model_args.use_lora:
         model = add_lora(model, model_args)
     return model
-
-
-def _wants_idf_init(model_args: M3ModelArguments, training_args: M3TrainingArguments, layout: str) -> bool:
-    """``idf``: always; ``auto``: for a fresh sparse head (a plain encoder) that the loss uses; ``none``: never."""
-    if model_args.sparse_init == "idf":
-        return True
-    heads = training_args.loss_config().heads
-    return model_args.sparse_init == "auto" and layout == "encoder" and "sparse" in heads
 
 
 def _check_colbert_dim(model: M3Model, model_args: M3ModelArguments, layout: str, path: str) -> None:
@@ -180,17 +171,16 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     model = load_model(
         model_args, training_args, tokenizer, corpus=dataset.passage_texts(), corpus_max_length=data_args.passage_max_len
     )
-    prepare_for_training(model, training_args)
-    evaluator = build_evaluator(data_args, training_args, training_args.loss_config().heads)
-    extra = {"eval_dataset": [0]} if evaluator is not None else {}  # the Trainer insists on one to evaluate
-    return M3Trainer(
+    recipe = training_args.recipe(model_args.sparse_init)
+    evaluator = build_evaluator(data_args, training_args, recipe.loss.heads)
+    return M3Trainer(  # prepares the model with the recipe
         model=model,
         args=training_args,
         data_args=data_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         evaluator=evaluator,
-        **extra,
+        recipe=recipe,
     )
 
 

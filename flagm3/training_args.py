@@ -10,6 +10,8 @@ from transformers import TrainingArguments
 
 from .compat import TRANSFORMERS_5, after_training_arguments, before_training_arguments
 from .losses import M3LossConfig
+from .recipe import RECIPE_ATTENTION_DROPOUT as RECIPE_ATTENTION_DROPOUT  # re-exported: the recipe's table
+from .recipe import Recipe
 from .scoring import HEADS
 
 
@@ -267,11 +269,13 @@ class M3TrainingArguments(TrainingArguments):
         config.validate()
         return config
 
+    def recipe(self, sparse_init: str = "auto") -> Recipe:
+        """The :class:`~flagm3.recipe.Recipe` these arguments train with (``sparse_init``: the model argument)."""
+        return Recipe.from_args(self, sparse_init=sparse_init)
+
     def training_attention_dropout(self) -> Optional[float]:
         """``attention_dropout`` when given, else the recipe's (``None``: keep the encoder's own)."""
-        if self.attention_dropout is not None:
-            return self.attention_dropout
-        return RECIPE_ATTENTION_DROPOUT.get(self.loss_preset)
+        return self.recipe().attention_dropout
 
     def differences_from_flagembedding(self) -> list[str]:
         """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
@@ -300,10 +304,6 @@ class M3TrainingArguments(TrainingArguments):
 # --use_mrl without --mrl_dims: FlagEmbedding's embedder default is the full size only; here 1/4 and 1/2 of
 # BGE-M3's 1024 dimensions (each capped at the head's size).
 MRL_DEFAULT_DIMS = (256, 512)
-
-# The attention dropout each recipe (--loss_preset) trains with; None keeps the encoder's own (0.1 for BERT and
-# XLM-RoBERTa). 0 lets PyTorch's fused attention kernels run (docs/performance.md).
-RECIPE_ATTENTION_DROPOUT: Dict[str, Optional[float]] = {"flagm3": 0.0, "bge-m3": None}
 
 # M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
 _LOSS_FLAGS = {"head_weights": "head_loss_weights"}

@@ -227,18 +227,21 @@ def write_train_file(path: Path, records: int) -> Path:
     return path
 
 
-def build_cli_trainer(model: Path, data: Path, out: Path, *extra: str):
-    """The trainer ``flagm3 train`` builds: batch 2 x group 2, 16-token texts, one step on the CPU, no saving;
-    ``extra`` flags come last and win."""
-    from flagm3.train import build_trainer, parse_args
-
-    argv = [
+def one_step_trainer_args(model: Path, data: Path, out: Path) -> list[str]:
+    """``flagm3 train`` arguments: batch 2 x group 2, 16-token texts, one step on the CPU, no saving."""
+    return [
         "--model_name_or_path", str(model), "--train_data", str(data), "--output_dir", str(out),
         "--per_device_train_batch_size", "2", "--train_group_size", "2", "--query_max_len", "16",
         "--passage_max_len", "16", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "True",
-        "--report_to", "none", "--disable_tqdm", "True", *extra,
+        "--report_to", "none", "--disable_tqdm", "True",
     ]  # fmt: skip
-    return build_trainer(*parse_args(argv))
+
+
+def build_cli_trainer(model: Path, data: Path, out: Path, *extra: str):
+    """The trainer ``flagm3 train`` builds from :func:`one_step_trainer_args`; ``extra`` flags come last and win."""
+    from flagm3.train import build_trainer, parse_args
+
+    return build_trainer(*parse_args(one_step_trainer_args(model, data, out) + list(extra)))
 
 
 def spread_embedder(encoder_dir: Path, tokenizer, seed: int, **embedder_kwargs):

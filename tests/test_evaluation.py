@@ -346,6 +346,82 @@ def test_evaluator_accepts_a_peft_wrapped_model(embedder, collection, tiny_token
     assert flat == pytest.approx(evaluator(embedder.model, tiny_tokenizer), abs=1e-6)
 
 
+def test_evaluator_follows_the_sentence_evaluator_contract(embedder, collection, tiny_tokenizer):
+    """primary_metric and greater_is_better, and every metric named after the evaluator when it has a name."""
+    corpus, queries, qrels = collection
+    args = dict(corpus=corpus, queries=queries, qrels=qrels, k_values=(10,), max_query_length=64,
+                max_passage_length=64)
+    plain, named = M3RetrievalEvaluator(**args), M3RetrievalEvaluator(name="toy", **args)
+    assert plain.primary_metric == "all_ndcg@10" and named.primary_metric == "toy_all_ndcg@10"
+    assert plain.greater_is_better is True and named.greater_is_better is True
+    flat, prefixed = plain(embedder.model, tiny_tokenizer), named(embedder.model, tiny_tokenizer)
+    assert prefixed == {f"toy_{k}": v for k, v in flat.items()} and named.primary_metric in prefixed
+
+
+class ScriptedEvaluator:
+    """An evaluator with the SentenceEvaluator contract whose primary metric follows a script, one value per
+    call; it keeps a copy of the parameters it was called with."""
+
+    primary_metric = "score"
+
+    def __init__(self, scores, greater_is_better=True):
+        self.scores, self.greater_is_better, self.seen = list(scores), greater_is_better, []
+
+    def __call__(self, model, tokenizer):
+        self.seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return {"score": self.scores[len(self.seen) - 1]}
+
+
+@pytest.mark.parametrize("greater, best", [(True, 2), (False, 1)])
+def test_load_best_model_at_end_loads_the_best_checkpoint_by_the_primary_metric(
+        tiny_encoder_dir, tmp_path, monkeypatch, greater, best):
+    """Scores 0.2, 0.9, 0.5 at steps 1-3: the model at the end is the one of step 2 (higher is better) or of
+    step 1 (lower is better), as the evaluator's greater_is_better says."""
+    from conftest import one_step_trainer_args, write_train_file
+
+    from flagm3 import train
+
+    data = write_train_file(tmp_path / "train.jsonl", 6)
+    argv = one_step_trainer_args(tiny_encoder_dir, data, tmp_path / "out") + [
+        "--max_steps", "3", "--learning_rate", "1e-2", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end", "True"]
+    evaluator = ScriptedEvaluator([0.2, 0.9, 0.5], greater_is_better=greater)
+    monkeypatch.setattr(train, "build_evaluator", lambda *args: evaluator)
+    trainer = train.build_trainer(*train.parse_args(argv))
+    assert trainer.eval_dataset is None
+    assert trainer.args.metric_for_best_model == "eval_score" and trainer.args.greater_is_better is greater
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "out" / f"checkpoint-{best}")
+    loaded = dict(trainer.model.named_parameters())
+    at_best = evaluator.seen[best - 1]
+    assert max((loaded[n].detach() - at_best[n]).abs().max().item() for n in at_best) == 0
+    last = evaluator.seen[-1]
+    assert any(not torch.equal(loaded[n].detach(), last[n]) for n in last)  # not simply the last model
+
+
+def test_training_with_eval_data_selects_by_the_evaluator_without_an_eval_dataset(tiny_encoder_dir, collection,
+                                                                                  tmp_path):
+    from conftest import build_cli_trainer, write_train_file
+
+    corpus, queries, qrels = collection
+    root = write_beir(tmp_path / "beir", [{"_id": d, "text": t} for d, t in corpus.items()],
+                      [{"_id": q, "text": t} for q, t in queries.items()],
+                      [(q, d, g) for q, j in qrels.items() for d, g in j.items()], split="dev")
+    data = write_train_file(tmp_path / "train.jsonl", 4)
+    trainer = build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--eval_data", str(root),
+                                "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "2",
+                                "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end", "True")
+    assert trainer.eval_dataset is None
+    assert trainer.args.metric_for_best_model == "eval_all_ndcg@10" and trainer.args.greater_is_better
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_all_ndcg@10" in e]
+    assert [e["step"] for e in evals] == [1, 2]
+    best = max(evals, key=lambda e: (e["eval_all_ndcg@10"], -e["step"]))
+    assert trainer.state.best_metric == best["eval_all_ndcg@10"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert trainer.model_card_data.eval_metrics["eval_all_ndcg@10"] == evals[-1]["eval_all_ndcg@10"]
+
+
 def test_subsample_keeps_judged_documents(collection):
     corpus, queries, qrels = collection
     small = subsample(corpus, queries, qrels, max_corpus_size=12, max_queries=3)

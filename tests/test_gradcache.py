@@ -109,9 +109,9 @@ def test_cached_step_equals_uncached_step(tiny_encoder_dir, tiny_tokenizer, tmp_
     loss_cached, grads_cached = step(cached, inputs)
     assert loss_cached == pytest.approx(loss_plain, rel=1e-5)
     assert_same_grads(grads_cached, grads_plain)
-    assert cached._last_logs.keys() == plain._last_logs.keys()
-    for key, value in plain._last_logs.items():
-        assert float(cached._last_logs[key]) == pytest.approx(float(value), rel=1e-5), key
+    assert cached.term_logs.last.keys() == plain.term_logs.last.keys()
+    for key, value in plain.term_logs.last.items():
+        assert float(cached.term_logs.last[key]) == pytest.approx(float(value), rel=1e-5), key
 
 
 def test_cached_step_in_float32(tiny_encoder_dir, tiny_tokenizer, tmp_path):

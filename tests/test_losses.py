@@ -400,8 +400,7 @@ def test_flagm3_preset_trains_the_sparse_head_on_its_own_in_batch_term(batch):
 
 
 def test_recipe_freezes_a_head_no_term_trains(tiny_model, tiny_tokenizer, tmp_path):
-    from flagm3.losses.objective import RECIPE_SPARSE_LEARNING_RATE
-    from flagm3.recipe import prepare_for_training
+    from flagm3.recipe import RECIPE_SPARSE_LEARNING_RATE, prepare_for_training
     from flagm3.trainer import M3Trainer
 
     def trainer_for(**overrides):
@@ -615,7 +614,7 @@ def test_sparse_health_is_logged_and_warns_once(tiny_model, tiny_tokenizer, tmp_
                  "sparse_active_passage": active_passage, "sparse_zero_passage": zero_passage,
                  "sparse_weight_passage": 0.1}
         for value in (0.5, 1.5):  # two micro-batches: the log shows their mean
-            trainer._record({"loss": torch.tensor(1.0)}, {k: torch.tensor(v * value) for k, v in stats.items()})
+            trainer.term_logs.add({"loss": torch.tensor(1.0)}, {k: torch.tensor(v * value) for k, v in stats.items()})
         logs = {"loss": 1.0}
         trainer.log(logs)
         return logs

@@ -1,9 +1,10 @@
-"""Atomic checkpoints and exact resumption.
+"""Complete checkpoints and exact resumption.
 
 A tiny BERT with dropout on trains for two epochs of 4 steps (7 records, batch 2, groups of 3 with sampled
 negatives; some records draw theirs from the corpus), saving every 2 steps. The uninterrupted run's per-step
 losses are the reference: a run killed (SIGKILL) in the middle of writing checkpoint-6 must leave
-checkpoint-4 intact, and resuming from the last checkpoint must reproduce steps 5-8 exactly.
+checkpoint-4 intact and the only complete one, and resuming from the last checkpoint must reproduce steps 5-8
+exactly.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import torch
 from conftest import REPO, SENTENCES, tiny_bert_config, train_tokenizer
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from flagm3.checkpointing import (
+    MANIFEST_NAME,
     IncompleteCheckpointError,
-    clean_staging,
+    is_complete_checkpoint,
     last_checkpoint,
-    publish_checkpoint,
-    staging_path,
+    remove_incomplete_checkpoints,
+    write_manifest,
 )
 
 STEPS = 8  # 2 epochs x 4 steps
@@ -170,22 +171,23 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_finishes_exactly(
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     assert_same_losses(read_losses(root / "crashed.jsonl"), want, range(1, 7))  # same numbers in any process
 
-    # The interrupted save is only a staging directory: no checkpoint-6, checkpoint-4 complete and loadable.
+    # The interrupted save left checkpoint-6 without its manifest: checkpoint-4 is the last complete one, loadable.
     names = sorted(os.listdir(out))
-    assert names == ["checkpoint-2", "checkpoint-4", "tmp-checkpoint-6"]
-    assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(out / "tmp-checkpoint-6"))
-    assert "trainer_state.json" not in os.listdir(out / "tmp-checkpoint-6")
-    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")  # transformers' own lookup
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(out / "checkpoint-6"))
+    assert MANIFEST_NAME not in os.listdir(out / "checkpoint-6")
+    assert all(is_complete_checkpoint(str(out / f"checkpoint-{s}")) for s in (2, 4))
     assert last_checkpoint(str(out)) == str(out / "checkpoint-4")
     from flagm3 import M3Model
 
     M3Model.from_pretrained(str(out / "checkpoint-4"))
 
     # This (another) process resumes from the last complete checkpoint, at the epoch boundary, and reproduces
-    # steps 5-8; the staging directory is gone.
+    # steps 5-8; the incomplete checkpoint-6 was removed and written again, completely.
     trainer, got = run_training(train_argv(encoder, data, out, "--resume_from_checkpoint", "last"))
     assert_same_losses(got, want, range(5, STEPS + 1))
     assert sorted(os.listdir(out)) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    assert all(is_complete_checkpoint(str(out / f"checkpoint-{s}"), require_manifest=True) for s in (2, 4, 6, 8))
     ref = load_file(str(root / "reference" / f"checkpoint-{STEPS}" / "model.safetensors"))
     got_params = load_file(str(out / f"checkpoint-{STEPS}" / "model.safetensors"))
     assert max((ref[k] - got_params[k]).abs().max().item() for k in ref) < 1e-6
@@ -217,50 +219,60 @@ def test_resume_with_the_sparse_anchor_keeps_its_reference(setup, tmp_path):
     assert_same_losses(got, want, range(7, STEPS + 1))
 
 
-def test_staged_checkpoint_has_exactly_the_files_of_transformers_save(setup, reference, tmp_path):
-    """The staged save writes what ``Trainer._save_checkpoint`` writes (a guard against transformers drift)."""
-    trainer, _, _ = reference
-    output_dir = trainer.args.output_dir
-    try:
-        trainer.args.output_dir = str(tmp_path / "ours")
-        trainer._save_checkpoint(trainer.model, None)
-        trainer.args.output_dir = str(tmp_path / "theirs")
-        Trainer._save_checkpoint(trainer, trainer.model, None)
-    finally:
-        trainer.args.output_dir = output_dir
-    ours, theirs = (tmp_path / d / f"checkpoint-{trainer.state.global_step}" for d in ("ours", "theirs"))
-    assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
-    assert os.listdir(tmp_path / "ours") == [ours.name]
-    for name in ("trainer_state.json", "config.json"):
-        assert (ours / name).read_text() == (theirs / name).read_text()
+def test_checkpoints_are_the_trainers_own_with_a_manifest(reference):
+    """A checkpoint is what ``Trainer._save_checkpoint`` writes plus the manifest, which lists every file with its
+    size; M3Trainer overrides no private Trainer member that saves or iterates (at most 3 private ones in all)."""
+    from flagm3.trainer import M3Trainer
+
+    _, _, out = reference
+    checkpoint = out / f"checkpoint-{STEPS}"
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    files = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    assert manifest["global_step"] == STEPS and set(manifest["files"]) == files
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files
+    assert all(manifest["files"][f] == (checkpoint / f).stat().st_size for f in files)
+    private = [name for cls in M3Trainer.__mro__ if cls is not Trainer and issubclass(cls, Trainer)
+               for name in vars(cls) if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)]
+    assert private == ["_save"], private
 
 
 def test_resume_resolution_and_cleanup(tmp_path):
-    """'last' skips incomplete directories; staging directories are removed; a replaced checkpoint comes back."""
+    """'last' skips incomplete directories (a manifest that does not match its files, or no manifest where the
+    run writes them); starting to train removes them and older flagm3 versions' staging directories."""
     run = tmp_path / "run"
-    for step, complete in ((2, True), (4, True), (6, False)):
+    for step in (2, 4, 6, 8):
         (run / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    (run / "tmp-checkpoint-8").mkdir()
-    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-6")  # transformers would pick the broken one
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (run / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * 100)
+    assert last_checkpoint(str(run)) == str(run / "checkpoint-8")  # no manifests: trainer_state.json decides
+    for step in (2, 4, 6):
+        write_manifest(str(run / f"checkpoint-{step}"), step)
+    assert last_checkpoint(str(run)) == str(run / "checkpoint-6")  # checkpoint-8: interrupted before its manifest
+    (run / "checkpoint-6" / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the manifest vouched
+    assert not is_complete_checkpoint(str(run / "checkpoint-6"))
     assert last_checkpoint(str(run)) == str(run / "checkpoint-4")
+    (run / "tmp-checkpoint-10").mkdir()  # a staging directory of flagm3 before manifests
+    removed = remove_incomplete_checkpoints(str(run))
+    assert sorted(Path(p).name for p in removed) == ["checkpoint-6", "checkpoint-8", "tmp-checkpoint-10"]
+    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4"]
 
-    # interrupted while replacing checkpoint-4 by a new checkpoint-4: the old one is put back
-    os.rename(run / "checkpoint-4", run / "tmp-checkpoint-4-replaced")
-    (run / "tmp-checkpoint-4").mkdir()
-    removed = clean_staging(str(run))
-    assert sorted(Path(p).name for p in removed) == ["tmp-checkpoint-4", "tmp-checkpoint-8"]
-    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    assert last_checkpoint(str(run)) == str(run / "checkpoint-4")
 
-    # publishing over an existing checkpoint of the same step replaces it whole
-    staging = Path(staging_path(str(run / "checkpoint-4")))
-    staging.mkdir()
-    (staging / "trainer_state.json").write_text(json.dumps({"global_step": 4, "new": True}))
-    publish_checkpoint(str(staging), str(run / "checkpoint-4"))
-    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["new"] is True
-    assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+def test_a_checkpoint_saved_again_is_incomplete_until_its_new_manifest(setup, reference, tmp_path):
+    """Resuming from checkpoint-4 of a directory that still holds a complete checkpoint-6: when step 6 is saved
+    again its old manifest goes first, so a kill during that save leaves checkpoint-4 as the last complete one."""
+    import shutil
+
+    encoder, data, root = setup
+    _, _, ref_out = reference
+    out = tmp_path / "again"
+    out.mkdir()
+    for step in (4, 6):
+        shutil.copytree(ref_out / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    crashed = run_process(tmp_path / "losses.jsonl", 6, train_argv(encoder, data, out, "--resume_from_checkpoint",
+                                                                     str(out / "checkpoint-4")))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    assert MANIFEST_NAME not in os.listdir(out / "checkpoint-6")
+    assert last_checkpoint(str(out)) == str(out / "checkpoint-4")
 
 
 def test_resume_from_incomplete_or_missing_checkpoint_is_a_clear_error(setup, tmp_path):

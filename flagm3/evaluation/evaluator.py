@@ -15,11 +15,14 @@ from .retrieval import DEFAULT_HYBRID_WEIGHTS, check_rankings, evaluate_retrieva
 class M3RetrievalEvaluator:
     """Retrieval metrics of a model under training, for ``M3Trainer``: ``evaluator(model, tokenizer)``.
 
-    Returns flat keys ``"<ranking>_<metric>"`` (``"dense_ndcg@10"``, ``"all_ndcg@10"``, ...), which the
-    trainer logs with the ``eval_`` prefix (``metric_for_best_model="eval_all_ndcg@10"``). Give ``data_dir``
-    (BEIR layout, ``split``) or ``corpus``/``queries``/``qrels``; ``max_corpus_size``/``max_queries``
-    evaluate on a seeded subset (all judged documents kept). ``main_metric`` (the key to select checkpoints
-    on) defaults to ``"all_ndcg@10"``, or the nDCG of the widest ranking computed. ``model`` may be wrapped
+    It follows sentence-transformers' ``SentenceEvaluator`` contract: metrics are named after the evaluator
+    (``"<name>_<ranking>_<metric>"``, or ``"<ranking>_<metric>"`` without a ``name``: ``"dense_ndcg@10"``,
+    ``"all_ndcg@10"``, ...), ``primary_metric`` is the (named) key to select checkpoints on and
+    ``greater_is_better`` says which way is better; ``M3Trainer`` logs the metrics with the ``eval_`` prefix
+    and sets ``metric_for_best_model="eval_<primary_metric>"`` and ``greater_is_better`` from them. Give
+    ``data_dir`` (BEIR layout, ``split``) or ``corpus``/``queries``/``qrels``; ``max_corpus_size``/``max_queries``
+    evaluate on a seeded subset (all judged documents kept). ``primary_metric`` (``main_metric`` is its old
+    name; unprefixed) defaults to ``"all_ndcg@10"``, or the nDCG of the widest ranking computed. ``model`` may be wrapped
     (DDP ``.module``, PEFT ``get_base_model()``); it is encoded in eval mode (fp32 unless
     ``use_fp16``/``use_bf16``: autocast, weights untouched) and its previous train/eval mode is restored.
     """
@@ -40,6 +43,7 @@ class M3RetrievalEvaluator:
         max_passage_length: int = 512,
         batch_size: int = 32,
         main_metric: Optional[str] = None,
+        name: str = "",
         max_corpus_size: Optional[int] = None,
         max_queries: Optional[int] = None,
         seed: int = 0,
@@ -68,6 +72,8 @@ class M3RetrievalEvaluator:
         if main_metric not in self.keys:
             raise ValueError(f"main_metric {main_metric!r} is not among the evaluator's keys {self.keys}")
         self.main_metric = main_metric
+        self.name = name
+        self.greater_is_better = True  # every metric here (nDCG, recall, MRR, MAP) is better when higher
         self.options = dict(
             heads=self.heads, hybrids=self.hybrids, hybrid_weights=hybrid_weights, k_values=tuple(k_values),
             metrics=tuple(metrics), max_query_length=max_query_length, max_passage_length=max_passage_length,
@@ -79,6 +85,15 @@ class M3RetrievalEvaluator:
             query_instruction_for_retrieval=query_instruction_for_retrieval,
             query_instruction_format=query_instruction_format,
         )
+
+    @property
+    def primary_metric(self) -> str:
+        """The key (named after the evaluator) that selects the best checkpoint."""
+        return self.prefix_name(self.main_metric)
+
+    def prefix_name(self, key: str) -> str:
+        """``key`` named after the evaluator (``"<name>_<key>"``; unchanged without a ``name``)."""
+        return f"{self.name}_{key}" if self.name else key
 
     @classmethod
     def from_beir(
@@ -98,5 +113,5 @@ class M3RetrievalEvaluator:
             results = evaluate_retrieval(embedder, self.corpus, self.queries, self.qrels, **self.options)
         finally:
             outer.train(was_training)
-        return flatten_results(results)
+        return {self.prefix_name(k): v for k, v in flatten_results(results).items()}
 

@@ -12,9 +12,10 @@ from .objective import (
     own_negatives_mask,
     sparse_health,
 )
-from .training import M3TrainingLoss
+from .training import M3BatchLoss, M3TrainingLoss
 
 __all__ = [
+    "M3BatchLoss",
     "M3Loss",
     "M3LossConfig",
     "M3LossOutput",

@@ -239,11 +239,6 @@ class M3LossConfig:
         return head in self.contrastive_terms() or in_ensemble or head in self.distilled_heads()
 
 
-# Learning rate of the sparse head in the flagm3 recipe (with detached hidden states only the head's own
-# weights learn from its term, and at the encoder's rate they would hardly move).
-RECIPE_SPARSE_LEARNING_RATE = 3e-4
-
-
 @dataclass
 class M3LossOutput:
     """``loss``: scalar; ``logs``: detached scalar tensors (``loss_<term>``, ``self_distill_<head>``, ``loss``),

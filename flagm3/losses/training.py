@@ -1,6 +1,6 @@
 """The loss of one training batch, from the model and the raw batch: the step's forward work in one module.
 
-:class:`M3TrainingLoss` encodes both sides of a batch (in length-sorted chunks, ``max_length_chunks``), gathers
+:class:`M3BatchLoss` (formerly ``M3TrainingLoss``) encodes both sides of a batch (in length-sorted chunks, ``max_length_chunks``), gathers
 the passages of every process (``negatives_cross_device``, :mod:`flagm3.distributed`), and applies the M3
 objective (:class:`~flagm3.losses.objective.M3Loss`). With ``sub_batch_size`` it caches gradients
 (:mod:`flagm3.losses.gradcache`): the loss it returns replays the sub-batches from a backward hook, so any
@@ -13,9 +13,11 @@ The logs stay tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data import chunked_padding_fraction, split_by_length
@@ -33,8 +35,13 @@ def _float_output(out: M3Output) -> M3Output:
                     colbert_mask=out.colbert_mask)
 
 
-class M3TrainingLoss(nn.Module):
-    """``loss(model, inputs, step)`` -> :class:`M3LossOutput` for a batch of :class:`flagm3.data.M3Collator`.
+SPARSE_ANCHOR_FILE = "sparse_anchor.safetensors"  # the sparse anchor's reference, in checkpoints (when on)
+
+
+class M3BatchLoss(nn.Module):
+    """``loss(model, inputs, step)`` -> :class:`M3LossOutput`: the loss of one batch of
+    :class:`flagm3.data.M3Collator`, computed from the model and the raw batch (``M3TrainingLoss`` is its old name).
+    Its state (the sparse anchor's reference) goes into checkpoints: :meth:`save_state` / :meth:`load_state`.
 
     Args:
         objective: the M3 objective on head outputs (its ``heads`` are the outputs computed).
@@ -58,7 +65,7 @@ class M3TrainingLoss(nn.Module):
         self._sparse_initial: Optional[list[Tensor]] = None  # the sparse head's parameters, for the anchor
 
     @classmethod
-    def from_args(cls, objective: M3Loss, args: Any) -> M3TrainingLoss:
+    def from_args(cls, objective: M3Loss, args: Any) -> M3BatchLoss:
         """The loss ``M3TrainingArguments`` describe around ``objective``."""
         return cls(
             objective,
@@ -169,6 +176,18 @@ class M3TrainingLoss(nn.Module):
         """Restore the reference :meth:`sparse_anchor_reference` returned."""
         self._sparse_initial = [reference["weight"], reference["bias"]]
 
+    def save_state(self, directory: str) -> None:
+        """Write the loss's state into a checkpoint ``directory`` (the sparse anchor's reference, when on)."""
+        reference = self.sparse_anchor_reference()
+        if reference is not None:
+            save_file(reference, os.path.join(directory, SPARSE_ANCHOR_FILE))
+
+    def load_state(self, directory: str) -> None:
+        """Restore what :meth:`save_state` wrote into ``directory`` (nothing there: nothing changes)."""
+        path = os.path.join(directory, SPARSE_ANCHOR_FILE)
+        if os.path.isfile(path) and self.objective.config.sparse_anchor_weight > 0:
+            self.load_sparse_anchor_reference(load_file(path))
+
     def _cached(self, model: nn.Module, inputs: dict[str, Any], step: int, q_len: Optional[list[int]],
                 p_len: Optional[list[int]]) -> M3LossOutput:
         """GradCache: outputs without a graph, the objective's gradient w.r.t. them, and a loss whose backward
@@ -182,3 +201,6 @@ class M3TrainingLoss(nn.Module):
             out.loss.backward()
         loss = attach_replay(out.loss, self.encode, model, [q, p])
         return M3LossOutput(loss=loss, logs=out.logs, logits={k: v.detach() for k, v in out.logits.items()})
+
+
+M3TrainingLoss = M3BatchLoss  # the old name, kept for existing code

@@ -12,6 +12,7 @@ The model is saved with ``trainer.save_model()`` to ``--output_dir``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,45 @@ def poison(trainer: Any, spec: str) -> None:
     unwrap_m3(trainer.model).sparse_linear.register_forward_hook(hook)
 
 
+class ParameterChanges(TrainerCallback):
+    """Whether each optimizer step changed any parameter (1-based steps); not under ZeRO-3 (partitioned)."""
+
+    def __init__(self) -> None:
+        self.changed: dict[int, bool] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs: Any):
+        from flagm3.trainer import unwrap_m3
+
+        self.before = [p.detach().clone() for p in unwrap_m3(model).parameters()]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs: Any):
+        from flagm3.trainer import unwrap_m3
+
+        after = list(unwrap_m3(model).parameters())
+        self.changed[state.global_step] = any(not torch.equal(a, b) for a, b in zip(after, self.before))
+
+
+def nan_gradient(trainer: Any, step: int) -> None:
+    """On rank 0 only, turn the ColBERT head's weight gradient NaN in that (1-based) step: the loss stays finite."""
+    from flagm3.trainer import unwrap_m3
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if trainer.state.global_step + 1 == step and trainer.args.process_index == 0:
+            return grad * float("nan")
+        return grad
+
+    unwrap_m3(trainer.model).colbert_linear.weight.register_hook(hook)
+
+
+class WarningRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def checkpointing(model: torch.nn.Module) -> bool:
     """Whether activation (gradient) checkpointing is on (transformers 5 renamed the property)."""
     flag = getattr(type(model), "is_activation_checkpointing", None)
@@ -115,8 +155,19 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         at = argv.index("--test_poison")
         poison_spec = argv[at + 1]
         del argv[at : at + 2]
+    nan_step = None
+    if "--test_nan_gradient" in argv:  # test-only: see nan_gradient()
+        at = argv.index("--test_nan_gradient")
+        nan_step = int(argv[at + 1])
+        del argv[at : at + 2]
     model_args, data_args, training_args = parse_args(argv)
     trainer = build_trainer(model_args, data_args, training_args)
+    changes = ParameterChanges()
+    trainer.add_callback(changes)
+    warnings = WarningRecorder()
+    logging.getLogger("flagm3.trainer").addHandler(warnings)
+    if nan_step:
+        nan_gradient(trainer, nan_step)
     recorder = GradientRecorder()
     trainer.add_callback(recorder)
     engine_steps = EngineSteps(trainer)
@@ -132,7 +183,10 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        logging.getLogger("flagm3.trainer").removeHandler(warnings)
     trainer.save_model()
 
     rank = trainer.args.process_index
@@ -145,6 +199,8 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
         "attn_implementation": unwrap_m3(trainer.model).encoder.config._attn_implementation,
         "gradient_checkpointing": checkpointing(unwrap_m3(trainer.model).encoder),
         "engine_steps": engine_steps.steps,
+        "changed": changes.changed,
+        "warnings": warnings.messages,
     }
     out = Path(result_dir)
     out.mkdir(parents=True, exist_ok=True)
