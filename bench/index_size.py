@@ -11,9 +11,12 @@ steps; bench/flagm3_train.py): by default ``flagm3_default`` (the package's reci
 ``--mrl_dims 96 192``: Matryoshka at 1/4 and 1/2 of MiniLM's 384 dimensions). Each model's corpus and queries
 are encoded once (flagm3's M3Embedder, raw outputs); every compression point is then applied with flagm3's own
 functions (``truncate``, ``pool_colbert_batch``, ``prune_lexical``) and scored over the whole corpus with
-flagm3.scoring (ColBERT: full MaxSim ranking, not a rerank), nDCG@10 by flagm3.evaluation.metrics.
+flagm3.scoring, nDCG@10 by flagm3.evaluation.metrics. ColBERT and the hybrid ``all`` rank the top 100 documents
+of the dense + 0.3 sparse hybrid (as ``flagm3 search --rerank`` serves them): ColBERT points use the
+full-size first stage, so only ColBERT's compression changes between them; ``all`` points use their own
+compressed first stage. (A full-corpus MaxSim per point did not fit the shared 2-core machine.)
 
-Points: dense dims {full, 192, 96, 48}; ColBERT dims {full, 192, 96, 48} x pool factor {1, 2, 3, 4}; sparse
+Points: dense dims {full, 192, 96, 48}; ColBERT dims {full, 192, 96, 48} x pool factor {1, 2, 4}; sparse
 top-k {all, 64, 32, 16, 8}; int8 and binary quantisation of dense and ColBERT (scores on the dequantised
 vectors: the quality of an index serving them without Qdrant's float32 rescoring, its worst case); hybrid
 ``all`` (1 : 0.3 : 1) at a few combined settings. Bytes per passage: flagm3.compression.index_bytes_per_passage
@@ -44,9 +47,10 @@ from quality_seeds import code_version, collection_dir, env_for, run, train_data
 ROOT = WORK_DIR / "index_size"
 VARIANTS = {"flagm3_default": [], "flagm3_mrl": ["--mrl_dims", "96", "192"]}
 DIMS = (None, 192, 96, 48)
-POOLS = (1, 2, 3, 4)
+POOLS = (1, 2, 4)
 TOP_K = (None, 64, 32, 16, 8)
-QUANTIZED = ((None, 1), (96, 1), (96, 2), (48, 2))  # ColBERT (dims, pool) points also scored int8 and binary
+QUANTIZED = ((96, 2), (48, 2))  # ColBERT (dims, pool) points also scored int8 and binary
+RERANK_DEPTH = 100  # ColBERT and "all" rank the top 100 of dense + 0.3 sparse
 COMBOS = {  # hybrid "all" settings: dense dim, ColBERT dim, pool factor, sparse top-k
     "full": (None, None, 1, None),
     "dims/4": (96, 96, 1, None),
@@ -134,21 +138,46 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         scores = compute_lexical_matching_scores(q_lexical, lexical_matrix(pooled, q_lexical.shape[1]))
         return torch.from_numpy(scores).float(), pooled.token_ids.numel() / len(doc_ids)
 
-    def colbert(dim: Optional[int], pool: int, quant: Optional[str] = None) -> tuple[torch.Tensor, float]:
-        scores = torch.zeros(len(qids), len(doc_ids))
+    q_colbert = torch.zeros(len(qids), max(o["colbert"].shape[1] for _, o in q_batches), colbert_size)
+    q_mask = torch.zeros(q_colbert.shape[:2], dtype=torch.long)
+    for rows, out in q_batches:
+        q_colbert[rows, : out["colbert"].shape[1]], q_mask[rows, : out["colbert"].shape[1]] = out["colbert"], \
+            out["colbert_mask"]
+
+    def colbert(dim: Optional[int], pool: int, quant: Optional[str] = None,
+                candidates: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+        """ColBERT scores of each query's ``candidates`` (default: the full-size dense+sparse top 100; the
+        others score -inf) and the mean number of (pooled) vectors per passage over the whole corpus."""
+        candidates = base_candidates if candidates is None else candidates
+        docs = [None] * len(doc_ids)
         vectors = 0
         for rows, out in p_batches:
             vecs, mask = pool_colbert_batch(truncate(out["colbert"], dim, normalize), out["colbert_mask"], pool,
                                             normalize)
             vecs = dequantized(vecs, quant)
             vectors += int(mask.sum())
-            for q_rows, q_out in q_batches:
-                q_vecs = truncate(q_out["colbert"], dim, normalize)
-                scores[q_rows[:, None], rows[None, :]] = colbert_scores(q_vecs, q_out["colbert_mask"], vecs, mask)
+            for row, v, m in zip(rows.tolist(), vecs, mask):
+                docs[row] = v[: int(m.sum())]
+        q_vecs = truncate(q_colbert, dim, normalize)
+        scores = torch.full((len(qids), len(doc_ids)), float("-inf"))
+        for qi, cand in enumerate(candidates.tolist()):
+            length = max(docs[j].shape[0] for j in cand)
+            p_vecs = torch.zeros(len(cand), length, q_vecs.shape[-1])
+            p_mask = torch.zeros(len(cand), length, dtype=torch.long)
+            for k, j in enumerate(cand):
+                p_vecs[k, : docs[j].shape[0]], p_mask[k, : docs[j].shape[0]] = docs[j], 1
+            scores[qi, cand] = colbert_scores(q_vecs[qi : qi + 1], q_mask[qi : qi + 1], p_vecs, p_mask)[0]
         return scores, vectors / len(doc_ids)
 
     points: dict[str, dict] = {}
     full_sparse, full_entries = sparse(None)
+    weights = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
+
+    def first_stage(dense_scores_: torch.Tensor, sparse_scores_: torch.Tensor) -> torch.Tensor:
+        fused = hybrid_scores({"dense": dense_scores_, "sparse": sparse_scores_}, weights)
+        return torch.topk(fused, min(RERANK_DEPTH, fused.shape[1]), dim=1).indices
+
+    base_candidates = first_stage(dense(None), full_sparse)
     full_colbert, full_vectors = colbert(None, 1)
 
     def add(name: str, head: str, scores: torch.Tensor, dense_dim: int, entries: float, vectors: float,
@@ -173,11 +202,11 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
                     colbert(dim, pool, quant)
                 add(f"colbert d={dim or colbert_size} pool={pool}{' ' + quant if quant else ''}", "colbert", scores,
                     0, 0, vectors, dim or colbert_size, quant, dim=dim or colbert_size, pool_factor=pool)
-    weights = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
     for name, (d_dim, c_dim, pool, k) in COMBOS.items():
         s_scores, entries = (full_sparse, full_entries) if k is None else sparse(k)
-        c_scores, vectors = (full_colbert, full_vectors) if (c_dim, pool) == (None, 1) else colbert(c_dim, pool)
-        fused = hybrid_scores({"dense": dense(d_dim), "sparse": s_scores, "colbert": c_scores}, weights)
+        d_scores = dense(d_dim)
+        c_scores, vectors = colbert(c_dim, pool, candidates=first_stage(d_scores, s_scores))
+        fused = hybrid_scores({"dense": d_scores, "sparse": s_scores, "colbert": c_scores}, weights)
         add(f"all {name}", "all", fused, d_dim or hidden, entries, vectors, c_dim or colbert_size,
             dense_dim=d_dim or hidden, colbert_dim=c_dim or colbert_size, pool_factor=pool, top_k=k)
     return {"points": points, "encode_seconds": encode_seconds, "seconds": time.perf_counter() - t0,

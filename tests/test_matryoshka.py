@@ -184,8 +184,16 @@ def test_pooling_aware_training_scores_the_pooled_passages():
 def test_two_ranks_with_cross_device_negatives_give_the_single_process_step(tmp_path, tiny_encoder_dir):
     """--mrl_dims with negatives gathered from 2 gloo ranks: the nested terms score the gathered passages, so the
     loss and the gradients after DDP are those of one process holding the global batch."""
-    from dist_scripts.common import assert_close, launch, losses, ranks, run_in_process, tensors, train_args, \
-        write_train_data
+    from dist_scripts.common import (
+        assert_close,
+        launch,
+        losses,
+        ranks,
+        run_in_process,
+        tensors,
+        train_args,
+        write_train_data,
+    )
 
     data = write_train_data(tmp_path / "four.jsonl", 4)
     args = train_args(tiny_encoder_dir, data, tmp_path / "out", optim="sgd", learning_rate=0.5, max_grad_norm=0,
