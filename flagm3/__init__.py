@@ -3,7 +3,6 @@
 from importlib import import_module
 from typing import Any
 
-from .compression import Compression
 from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
 from .inference import BGEM3FlagModel, M3Embedder
 from .losses import M3Loss, M3LossConfig
@@ -17,6 +16,7 @@ _LAZY = {
     "M3ModelArguments": "training_args",
     "M3DataArguments": "training_args",
     "M3SparsePooling": "st_modules",  # needs sentence-transformers
+    "Compression": "compression",
 }
 
 

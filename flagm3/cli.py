@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import compression
+from . import compression_options as compression
 from .errors import check_file, check_model, user_errors
 from .mining import DENSE_SPARSE_WEIGHTS
 from .scoring import HEADS

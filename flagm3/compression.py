@@ -207,29 +207,3 @@ def index_bytes(embedder: Any, quantization: Optional[str] = None) -> dict[str, 
     compression's dimensions, float32 or ``quantization`` (``int8``/``binary``) for dense and ColBERT."""
     dense_dim, colbert_dim = embedder.vector_sizes()
     return embedder.passage_stats.bytes_per_passage(dense_dim, colbert_dim, quantization)
-
-
-# ------------------------------------------------------------------------------------------- command line
-def add_arguments(parser: Any, passage: bool = True, quantization: bool = False) -> None:
-    """Add ``--dense-dim`` and ``--colbert-dim`` (and with ``passage`` ``--pool-factor``, ``--sparse-top-k``,
-    ``--sparse-threshold``; with ``quantization`` ``--quantization``) to an argparse parser."""
-    group = parser.add_argument_group("smaller vectors (flagm3.compression)")
-    group.add_argument("--dense-dim", type=int, help="keep the first D dense dimensions (renormalised; train with "
-                       "--mrl_dims for quality at small D)")
-    group.add_argument("--colbert-dim", type=int, help="keep the first D ColBERT dimensions (renormalised)")
-    if passage:
-        group.add_argument("--pool-factor", type=int, help="pool each passage's ColBERT token vectors by "
-                           "hierarchical clustering into n/F vectors (queries are never pooled)")
-        group.add_argument("--sparse-top-k", type=int, help="keep each passage's K highest-weighted tokens")
-        group.add_argument("--sparse-threshold", type=float, help="drop passage tokens weighted below this")
-    if quantization:
-        group.add_argument("--quantization", choices=sorted(set(VALUE_BYTES) - {"float32"}),
-                           help="Qdrant quantisation of the dense and ColBERT vectors (originals kept for rescoring)")
-
-
-def from_arguments(args: Any) -> Compression:
-    """The :class:`Compression` of parsed :func:`add_arguments` options (absent ones: unset)."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
-    return Compression(dense_dim=get("dense_dim"), colbert_dim=get("colbert_dim"),
-                       pool_factor=get("pool_factor") or 1, sparse_top_k=get("sparse_top_k"),
-                       sparse_threshold=get("sparse_threshold"))
