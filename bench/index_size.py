@@ -77,8 +77,12 @@ def dequantized(x: Any, kind: Optional[str]) -> Any:
     return q * (x != 0)  # padding stays zero
 
 
-def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int = 32) -> dict:
-    """Every compression point of one model on one collection: {name: {head, bytes, ndcg@10, ...}}."""
+def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int = 32, cache: Optional[str] = None,
+         max_docs: int = 0) -> dict:
+    """Every compression point of one model on one collection: {name: {head, bytes, ndcg@10, ...}}.
+
+    ``cache``: a file keeping the encoded corpus and queries (reused when present); ``max_docs``: a smoke run on
+    the first documents only (and the queries judged on them)."""
     import torch
 
     from flagm3.compression import (
@@ -101,6 +105,10 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
     )
 
     corpus, queries, qrels = load_beir(data, split)
+    if max_docs:
+        corpus = dict(list(corpus.items())[:max_docs])
+        qrels = {q: {d: g for d, g in j.items() if d in corpus} for q, j in qrels.items()}
+        qrels = {q: j for q, j in qrels.items() if any(g > 0 for g in j.values())}
     queries = {q: queries[q] for q in qrels}
     doc_ids, qids = sorted(corpus, reverse=True), list(queries)
     embedder = M3Embedder(model_dir, use_fp16=False, batch_size=batch_size, devices="cpu")
@@ -114,8 +122,13 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
             dense[rows] = out["dense"]
         return [(torch.as_tensor(rows), out) for rows, out in batches], dense
 
-    p_batches, p_dense = encode([corpus[d] for d in doc_ids])
-    q_batches, q_dense = encode([queries[q] for q in qids])
+    if cache and Path(cache).is_file():
+        p_batches, p_dense, q_batches, q_dense = torch.load(cache, weights_only=False)
+    else:
+        p_batches, p_dense = encode([corpus[d] for d in doc_ids])
+        q_batches, q_dense = encode([queries[q] for q in qids])
+        if cache:
+            torch.save((p_batches, p_dense, q_batches, q_dense), cache)
     encode_seconds = time.perf_counter() - t0
     hidden, colbert_size = p_dense.shape[1], p_batches[0][1]["colbert"].shape[-1]
     q_lexical = lexical_matrix(concat_lexical([(rows, pool_lexical(out["sparse_ids"], out["sparse_weights"]))
@@ -135,7 +148,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         parts = [(rows, pool_lexical(out["sparse_ids"], prune_lexical(out["sparse_ids"], out["sparse_weights"], top_k)))
                  for rows, out in p_batches]
         pooled = concat_lexical(parts, len(doc_ids))
-        scores = compute_lexical_matching_scores(q_lexical, lexical_matrix(pooled, q_lexical.shape[1]))
+        scores = compute_lexical_matching_scores(q_lexical, lexical_matrix(pooled))
         return torch.from_numpy(scores).float(), pooled.token_ids.numel() / len(doc_ids)
 
     q_colbert = torch.zeros(len(qids), max(o["colbert"].shape[1] for _, o in q_batches), colbert_size)
@@ -208,7 +221,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         c_scores, vectors = colbert(c_dim, pool, candidates=first_stage(d_scores, s_scores))
         fused = hybrid_scores({"dense": d_scores, "sparse": s_scores, "colbert": c_scores}, weights)
         add(f"all {name}", "all", fused, d_dim or hidden, entries, vectors, c_dim or colbert_size,
-            dense_dim=d_dim or hidden, colbert_dim=c_dim or colbert_size, pool_factor=pool, top_k=k)
+            d=d_dim or hidden, c=c_dim or colbert_size, pool_factor=pool, top_k=k)
     return {"points": points, "encode_seconds": encode_seconds, "seconds": time.perf_counter() - t0,
             "hidden": hidden, "colbert_size": colbert_size, "queries": len(qids), "documents": len(doc_ids)}
 
@@ -217,7 +230,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
 def evaluate_cell(args: argparse.Namespace, coll: str, model_dir: Path, out: Path) -> dict:
     code = (f"import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, 'bench'); "
             f"from index_size import grid; json.dump(grid({str(model_dir)!r}, {str(collection_dir(coll))!r}, "
-            f"{args.split!r}, {args.eval_max_length}), open({str(out)!r}, 'w'))")
+            f"{args.split!r}, {args.eval_max_length}, cache={str(out.with_suffix('.pt'))!r}), open({str(out)!r}, 'w'))")
     run([args.python, "-c", code], env_for(coll), out.with_suffix(".log"))
     return json.loads(out.read_text())
 
@@ -227,6 +240,8 @@ def cell(args: argparse.Namespace, coll: str, name: str, flags: Optional[list[st
     out = ROOT / coll / args.split / name / f"{seed}.json"
     if out.is_file():
         return json.loads(out.read_text())
+    if args.collect_only:
+        raise RuntimeError("not run")
     out.parent.mkdir(parents=True, exist_ok=True)
     code = code_version()
     env = env_for(coll)
@@ -391,6 +406,8 @@ def main() -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: summarise the finished cells and list the others as not run")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "index_size.json"))
     p.add_argument("--note", default="", help="a sentence on how the cells ran, kept in the outputs")
@@ -410,11 +427,11 @@ def main() -> None:
     from reference_train import prepare_base_model
 
     prepare_base_model(WORK_DIR / "base_minilm_eos")
-    if not args.no_untouched:
+    if not args.no_untouched and not args.collect_only:
         from quality import make_untouched
 
         make_untouched(WORK_DIR / "untouched_m3", 42)  # once, before cells run in parallel
-    if variants:  # the training data, once per collection, before cells run in parallel
+    if variants and not args.collect_only:  # the training data, once per collection, before cells run in parallel
         (WORK_DIR / "seeds").mkdir(parents=True, exist_ok=True)
         for c in colls:
             train_data(c, args.python)
