@@ -127,14 +127,16 @@ def test_flops_in_the_objective_is_logged_with_sparse_health():
 def test_gradcache_gives_the_same_gradients(tiny_encoder_dir, tiny_tokenizer, heads):
     inputs = collate(tiny_tokenizer, make_items(False))
     model = load_model(tiny_encoder_dir)
-    config = M3LossConfig.preset("bge-m3", heads=heads, mrl_dims=(4, 8))
+    config = M3LossConfig.preset("bge-m3", heads=heads, mrl_dims=(4, 8), sparse_flops_weight=0.01)
     results = []
     for sub in (None, SUB):
         model.zero_grad(set_to_none=True)
         out = M3TrainingLoss(M3Loss(config), sub_batch_size=sub)(model, inputs)
         out.loss.backward()
-        results.append((float(out.loss), grads(model), out.logs))
-    (loss_plain, grads_plain, logs), (loss_cached, grads_cached, _) = results
+        results.append((float(out.loss), grads(model), out.logs, out.stats))
+    (loss_plain, grads_plain, logs, stats), (loss_cached, grads_cached, _, cached_stats) = results
+    if "sparse" in heads:  # the FLOPS value is logged with sparse health, with cached gradients too
+        assert float(cached_stats["sparse_flops"]) == pytest.approx(float(stats["sparse_flops"]), rel=1e-9)
     assert "loss_dense@4" in logs and ("loss_colbert@8" in logs) == ("colbert" in heads)
     assert loss_cached == pytest.approx(loss_plain, rel=1e-9)
     for name, g in grads_plain.items():

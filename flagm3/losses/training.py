@@ -200,7 +200,8 @@ class M3BatchLoss(nn.Module):
                                          inputs["passage"]["input_ids"], inputs, step)
             out.loss.backward()
         loss = attach_replay(out.loss, self.encode, model, [q, p])
-        return M3LossOutput(loss=loss, logs=out.logs, logits={k: v.detach() for k, v in out.logits.items()})
+        return M3LossOutput(loss=loss, logs=out.logs, logits={k: v.detach() for k, v in out.logits.items()},
+                            stats=out.stats)
 
 
 M3TrainingLoss = M3BatchLoss  # the old name, kept for existing code
