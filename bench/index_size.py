@@ -81,8 +81,8 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
          max_docs: int = 0) -> dict:
     """Every compression point of one model on one collection: {name: {head, bytes, ndcg@10, ...}}.
 
-    ``cache``: a file keeping the encoded corpus and queries (reused when present); ``max_docs``: a smoke run on
-    the first documents only (and the queries judged on them)."""
+    ``cache``: a file keeping the encoded corpus and queries (reused when present); ``max_docs``: a corpus of
+    every judged document plus random others up to that size (flagm3.evaluation.subsample, seed 0)."""
     import torch
 
     from flagm3.compression import (
@@ -91,7 +91,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         prune_lexical,
         truncate,
     )
-    from flagm3.evaluation import load_beir
+    from flagm3.evaluation import load_beir, subsample
     from flagm3.evaluation.metrics import evaluate_run
     from flagm3.inference import M3Embedder
     from flagm3.scoring import (
@@ -104,11 +104,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         pool_lexical,
     )
 
-    corpus, queries, qrels = load_beir(data, split)
-    if max_docs:
-        corpus = dict(list(corpus.items())[:max_docs])
-        qrels = {q: {d: g for d, g in j.items() if d in corpus} for q, j in qrels.items()}
-        qrels = {q: j for q, j in qrels.items() if any(g > 0 for g in j.values())}
+    corpus, queries, qrels = subsample(*load_beir(data, split), max_corpus_size=max_docs or None)
     queries = {q: queries[q] for q in qrels}
     doc_ids, qids = sorted(corpus, reverse=True), list(queries)
     embedder = M3Embedder(model_dir, use_fp16=False, batch_size=batch_size, devices="cpu")
@@ -230,7 +226,8 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
 def evaluate_cell(args: argparse.Namespace, coll: str, model_dir: Path, out: Path) -> dict:
     code = (f"import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, 'bench'); "
             f"from index_size import grid; json.dump(grid({str(model_dir)!r}, {str(collection_dir(coll))!r}, "
-            f"{args.split!r}, {args.eval_max_length}, cache={str(out.with_suffix('.pt'))!r}), open({str(out)!r}, 'w'))")
+            f"{args.split!r}, {args.eval_max_length}, cache={str(out.with_suffix('.pt'))!r}, max_docs={args.max_docs}), "
+            f"open({str(out)!r}, 'w'))")
     run([args.python, "-c", code], env_for(coll), out.with_suffix(".log"))
     return json.loads(out.read_text())
 
@@ -403,6 +400,8 @@ def main() -> None:
     p.add_argument("--query-max-len", type=int, default=32)
     p.add_argument("--passage-max-len", type=int, default=128)
     p.add_argument("--eval-max-length", type=int, default=128)
+    p.add_argument("--max-docs", type=int, default=0,
+                   help="evaluate on every judged document plus random others up to this many (0: the whole corpus)")
     p.add_argument("--split", default="test")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--keep-models", action="store_true")
@@ -449,7 +448,7 @@ def main() -> None:
                 print(f"[index_size] FAILED {t[0]} {t[1]} seed {t[3]}: {e}", file=sys.stderr, flush=True)
     result: dict[str, Any] = {
         "settings": {k: getattr(args, k) for k in ("steps", "query_max_len", "passage_max_len", "eval_max_length",
-                                                   "split", "jobs")} | {"seeds": seeds, "variants": variants},
+                                                   "split", "jobs", "max_docs")} | {"seeds": seeds, "variants": variants},
         "wall_seconds": time.perf_counter() - t0, "note": args.note, "collections": {}, "failed": failed,
     }
     for c in colls:
