@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=["bge-m3", "flagm3", "onnx", "sentence-transformers"], default="bge-m3",
                    help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
-                        "the dense head (and ColBERT in OUTPUT/colbert where supported)")
+                        "the dense head, the sparse head in OUTPUT/sparse (SparseEncoder) and ColBERT in OUTPUT/colbert "
+                        "where supported")
     p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights")
     compression.add_arguments(p, passage=False)
     p.set_defaults(func=_export)
