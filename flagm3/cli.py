@@ -1,4 +1,4 @@
-"""The ``flagm3`` command: train, eval, mine, validate, export, demo."""
+"""The ``flagm3`` command: train, eval, mine, validate, export, index, search, demo (see docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 from typing import Any, Optional, Sequence
 
 from . import compression_options as compression
+from .cli_convention import ConventionFormatter, ConventionParser, build_convention_parser
+from .defaults import BGE_M3_ENSEMBLE_WEIGHTS, HEADS
 from .errors import check_file, check_model, user_errors
-from .mining import DENSE_SPARSE_WEIGHTS
-from .scoring import HEADS
+from .version import __version__
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -66,10 +67,12 @@ def _eval(args: argparse.Namespace) -> None:
 def _embedder(args: argparse.Namespace) -> Any:
     from .inference import M3Embedder
 
-    return M3Embedder(args.model, batch_size=args.batch_size, query_max_length=args.max_query_length,
-                      passage_max_length=args.max_passage_length,
-                      query_instruction_for_retrieval=args.query_instruction_for_retrieval,
-                      compression=compression.from_arguments(args))
+    lengths = {"query_max_length": getattr(args, "query_max_len", None),  # index encodes no queries,
+               "passage_max_length": getattr(args, "passage_max_len", None)}  # search no passages
+    return M3Embedder(args.model, batch_size=args.batch_size,
+                      query_instruction_for_retrieval=getattr(args, "query_instruction_for_retrieval", None),
+                      compression=compression.from_arguments(args),
+                      **{k: v for k, v in lengths.items() if v is not None})
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -91,7 +94,7 @@ def _search(args: argparse.Namespace) -> None:
 
     embedder = _embedder(args)
     client = qdrant.connect(args.qdrant)
-    weights = dict(zip(HEADS, args.weights)) if args.weights else embedder.hybrid_weights
+    weights = dict(zip(HEADS, args.hybrid_weights)) if args.hybrid_weights else embedder.hybrid_weights
     queries = qdrant.encode_queries(embedder, args.query)
     results = qdrant.search(client, args.collection, queries, mode=args.mode, limit=args.limit,
                             fusion=args.fusion, weights=weights, rerank=args.rerank,
@@ -137,139 +140,194 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes in one line (``flagm3 eval: error: ...``), exit code 2."""
+DESCRIPTION = """flagm3: train and serve BGE-M3-style retrievers (dense, sparse and ColBERT heads on one encoder).
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+Every option may be spelled with dashes or underscores (--batch-size, --batch_size). `flagm3 COMMAND --help`
+lists a command's options with their defaults."""
+
+MODEL_HELP = "Model directory or hub id: a flagm3 checkpoint, the BGE-M3 layout, or an ONNX export (flagm3 export)."
+QUERY_INSTRUCTION_HELP = "Instruction put before every query (FlagEmbedding's query_instruction_for_retrieval)."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flagm3", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="fine-tune (arguments as FlagEmbedding's M3 fine-tuning; --help for all)",
-                   add_help=False)
+def add_model_option(p: ConventionParser, help: str = MODEL_HELP) -> None:
+    """``--model`` (``--model-name-or-path``, train's name, is an alias)."""
+    p.add_argument("--model", required=True, help=help)
+    p.add_alias("--model-name-or-path", "--model")
 
-    p = sub.add_parser("export", help="convert a checkpoint to the BGE-M3 layout, flagm3's, ONNX or sentence-transformers")
-    p.add_argument("--model", required=True)
-    p.add_argument("--output", required=True)
+
+def add_length_options(p: ConventionParser, query: Optional[int], passage: Optional[int],
+                       dests: tuple[str, str] = ("query_max_len", "passage_max_len")) -> None:
+    """``--query-max-len`` / ``--passage-max-len``, FlagEmbedding's and ``flagm3 train``'s names (``None``: the
+    subcommand encodes no such texts); the former ``--max-query-length`` / ``--max-passage-length`` are aliases."""
+    if query is not None:
+        p.add_argument("--query-max-len", type=int, default=query, dest=dests[0], metavar="TOKENS",
+                       help="Queries are truncated to this many tokens.")
+        p.add_alias("--max-query-length", "--query-max-len")
+    if passage is not None:
+        p.add_argument("--passage-max-len", type=int, default=passage, dest=dests[1], metavar="TOKENS",
+                       help="Passages are truncated to this many tokens.")
+        p.add_alias("--max-passage-length", "--passage-max-len")
+
+
+def add_query_instruction_option(p: ConventionParser) -> None:
+    p.add_argument("--query-instruction-for-retrieval", dest="query_instruction_for_retrieval", metavar="TEXT",
+                   help=QUERY_INSTRUCTION_HELP)
+    p.add_alias("--query-instruction", "--query-instruction-for-retrieval")
+
+
+def add_hybrid_weights_option(p: ConventionParser, heads: Sequence[str], help: str, default: Any = None,
+                              alias: Optional[str] = None) -> None:
+    """``--hybrid-weights`` (one weight per head in ``heads``); ``alias``: a former name."""
+    p.add_argument("--hybrid-weights", type=float, nargs=len(heads), default=default, dest="hybrid_weights",
+                   metavar=tuple(h.upper() for h in heads), help=help)
+    if alias:
+        p.add_alias(alias, "--hybrid-weights")
+
+
+_WEIGHTS_HELP = ("Hybrid weights (default: the model's fitted hybrid_weights.json, else BGE-M3's "
+                 f"{' '.join(f'{BGE_M3_ENSEMBLE_WEIGHTS[h]:g}' for h in HEADS)}).")
+
+
+def build_parser() -> ConventionParser:
+    """The ``flagm3`` parser (``train`` is only listed: :mod:`flagm3.arguments` parses it). Imports neither torch
+    nor transformers, so ``flagm3 --help`` is fast."""
+    parser = build_convention_parser(prog="flagm3", description=DESCRIPTION,
+                                     formatter_class=_RawDescriptionFormatter)
+    parser.add_argument("--version", action="version", version=f"flagm3 {__version__}",
+                        help="Print flagm3's version and exit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("train", help="Fine-tune an M3 model (FlagEmbedding's M3 fine-tuning arguments; "
+                   "`flagm3 train --help` lists them all).", add_help=False)
+
+    p = sub.add_parser("export", help="Convert a checkpoint to the BGE-M3 layout, flagm3's, ONNX or sentence-transformers.")
+    add_model_option(p, "Model directory or hub id (flagm3 checkpoint or BGE-M3 layout).")
+    p.add_argument("--output", required=True, help="Directory to write.")
     p.add_argument("--format", choices=["bge-m3", "flagm3", "onnx", "sentence-transformers"], default="bge-m3",
                    help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
-                        "the dense head, the sparse head in OUTPUT/sparse (SparseEncoder) and ColBERT in OUTPUT/colbert "
-                        "where supported")
-    p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights")
+                        "the dense head, the sparse head in OUTPUT/sparse (a SparseEncoder) and ColBERT in "
+                        "OUTPUT/colbert where supported.")
+    p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights.")
     compression.add_arguments(p, passage=False)
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("eval", help="retrieval metrics of every head and hybrid on a BEIR-layout dataset")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="directory with corpus.jsonl, queries.jsonl, qrels/")
-    p.add_argument("--split", default="test")
-    p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-query-length", type=int, default=512)
-    p.add_argument("--max-passage-length", type=int, default=512)
-    p.add_argument("--weights", type=float, nargs=3, default=None, metavar=("DENSE", "SPARSE", "COLBERT"),
-                   dest="hybrid_weights",
-                   help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
-    p.add_argument("--fp16", action="store_true", dest="use_fp16")
-    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
-    p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100])
+    p = sub.add_parser("eval", help="Retrieval metrics of every head and hybrid on a BEIR-layout collection.")
+    add_model_option(p)
+    p.add_argument("--data", required=True, help="BEIR-layout directory: corpus.jsonl, queries.jsonl, qrels/.")
+    p.add_argument("--split", default="test", help="Qrels split to evaluate (qrels/<split>.tsv).")
+    p.add_argument("--output", help="Write the metrics (and the weights --fit-weights fitted) as JSON here.")
+    p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
+    add_length_options(p, 512, 512, dests=("max_query_length", "max_passage_length"))
+    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP, alias="--weights")
+    p.add_argument("--fp16", action="store_true", dest="use_fp16", help="Encode in float16 (ignored on CPU).")
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS,
+                   help="Heads to rank with (the hybrids of the heads given are added).")
+    p.add_argument("--k-values", type=int, nargs="+", default=[1, 10, 100], help="Cut-offs k of the metrics.")
     p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full",
-                   help="score the whole corpus, or rerank the top of the dense+sparse ranking")
-    p.add_argument("--rerank-depth", type=int, default=100)
-    p.add_argument("--max-corpus-size", type=int, help="subsample the corpus (judged documents are kept)")
-    p.add_argument("--max-queries", type=int)
-    p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
-    p.add_argument("--device", dest="devices", help="e.g. cuda:0 (default: the first GPU, else CPU)")
+                   help="Score the whole corpus with ColBERT, or rerank the top of the dense+sparse ranking.")
+    p.add_argument("--rerank-depth", type=int, default=100,
+                   help="With --colbert-mode rerank (and the qdrant backend's hybrids): first-pass documents rescored.")
+    p.add_argument("--max-corpus-size", type=int, help="Subsample the corpus (seeded; judged documents are kept).")
+    p.add_argument("--max-queries", type=int, help="Evaluate a seeded sample of this many judged queries.")
+    add_query_instruction_option(p)
+    p.add_argument("--device", dest="devices", metavar="DEVICE", help="e.g. cuda:0 (default: the first GPU, else the CPU).")
     p.add_argument("--backend", choices=["default", "qdrant"], default="default",
-                   help="qdrant: index the corpus into Qdrant and retrieve through it (exact search)")
-    p.add_argument("--qdrant", help="qdrant backend: a directory, :memory: or a server URL "
-                                    "(default: a temporary embedded index)")
-    p.add_argument("--collection", default="flagm3-eval", help="qdrant backend: the collection")
+                   help="qdrant: index the corpus into Qdrant and retrieve through it (exact search).")
+    p.add_argument("--qdrant", help="Qdrant backend: a directory, :memory: or a server URL "
+                                    "(default: a temporary embedded index).")
+    p.add_argument("--collection", default="flagm3-eval", help="Qdrant backend: the collection.")
     p.add_argument("--fit-weights", metavar="SPLIT",
-                   help="first fit the hybrid weights on this split (e.g. dev) and store them beside the model")
+                   help="First fit the hybrid weights on this split (e.g. dev) and evaluate with them; they are "
+                        "printed and written to --output, never beside the model.")
     compression.add_arguments(p)
     p.set_defaults(func=_eval)
 
-    def serving_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="model directory (flagm3, BGE-M3 layout or ONNX export)")
+    def serving_args(p: ConventionParser) -> None:
+        add_model_option(p, "Model directory (flagm3, BGE-M3 layout or ONNX export).")
         p.add_argument("--qdrant", required=True,
                        help="Qdrant: a directory (embedded local mode), :memory:, or a server URL http(s)://...")
-        p.add_argument("--collection", required=True, help="Qdrant collection (one per model)")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--max-query-length", type=int, default=512)
-        p.add_argument("--max-passage-length", type=int, default=512)
-        p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
+        p.add_argument("--collection", required=True, help="Qdrant collection (one per model).")
+        p.add_argument("--batch-size", type=int, default=32, help="Texts per forward pass.")
 
-    p = sub.add_parser("index", help="index a corpus into Qdrant with all three heads (resumable)")
+    p = sub.add_parser("index", help="Index a corpus into Qdrant with all three heads (resumable).")
     serving_args(p)
-    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text)")
-    p.add_argument("--chunk-size", type=int, default=256, help="documents encoded and upserted at a time")
-    p.add_argument("--no-text", action="store_true", help="do not store the passage text in the payload")
+    add_length_options(p, None, 512)
+    p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text).")
+    p.add_argument("--chunk-size", type=int, default=256, help="Documents encoded and upserted at a time.")
+    p.add_argument("--no-text", action="store_true", help="Do not store the passage text in the payload.")
     compression.add_arguments(p, quantization=True)
     p.set_defaults(func=_index)
 
-    p = sub.add_parser("search", help="search a Qdrant index: one head or the hybrid")
+    p = sub.add_parser("search", help="Search a Qdrant index: one head or the hybrid.")
     serving_args(p)
-    p.add_argument("--query", required=True, nargs="+", help="one or more query texts")
+    add_length_options(p, 512, None)
+    add_query_instruction_option(p)
+    p.add_argument("--query", required=True, nargs="+", help="One or more query texts.")
     p.add_argument("--mode", choices=["dense", "sparse", "colbert", "hybrid"], default="hybrid",
-                   help="one head, or dense + sparse candidates fused (see --fusion)")
+                   help="One head, or dense + sparse candidates fused (see --fusion).")
     p.add_argument("--fusion", choices=["weights", "rrf"], default="weights",
-                   help="hybrid: weighted sum of exact head scores, or reciprocal rank fusion")
-    p.add_argument("--rerank", action="store_true", help="hybrid: rerank the candidates with ColBERT")
-    p.add_argument("--weights", type=float, nargs=3, metavar=("DENSE", "SPARSE", "COLBERT"),
-                   help="hybrid weights (default: the model's fitted hybrid_weights.json, else 1 0.3 1)")
-    p.add_argument("--limit", type=int, default=10, help="hits per query")
-    p.add_argument("--prefetch-limit", type=int, default=100, help="hybrid: candidates per head")
-    p.add_argument("--exact", action="store_true", help="exact search (no HNSW approximation)")
+                   help="Hybrid: weighted sum of exact head scores, or reciprocal rank fusion.")
+    p.add_argument("--rerank", action="store_true", help="Hybrid: rerank the candidates with ColBERT.")
+    add_hybrid_weights_option(p, HEADS, _WEIGHTS_HELP, alias="--weights")
+    p.add_argument("--limit", type=int, default=10, help="Hits per query.")
+    p.add_argument("--prefetch-limit", type=int, default=100, help="Hybrid: candidates per head.")
+    p.add_argument("--exact", action="store_true", help="Exact search (no HNSW approximation).")
     compression.add_arguments(p, passage=False)
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("mine", help="mine hard negatives for a training JSONL")
-    p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--candidate-pool", help="JSONL of passages (default: all pos/neg of the input)")
-    p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"), dest="range_for_sampling")
-    p.add_argument("--negative-number", type=int, default=15)
-    p.add_argument("--hybrid", action="store_true", dest="use_hybrid", help="rank by dense + sparse instead of dense")
-    p.add_argument("--hybrid-weights", type=float, nargs=2, default=list(DENSE_SPARSE_WEIGHTS), metavar=("DENSE", "SPARSE"))
+    p = sub.add_parser("mine", help="Mine hard negatives for a training JSONL.")
+    add_model_option(p)
+    p.add_argument("--input", required=True, help="Training JSONL to mine negatives for.")
+    p.add_alias("--input-file", "--input")  # FlagEmbedding's hn_mine names
+    p.add_argument("--output", required=True, help="The training JSONL to write, with the mined negatives.")
+    p.add_alias("--output-file", "--output")
+    p.add_argument("--candidate-pool", help="JSONL of passages (default: all pos/neg of the input).")
+    p.add_argument("--range", type=int, nargs=2, default=[10, 100], metavar=("FROM", "TO"), dest="range_for_sampling",
+                   help="0-based ranks [FROM, TO) of the ranking to draw negatives from.")
+    p.add_argument("--negative-number", type=int, default=15, help="Negatives per line.")
+    p.add_argument("--hybrid", action="store_true", dest="use_hybrid", help="Rank by dense + sparse instead of dense.")
+    add_hybrid_weights_option(p, ("dense", "sparse"), "Weights of the dense and sparse scores with --hybrid.",
+                              default=[BGE_M3_ENSEMBLE_WEIGHTS["dense"], BGE_M3_ENSEMBLE_WEIGHTS["sparse"]])
     p.add_argument("--teacher-scores", action="store_true",
-                   help="write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature")
+                   help="Write pos_scores/neg_scores: the mining scores divided by --teacher-score-temperature.")
     p.add_argument("--teacher-score-temperature", type=float, default=0.02,
-                   help="scores are written as score / this (logits for training's --teacher_temperature 1)")
+                   help="Scores are written as score / this (logits for flagm3 train --teacher_temperature 1).")
     p.add_argument("--no-fill-random", action="store_true",
-                   help="keep fewer negatives when the rank window is short (default: fill from lower ranks)")
-    p.add_argument("--no-faiss", action="store_true", help="search with torch even when faiss is installed")
-    p.add_argument("--query-instruction", dest="query_instruction_for_retrieval")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-query-length", type=int, default=64)
-    p.add_argument("--max-passage-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
+                   help="Keep fewer negatives when the rank window is short (default: fill from lower ranks).")
+    p.add_argument("--no-faiss", action="store_true", help="Search with torch even when faiss is installed.")
+    add_query_instruction_option(p)
+    p.add_argument("--batch-size", type=int, default=64, help="Texts per forward pass.")
+    add_length_options(p, 64, 512)
+    p.add_argument("--seed", type=int, default=42, help="Random seed of the draw.")
     p.set_defaults(func=_mine)
 
-    p = sub.add_parser("validate", help="check training data and print a summary")
-    p.add_argument("data", nargs="+")
-    p.add_argument("--tokenizer", help="count truncated texts with this tokenizer")
-    p.add_argument("--query-max-len", type=int, default=32)
-    p.add_argument("--passage-max-len", type=int, default=128)
-    p.add_argument("--no-sampled-negatives", action="store_true",
-                   help="records without negatives are errors (default: negatives come from other records)")
+    p = sub.add_parser("validate", help="Check training data and print a summary of every problem.")
+    p.add_argument("data", nargs="+", help="JSONL files or directories of them.")
+    p.add_argument("--tokenizer-name", dest="tokenizer",
+                   help="Count the texts this tokenizer truncates (a directory or hub id).")
+    p.add_alias("--tokenizer", "--tokenizer-name")
+    add_length_options(p, 32, 128)
+    p.add_argument("--no-sample-negatives-from-corpus", action="store_true", dest="no_sampled_negatives",
+                   help="Records without negatives are errors (default: negatives come from other records, as in "
+                        "training).")
+    p.add_alias("--no-sampled-negatives", "--no-sample-negatives-from-corpus")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("demo", help="offline demo: fine-tune all-MiniLM-L6-v2 on chatterbot-corpus Q&A")
-    p.add_argument("--output-dir", default="flagm3-demo")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
+    p = sub.add_parser("demo", help="Offline demo: fine-tune all-MiniLM-L6-v2 on chatterbot-corpus Q&A.")
+    p.add_argument("--output-dir", default="flagm3-demo", help="Directory for the model, data, metrics and plot.")
+    p.add_argument("--max-steps", type=int, default=None, help="Training steps (default: the preset's).")
+    p.add_argument("--quick", action="store_true", help="A tiny run for smoke tests.")
     p.set_defaults(func=_demo)
     return parser
 
 
+class _RawDescriptionFormatter(ConventionFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level description keeps its line breaks."""
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
     """Missing models and files named on the command line, found before anything loads."""
-    for option in ("model", "tokenizer"):
-        check_model(getattr(args, option, None), f"--{option}")
+    for option, name in (("model", "--model"), ("tokenizer", "--tokenizer-name")):
+        check_model(getattr(args, option, None), name)
     for option in ("input", "candidate_pool", "corpus"):
         check_file(getattr(args, option, None), f"--{option.replace('_', '-')}")
     if getattr(args, "data", None) and args.command == "eval" and not os.path.isdir(args.data):
@@ -285,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         train_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    with user_errors(f"flagm3 {args.command}"):
+    models = {"--model": getattr(args, "model", None), "--tokenizer-name": getattr(args, "tokenizer", None)}
+    with user_errors(f"flagm3 {args.command}", models):
         _check_inputs(args)
         args.func(args)
 

@@ -15,17 +15,17 @@ def add_arguments(parser: Any, passage: bool = True, quantization: bool = False)
     """Add ``--dense-dim`` and ``--colbert-dim`` (and with ``passage`` ``--pool-factor``, ``--sparse-top-k``,
     ``--sparse-threshold``; with ``quantization`` ``--quantization``) to an argparse parser."""
     group = parser.add_argument_group("smaller vectors (flagm3.compression)")
-    group.add_argument("--dense-dim", type=int, help="keep the first D dense dimensions (renormalised; train with "
-                       "--mrl_dims for quality at small D)")
-    group.add_argument("--colbert-dim", type=int, help="keep the first D ColBERT dimensions (renormalised)")
+    group.add_argument("--dense-dim", type=int, help="Keep the first D dense dimensions (renormalised; train with "
+                       "--mrl_dims for quality at small D).")
+    group.add_argument("--colbert-dim", type=int, help="Keep the first D ColBERT dimensions (renormalised).")
     if passage:
-        group.add_argument("--pool-factor", type=int, help="pool each passage's ColBERT token vectors by "
-                           "hierarchical clustering into n/F vectors (queries are never pooled)")
-        group.add_argument("--sparse-top-k", type=int, help="keep each passage's K highest-weighted tokens")
-        group.add_argument("--sparse-threshold", type=float, help="drop passage tokens weighted below this")
+        group.add_argument("--pool-factor", type=int, help="Pool each passage's ColBERT token vectors by "
+                           "hierarchical clustering into n/F vectors (queries are never pooled).")
+        group.add_argument("--sparse-top-k", type=int, help="Keep each passage's K highest-weighted tokens.")
+        group.add_argument("--sparse-threshold", type=float, help="Drop passage tokens weighted below this.")
     if quantization:
         group.add_argument("--quantization", choices=QUANTIZATIONS,
-                           help="Qdrant quantisation of the dense and ColBERT vectors (originals kept for rescoring)")
+                           help="Qdrant quantisation of the dense and ColBERT vectors (originals kept for rescoring).")
 
 
 def from_arguments(args: Any) -> Compression:

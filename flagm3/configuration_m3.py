@@ -6,7 +6,8 @@ from typing import Any, Iterable
 
 from transformers import AutoConfig, PretrainedConfig
 
-HEADS = ("dense", "sparse", "colbert")  # the three retrieval heads, in this order everywhere
+from .defaults import HEADS as HEADS  # re-exported: the three retrieval heads, in this order everywhere
+
 POOLING_METHODS = ("cls", "mean", "last_token")
 
 

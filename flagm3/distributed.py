@@ -62,7 +62,14 @@ def check_deepspeed_config(args: Any) -> None:
     own learning rate (``--head_learning_rate``) would be ignored.
     """
     hf_config = getattr(args, "hf_deepspeed_config", None)
-    if hf_config is None or getattr(args, "head_learning_rate", None) is None:
+    if hf_config is None:
+        return
+    stage = (hf_config.config.get("zero_optimization") or {}).get("stage", 0)
+    if getattr(args, "sub_batch_size", None) and stage == 3:
+        source = args.deepspeed if isinstance(args.deepspeed, str) else "<config>"
+        raise ValueError(f"--sub_batch_size {args.sub_batch_size} and --deepspeed {source} (ZeRO-3) conflict: "
+                         "cached gradients run under ZeRO stages 0-2; use a stage 0-2 config or drop --sub_batch_size")
+    if getattr(args, "head_learning_rate", None) is None:
         return
     if "optimizer" in hf_config.config:
         raise ValueError(

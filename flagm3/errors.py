@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 # OSError: missing files/directories, unreadable checkpoints, hub lookups (transformers wraps them in OSError);
 # ValueError: malformed JSON/JSONL/TSV, bad values, DataValidationError, CheckpointError, HFValidationError.
@@ -21,15 +21,32 @@ def one_line(err: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+_HUB_UNREACHABLE = ("internet connection", "ConnectError", "Name or service not known", "couldn't connect")
+
+
+def hub_lookup_failed(err: BaseException, models: Mapping[str, Optional[str]]) -> Optional[str]:
+    """The message for a hub lookup that failed for a model given on the command line (``{option: value}``) that
+    is no local directory: say that the path does not exist, not "check your internet connection"."""
+    text = str(err)
+    if not any(marker in text for marker in _HUB_UNREACHABLE):
+        return None
+    for option, value in models.items():
+        if value and not os.path.isdir(value):
+            return (f"{option} {value}: no such model directory, and no Hugging Face Hub model of that id could be "
+                    "reached (check the path; hub ids need a connection)")
+    return None
+
+
 @contextmanager
-def user_errors(prog: str) -> Iterator[None]:
-    """Turn :data:`USER_ERRORS` raised inside into ``prog: message`` and ``sys.exit(1)``."""
+def user_errors(prog: str, models: Optional[Mapping[str, Optional[str]]] = None) -> Iterator[None]:
+    """Turn :data:`USER_ERRORS` raised inside into ``prog: message`` and ``sys.exit(1)``. ``models``: the
+    model options of the command line (``{"--model": value}``), named when a hub lookup for them fails."""
     try:
         yield
     except USER_ERRORS as err:
         if os.environ.get("FLAGM3_TRACEBACK"):
             raise
-        sys.exit(f"{prog}: {one_line(err)}")
+        sys.exit(f"{prog}: {hub_lookup_failed(err, models or {}) or one_line(err)}")
     except ModuleNotFoundError as err:  # an optional dependency (an extra) is not installed
         if os.environ.get("FLAGM3_TRACEBACK") or not err.name or err.name.split(".")[0] == "flagm3":
             raise
@@ -45,6 +62,10 @@ def check_model(value: Optional[str], option: str) -> None:
         raise NotADirectoryError(f"{option} {value}: a file, not a model directory")
     if not _HUB_ID.match(value) or value.startswith((".", "~")) or ".." in value or value.count("/") > 1:
         raise FileNotFoundError(f"{option} {value}: no such model directory (and not a Hugging Face Hub id)")
+    parent = os.path.dirname(value)
+    if parent and os.path.isdir(parent):  # runs/m3x next to runs/m3: a mistyped path, not an organisation's model
+        raise FileNotFoundError(f"{option} {value}: no such model directory ({parent}/ exists, but holds no "
+                                f"{os.path.basename(value)})")
 
 
 def check_file(value: Optional[str], option: str) -> None:

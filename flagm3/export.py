@@ -1,8 +1,9 @@
 """Export an M3 model for serving: one ONNX graph with all three heads, or sentence-transformers directories.
 
 ONNX (:func:`export_onnx`): ``model.onnx`` takes ``input_ids`` and ``attention_mask`` ``[B, L]`` (int64, any
-batch and length) and returns the :class:`~flagm3.modeling_m3.M3Output` fields ``dense`` [B, H], ``sparse``
-[B, L] and ``colbert`` [B, L-1, D], computed by :meth:`M3Model.forward` itself. Beside it: the tokenizer and
+batch and length) and returns the :class:`~flagm3.modeling_m3.M3Output` fields ``dense`` [B, H],
+``token_weights`` [B, L] (as the graph output ``sparse``) and ``colbert`` [B, L-1, D], computed by
+:meth:`M3Model.forward` itself. Beside it: the tokenizer and
 ``flagm3_onnx.json`` (the M3 config and the graph's names), which :class:`flagm3.onnx_model.OnnxM3Model` and
 ``M3Embedder(DIR)`` read. With a :class:`~flagm3.compression.Compression` the graph gives the truncated
 (renormalised) dense and ColBERT vectors and the JSON keeps the settings, which ``M3Embedder(DIR)`` applies
@@ -33,6 +34,7 @@ from torch import nn
 
 from .compression import Compression, truncate
 from .configuration_m3 import HEADS
+from .hybrid_weights import HYBRID_WEIGHTS_FILE
 from .modeling_m3 import M3Model
 
 ONNX_CONFIG_FILE = "flagm3_onnx.json"
@@ -41,9 +43,7 @@ ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUTS = HEADS
 ST_EXPORT_FILE = "flagm3_export.json"
 ST_POOLING = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
-# Hybrid weights fitted by `flagm3 eval --fit-weights`, beside the model; they travel with its exports.
-HYBRID_WEIGHTS_FILE = "hybrid_weights.json"
-SIDE_FILES = (HYBRID_WEIGHTS_FILE,)
+SIDE_FILES = (HYBRID_WEIGHTS_FILE,)  # fitted hybrid weights beside the model travel with its exports
 
 
 class _ThreeHeads(nn.Module):
@@ -58,7 +58,7 @@ class _ThreeHeads(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         normalize = self.model.config.normalize_embeddings
-        return (truncate(out.dense, self.compression.dense_dim, normalize), out.sparse,
+        return (truncate(out.dense, self.compression.dense_dim, normalize), out.token_weights,
                 truncate(out.colbert, self.compression.colbert_dim, normalize))
 
 
@@ -122,22 +122,6 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
         json.dump(meta, f, indent=2)
     copy_side_files(source, output)
     return graph
-
-
-def read_hybrid_weights(path: Any) -> Optional[Dict[str, float]]:
-    """``{"dense": w, "sparse": w, "colbert": w}`` from ``path/hybrid_weights.json`` (``None`` without one)."""
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    file = os.path.join(path, HYBRID_WEIGHTS_FILE)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            saved = json.load(f)
-        return {head: float(saved["weights"][head]) for head in HEADS}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{file}: expected {{\"weights\": {{\"dense\": w, \"sparse\": w, \"colbert\": w}}}} "
-                         f"({err})") from err
 
 
 def read_export_compression(path: Any) -> Optional[Compression]:

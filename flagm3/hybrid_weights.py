@@ -1,10 +1,12 @@
-"""Fit the hybrid weights (dense, sparse, ColBERT) of a model on a dev split, and store them beside it.
+"""A model's hybrid weights (dense, sparse, ColBERT): fitted on a dev split, and the one file that stores them.
 
 :func:`fit_hybrid_weights` scores every dev query against the whole corpus once per head, then ranks by
 :func:`flagm3.scoring.hybrid_scores` for each weight triple of a small grid and keeps the one with the best
-metric (BGE-M3's 1 : 0.3 : 1 wins ties). :func:`save_hybrid_weights` writes ``hybrid_weights.json`` beside
-the model, where ``M3Embedder`` (``compute_score``), ``flagm3 eval``, ``flagm3 search`` and the exports read
-it.
+metric (BGE-M3's 1 : 0.3 : 1 wins ties). This module alone writes and reads ``hybrid_weights.json``
+(:func:`save_hybrid_weights`, :func:`read_hybrid_weights`): beside a model, ``M3Embedder`` (``compute_score``),
+``flagm3 eval``, ``flagm3 search`` use it and the exports copy it. ``flagm3 eval --fit-weights`` writes the
+fitted weights only into its ``--output``; storing them beside a model is an explicit
+``save_hybrid_weights(model_dir, fitted)``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .export import HYBRID_WEIGHTS_FILE
 from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS, hybrid_scores
+
+HYBRID_WEIGHTS_FILE = "hybrid_weights.json"  # beside a model: {"weights": {"dense": w, "sparse": w, "colbert": w}, ...}
 
 # dense 0 or 1 (only the ratios matter for a ranking), sparse and ColBERT relative to it
 WEIGHT_GRID: Dict[str, Sequence[float]] = {
@@ -101,7 +104,32 @@ def save_hybrid_weights(model_dir: str, fitted: Mapping[str, Any]) -> str:
     ``model_dir/hybrid_weights.json``; return the file's path."""
     if not os.path.isdir(model_dir):
         raise ValueError(f"{model_dir}: fitted hybrid weights are stored beside a local model directory")
-    path = os.path.join(model_dir, HYBRID_WEIGHTS_FILE)
+    path = hybrid_weights_path(model_dir)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(dict(fitted), f, indent=2)
     return path
+
+
+def read_hybrid_weights(path: Any) -> Optional[Dict[str, float]]:
+    """``{"dense": w, "sparse": w, "colbert": w}`` from a model directory's ``hybrid_weights.json`` (``None``
+    without one, or when ``path`` is no local directory), or from such a file itself, or from the ``--output``
+    JSON of ``flagm3 eval --fit-weights`` (its ``"hybrid_weights"`` entry). A malformed file raises naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    file = os.path.join(path, HYBRID_WEIGHTS_FILE) if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+        if "weights" not in saved and "hybrid_weights" in saved:  # flagm3 eval --fit-weights --output FILE
+            saved = saved["hybrid_weights"]
+        return {head: float(saved["weights"][head]) for head in HEADS}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: expected {{\"weights\": {{\"dense\": w, \"sparse\": w, \"colbert\": w}}}} "
+                         f"({err})") from err
+
+
+def hybrid_weights_path(model_dir: Union[str, os.PathLike]) -> str:
+    """Where a model directory keeps its fitted hybrid weights."""
+    return os.path.join(model_dir, HYBRID_WEIGHTS_FILE)

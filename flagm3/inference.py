@@ -23,7 +23,9 @@ from transformers import AutoTokenizer
 
 from .compression import Compression, PassageStats, pool_colbert_batch, prune_lexical, truncate
 from .convert_bge_m3 import resolve_checkpoint
-from .export import is_onnx_export, read_export_compression, read_hybrid_weights
+from .defaults import COMPUTE_SCORE_WEIGHTS
+from .export import is_onnx_export, read_export_compression
+from .hybrid_weights import read_hybrid_weights
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
     HEADS,
@@ -225,7 +227,7 @@ class M3Embedder:
             compression = read_export_compression(self.model_name_or_path) or Compression()
         self.compression = compression
         self.passage_stats = PassageStats()  # what the passages encoded so far would store in an index
-        self.convert_to_numpy = convert_to_numpy  # accepted for compatibility: outputs are always numpy
+        self.convert_to_numpy = convert_to_numpy  # the default of encode*: numpy arrays, or torch tensors
         # weights fitted by `flagm3 eval --fit-weights` (hybrid_weights.json beside the model), else None
         self.hybrid_weights = (None if isinstance(model_name_or_path, M3Model)
                                else read_hybrid_weights(self.model_name_or_path))
@@ -283,9 +285,9 @@ class M3Embedder:
         normalize = self.normalize_embeddings
         if out.dense is not None:
             result["dense"] = truncate(out.dense.float(), compression.dense_dim, normalize).cpu().clone()
-        if out.sparse is not None:
+        if out.token_weights is not None:
             result["sparse_ids"] = inputs["input_ids"].cpu().clone()
-            result["sparse_weights"] = prune_lexical(result["sparse_ids"], out.sparse.float().cpu(),
+            result["sparse_weights"] = prune_lexical(result["sparse_ids"], out.token_weights.float().cpu(),
                                                      compression.sparse_top_k, compression.sparse_threshold).clone()
         if out.colbert is not None:
             vecs = truncate(out.colbert.float(), compression.colbert_dim, normalize).cpu()
@@ -385,15 +387,19 @@ class M3Embedder:
 
         Returns ``{"dense_vecs": [N, H] float32 array, "lexical_weights": [{str(token_id): weight}],
         "colbert_vecs": [[n_tokens - 1, D] arrays]}`` in input order (``None`` for outputs not asked for);
-        a single string gives a single vector / dict / array.
+        a single string gives a single vector / dict / array. ``convert_to_numpy=False`` (default: the
+        constructor's, ``True``) gives the dense and ColBERT vectors as CPU ``torch.Tensor`` s instead
+        (FlagEmbedding's M3 model ignores the flag and always returns numpy).
 
         Compression (:mod:`flagm3.compression`): ``dense_dim``/``colbert_dim`` keep the first dimensions
         (renormalised), ``pool_factor`` pools ColBERT token vectors, ``sparse_top_k``/``sparse_threshold`` prune
         lexical weights; unset, the embedder's ``compression`` applies (its dimensions only unless ``passage``,
         which ``encode_corpus`` sets).
         """
-        compression = self.compression_for(passage).replace(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor,
-                                   sparse_top_k=sparse_top_k, sparse_threshold=sparse_threshold)
+        convert_to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
+        compression = self.compression_for(passage).replace(
+            dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor, sparse_top_k=sparse_top_k,
+            sparse_threshold=sparse_threshold)
         batch_size = batch_size or self.batch_size
         max_length = max_length or self.passage_max_length
         want = {
@@ -425,6 +431,9 @@ class M3Embedder:
                 vecs, lengths = out["colbert"].numpy(), out["colbert_mask"].sum(1).tolist()
                 for row, (i, length) in enumerate(zip(indices, lengths)):
                     colbert[i] = vecs[row, :length].copy()
+        if not convert_to_numpy:
+            dense = None if dense is None else torch.from_numpy(dense)
+            colbert = None if colbert is None else [torch.from_numpy(v) for v in colbert]
         result = {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
         if single:
             result = {k: None if v is None else v[0] for k, v in result.items()}
@@ -501,7 +510,11 @@ class M3Embedder:
         """Scores of ``(query, passage)`` pairs: ``dense``, ``sparse``, ``colbert`` and the weighted means
         ``sparse+dense = (w0 d + w1 s) / (w0 + w1)``, ``colbert+sparse+dense = (w0 d + w1 s + w2 c) / sum(w)``
         with ``weights_for_different_modes = [w0, w1, w2]`` (default: the model's fitted
-        :attr:`hybrid_weights` when it has them, else ``[1, 1, 1]`` as FlagEmbedding).
+        :attr:`hybrid_weights` when it has them, else :data:`flagm3.defaults.COMPUTE_SCORE_WEIGHTS`, 1 : 1 : 1
+        as FlagEmbedding's ``compute_score``, so that it stays a drop-in). Ranking (``flagm3 eval``,
+        ``flagm3 search``, the evaluator, mining) uses BGE-M3's 1 : 0.3 : 1 instead
+        (:data:`flagm3.defaults.BGE_M3_ENSEMBLE_WEIGHTS`): pass ``weights_for_different_modes=[1, 0.3, 1]`` to
+        score pairs as they rank.
 
         Unlike ``BGEM3FlagModel.compute_score``, passage padding never takes part in ColBERT's MaxSim, so a
         pair's score does not depend on the other pairs of its batch (it equals :meth:`colbert_score`).
@@ -512,7 +525,7 @@ class M3Embedder:
         pairs = [sentence_pairs] if single else list(sentence_pairs)
         if weights_for_different_modes is None:
             fitted = self.hybrid_weights
-            weights = [1.0, 1.0, 1.0] if fitted is None else [fitted[h] for h in HEADS]
+            weights = [(COMPUTE_SCORE_WEIGHTS if fitted is None else fitted)[h] for h in HEADS]
         else:
             weights = list(weights_for_different_modes)
         if len(weights) != 3:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .data.validation import read_training_records
 from .evaluation.retrieval import encode_texts
 from .scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
@@ -53,26 +54,11 @@ def faiss_available() -> bool:
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_training_data(path: Union[str, os.PathLike]) -> list[dict]:
-    """Training lines ``{"query": str, "pos": [str], "neg": [str] (optional), ...}``.
-
-    A malformed line raises naming the file and line."""
-    records = []
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
-        if not isinstance(record.get("query"), str):
-            raise ValueError(f"{where}: field 'query' must be a string")
-        for name in ("pos", "neg"):
-            value = record.get(name, [] if name == "neg" else None)
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                raise ValueError(f"{where}: field {name!r} must be a list of strings")
-        if not record["pos"]:
-            raise ValueError(f"{where}: field 'pos' is empty")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no training lines")
-    return records
+    """Training lines ``{"query": str, "pos": [str], "neg": [str] (optional), ...}``, checked as ``flagm3 validate``
+    checks training data (:func:`flagm3.data.validation.read_training_records`): every problem is raised at once,
+    naming file, line and field. Each line keeps its other fields; ``pos`` is the checked one (empty passages
+    dropped)."""
+    return [{**line, "pos": record.pos} for line, record in read_training_records(path)]
 
 
 def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:

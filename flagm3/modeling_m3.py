@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -40,15 +41,39 @@ class M3Output(ModelOutput):
     """What the three heads give for a batch of ``B`` texts of ``L`` tokens.
 
     dense: [B, H] pooled vector (normalised when the config says so).
-    sparse: [B, L] lexical weight per token, zero at padding and at ignored special tokens.
+    token_weights: [B, L] the sparse head's lexical weight per token (not yet pooled per token id), zero at padding
+        and at ignored special tokens. ``sparse`` is its former name, still accepted (deprecated).
     colbert: [B, L-1, D] vector per token after CLS, zero at padding (normalised when the config says so).
     colbert_mask: [B, L-1] attention mask of those tokens.
     """
 
     dense: Optional[Tensor] = None
-    sparse: Optional[Tensor] = None
+    token_weights: Optional[Tensor] = None
     colbert: Optional[Tensor] = None
     colbert_mask: Optional[Tensor] = None
+
+    def __init__(self, dense: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
+                 colbert: Optional[Tensor] = None, colbert_mask: Optional[Tensor] = None, *,
+                 sparse: Optional[Tensor] = None) -> None:
+        if sparse is not None:
+            if token_weights is not None:
+                raise TypeError("M3Output: give token_weights or its former name sparse, not both")
+            token_weights = sparse
+        super().__init__()
+        self.dense, self.token_weights, self.colbert, self.colbert_mask = dense, token_weights, colbert, colbert_mask
+        self.__post_init__()
+
+    @property
+    def sparse(self) -> Optional[Tensor]:
+        """Deprecated name of :attr:`token_weights` ([B, L] per-token weights, not a sparse vector)."""
+        warnings.warn("M3Output.sparse is deprecated: use M3Output.token_weights", DeprecationWarning, stacklevel=2)
+        return self.token_weights
+
+    def __getitem__(self, key: Any) -> Any:
+        if key == "sparse":  # the former key, as the attribute
+            warnings.warn("M3Output['sparse'] is deprecated: use 'token_weights'", DeprecationWarning, stacklevel=2)
+            key = "token_weights"
+        return super().__getitem__(key)
 
 
 def pad_tokens(t: Tensor, length: int) -> Tensor:
@@ -76,12 +101,13 @@ def merge_outputs(parts: Sequence[M3Output], rows: Sequence[Sequence[int]], leng
             values = [pad_tokens(v, tokens) for v in values]
         return torch.cat(values).index_select(0, inverse)
 
-    return M3Output(dense=merged("dense"), sparse=merged("sparse", length), colbert=merged("colbert", length - 1),
+    return M3Output(dense=merged("dense"), token_weights=merged("token_weights", length),
+                    colbert=merged("colbert", length - 1),
                     colbert_mask=merged("colbert_mask", length - 1))
 
 
 def _first_tensor(out: M3Output) -> Tensor:
-    return next(v for v in (out.dense, out.sparse, out.colbert, out.colbert_mask) if v is not None)
+    return next(v for v in (out.dense, out.token_weights, out.colbert, out.colbert_mask) if v is not None)
 
 
 def first_token_index(attention_mask: Tensor) -> Tensor:
@@ -201,7 +227,7 @@ class M3Model(M3PreTrainedModel):
             raise ValueError(f"unknown heads {sorted(unknown)}; choose from {', '.join(HEADS)}")
         return M3Output(
             dense=self.dense_embedding(hidden, attention_mask) if "dense" in heads else None,
-            sparse=self.sparse_embedding(hidden, input_ids, attention_mask) if "sparse" in heads else None,
+            token_weights=self.sparse_embedding(hidden, input_ids, attention_mask) if "sparse" in heads else None,
             colbert=self.colbert_embedding(hidden, attention_mask) if "colbert" in heads else None,
             colbert_mask=tokens_after_first(attention_mask) if "colbert" in heads else None,
         )

@@ -99,5 +99,6 @@ class OnnxM3Model:
         names = [h for h in HEADS if h in heads]
         values = dict(zip(names, self.session.run(names, feeds)))
         as_tensor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in values.items()}
-        return M3Output(dense=as_tensor.get("dense"), sparse=as_tensor.get("sparse"), colbert=as_tensor.get("colbert"),
+        return M3Output(dense=as_tensor.get("dense"), token_weights=as_tensor.get("sparse"),
+                        colbert=as_tensor.get("colbert"),
                         colbert_mask=tokens_after_first(attention_mask).cpu() if "colbert" in heads else None)

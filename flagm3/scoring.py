@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .configuration_m3 import HEADS as HEADS  # re-exported: the heads scored here
+from .defaults import BGE_M3_ENSEMBLE_WEIGHTS as BGE_M3_ENSEMBLE_WEIGHTS  # re-exported: BGE-M3's 1 : 0.3 : 1
 
 # Elements of one intermediate ColBERT token-score block ([Q, chunk, Lq, Lp], or [pairs, Lq, Lp]).
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
@@ -236,7 +237,6 @@ def colbert_scores_paired(q_vecs: Tensor, q_mask: Tensor, p_vecs: Tensor, p_mask
 
 
 # ---------------------------------------------------------------------------------------------- hybrid
-BGE_M3_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
 
 
 def hybrid_scores(

@@ -7,6 +7,7 @@ Arguments are FlagEmbedding's M3 names plus flagm3's (see :mod:`flagm3.training_
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from typing import Optional, Sequence
@@ -25,9 +26,17 @@ from .distributed import (
 )
 from .errors import check_model, user_errors
 from .modeling_m3 import M3Model, check_tokenizer_fits
+from .resume import (
+    GracefulStop,
+    check_checkpoint_fits,
+    lost_process_message,
+    resolve_last,
+    save_failure_message,
+    stop_message,
+)
 from .sparse_init import init_sparse_head_from_idf
 from .trainer import M3Trainer
-from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments, recipe_warning
+from .training_args import M3DataArguments, M3ModelArguments, M3TrainingArguments
 
 logger = logging.getLogger("flagm3.train")
 
@@ -161,10 +170,7 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
         token=model_args.token,
         use_fast=model_args.use_fast_tokenizer,
     )
-    check_deepspeed_config(training_args)
-    warning = recipe_warning(training_args)
-    if warning:
-        logger.warning(warning)
+    check_deepspeed_config(training_args)  # (the recipe warning comes from the command line: flagm3.arguments)
     setup_process_group(training_args)  # before loading: ZeRO-3 partitions the model while it loads
     set_seed(training_args.seed)
     dataset = build_dataset(data_args, training_args, tokenizer)
@@ -189,14 +195,36 @@ def main(argv: Optional[Sequence[str]] = None) -> M3Trainer:
     non-zero exit code, not a traceback."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, training_args = parse_args(argv)
-    with user_errors("flagm3 train"):
+    with user_errors("flagm3 train", {"--model_name_or_path": model_args.model_name_or_path,
+                                      "--tokenizer_name": model_args.tokenizer_name}):
         check_model(model_args.model_name_or_path, "--model_name_or_path")
         check_model(model_args.tokenizer_name, "--tokenizer_name")
+        complete = resolve_last(training_args)  # "last": a path, a fresh start, or a finished run
+        if complete is not None:
+            print(f"flagm3 train: {complete.message()}", file=sys.stderr)
+            return None
         try:
             trainer = build_trainer(model_args, data_args, training_args)
         except DataValidationError as err:  # found before the model loads: every problem, one per line
             sys.exit(f"flagm3 train: {err}\nNothing was trained; `flagm3 validate DATA` prints a full summary.")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        check_checkpoint_fits(trainer.model, training_args.resume_from_checkpoint, model_args.model_name_or_path)
+    stop = GracefulStop()
+    trainer.add_callback(stop)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except (OSError, RuntimeError) as err:  # a full disk during a save; another process lost (killed, OOM)
+        if isinstance(err, OSError):
+            message = save_failure_message(err, training_args.output_dir)
+        else:
+            message = lost_process_message(err, training_args.output_dir, trainer.state.global_step)
+        if message is None or os.environ.get("FLAGM3_TRACEBACK"):
+            raise
+        sys.exit(f"flagm3 train: {message}")
+    if stop.signum is not None:  # a checkpoint was saved at the step boundary: no final model, no card
+        if trainer.is_world_process_zero():
+            print(f"flagm3 train: {stop_message(stop, training_args.output_dir)}", file=sys.stderr)
+        shutdown_process_group()
+        sys.exit(128 + stop.signum)
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():

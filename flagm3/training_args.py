@@ -4,7 +4,7 @@ so an existing launch script ports by changing the module name. Parsed with ``Hf
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from transformers import TrainingArguments
 
@@ -37,7 +37,7 @@ class M3ModelArguments:
         metadata={"help": "An encoder (fresh heads), a BGE-M3-layout directory, or a flagm3 checkpoint."}
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    cache_dir: Optional[str] = field(default=None)
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads are cached."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the model repository."})
     token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Load the fast (Rust) tokenizer if there is one."})
@@ -58,9 +58,10 @@ class M3ModelArguments:
         default=None, metadata={"help": "eager, sdpa or flash_attention_2 (default: the backbone's choice)."}
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the encoder; heads fully."})
-    lora_rank: int = field(default=16)
-    lora_alpha: float = field(default=32.0)
-    lora_dropout: float = field(default=0.1)
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={
+        "help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: str = field(
         default=r".*encoder\..*(query|key|value|dense)$",
         metadata={"help": "Regex of encoder Linear layers that get adapters."},
@@ -73,16 +74,22 @@ class M3DataArguments:
         default_factory=list, metadata={"help": "JSONL files or directories (one dataset per file).", "nargs": "+"}
     )
     train_group_size: int = field(default=8, metadata={"help": "Passages per query: 1 positive + negatives."})
-    query_max_len: int = field(default=32)
-    passage_max_len: int = field(default=128)
-    pad_to_multiple_of: Optional[int] = field(default=None)
-    max_example_num_per_dataset: Optional[int] = field(default=None)
-    query_instruction_for_retrieval: Optional[str] = field(default=None)
-    query_instruction_format: str = field(default="{}{}")
-    passage_instruction_for_retrieval: Optional[str] = field(default=None)
-    passage_instruction_format: str = field(default="{}{}")
+    query_max_len: int = field(default=32, metadata={"help": "Queries are truncated to this many tokens."})
+    passage_max_len: int = field(default=128, metadata={"help": "Passages are truncated to this many tokens."})
+    pad_to_multiple_of: Optional[int] = field(default=None, metadata={
+        "help": "Pad each batch's length up to a multiple of this (tensor-core friendly shapes)."})
+    max_example_num_per_dataset: Optional[int] = field(default=None, metadata={
+        "help": "Subsample each dataset (file) to at most this many records (seeded)."})
+    query_instruction_for_retrieval: Optional[str] = field(default=None, metadata={
+        "help": "Instruction put before every query (a record's `prompt` takes precedence)."})
+    query_instruction_format: str = field(default="{}{}", metadata={
+        "help": "Format of instruction and query, `{}{}` = instruction then query; `\\n` is a newline."})
+    passage_instruction_for_retrieval: Optional[str] = field(default=None, metadata={
+        "help": "Instruction put before every passage."})
+    passage_instruction_format: str = field(default="{}{}", metadata={"help": "Format of instruction and passage."})
     knowledge_distillation: bool = field(default=False, metadata={"help": "Distil pos_scores/neg_scores."})
-    same_dataset_within_batch: bool = field(default=False)
+    same_dataset_within_batch: bool = field(default=False, metadata={
+        "help": "Every batch draws from one dataset (file) only."})
     group_by_length: bool = field(
         default=False,
         metadata={"help": "Batch records of similar passage length (less padding; changes who the in-batch negatives "
@@ -92,17 +99,20 @@ class M3DataArguments:
         default=True, metadata={"help": "Records without negatives get some from other records."}
     )
     eval_data: Optional[str] = field(default=None, metadata={"help": "BEIR-layout directory for evaluation."})
-    eval_split: str = field(default="dev")
-    eval_max_corpus_size: Optional[int] = field(default=None)
-    eval_max_length: int = field(default=512)
+    eval_split: str = field(default="dev", metadata={
+        "help": "Split of `--eval_data` to evaluate on (`qrels/<split>.tsv`)."})
+    eval_max_corpus_size: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate on a seeded subset of the corpus of this size (judged documents kept)."})
+    eval_max_length: int = field(default=512, metadata={"help": "Maximum passage length when evaluating."})
 
 
 @dataclass
 class M3TrainingArguments(TrainingArguments):
     # --- FlagEmbedding names
     negatives_cross_device: bool = field(default=False, metadata={"help": "Negatives from every process."})
-    temperature: float = field(default=0.02)
-    fix_position_embedding: bool = field(default=False)
+    temperature: float = field(default=0.02, metadata={
+        "help": "Temperature of every head's scores (see `--loss_preset`, `--head_temperatures`)."})
+    fix_position_embedding: bool = field(default=False, metadata={"help": "Freeze the encoder's position embeddings."})
     sentence_pooling_method: Optional[str] = field(
         default=None,
         metadata={
@@ -119,10 +129,13 @@ class M3TrainingArguments(TrainingArguments):
     sub_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Cached-gradient (GradCache) training in chunks of this many texts."}
     )
-    kd_loss_type: str = field(default="kl_div", metadata={"choices": ["kl_div", "m3_kd_loss"]})
+    kd_loss_type: str = field(default="kl_div", metadata={
+        "choices": ["kl_div", "m3_kd_loss"],
+        "help": "Teacher-score distillation loss (with `--knowledge_distillation`)."})
     unified_finetuning: bool = field(default=True, metadata={"help": "Train sparse and ColBERT heads too."})
-    use_self_distill: bool = field(default=True)
-    self_distill_start_step: int = field(default=-1)
+    use_self_distill: bool = field(default=True, metadata={"help": "Distil the ensemble's scores into each head."})
+    self_distill_start_step: int = field(default=-1, metadata={
+        "help": "Self-distillation starts after this global step."})
     fix_encoder: bool = field(default=False, metadata={"help": "Train the heads only."})
     if not TRANSFORMERS_5:  # 4.x's own sampler option: M3Trainer groups by M3DataArguments.group_by_length instead
         group_by_length: bool = field(default=False, init=False)
@@ -225,7 +238,8 @@ class M3TrainingArguments(TrainingArguments):
     max_consecutive_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many consecutive steps with a non-finite loss/gradient."}
     )
-    remove_unused_columns: bool = field(default=False)
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Trainer setting; flagm3 needs it off (its batches are nested dicts)."})
 
     def __post_init__(self) -> None:
         before_training_arguments(self)  # transformers 4.x differences (flagm3.compat)
@@ -277,27 +291,29 @@ class M3TrainingArguments(TrainingArguments):
         """``attention_dropout`` when given, else the recipe's (``None``: keep the encoder's own)."""
         return self.recipe().attention_dropout
 
-    def differences_from_flagembedding(self) -> list[str]:
+    def differences_from_flagembedding(self, settings: Optional[Iterable[str]] = None) -> list[str]:
         """Where the objective these arguments train differs from the one FlagEmbedding 1.4.2 trains with the
         same flags: the effective loss config against the ``bge-m3`` preset built from the same arguments. One
-        line per differing setting, naming the flag that restores FlagEmbedding's value; empty when they agree."""
-        ours, theirs = asdict(self.loss_config()), asdict(self.loss_config(preset="bge-m3"))
-        trained = set(ours["heads"]) | ({"ensemble"} if len(ours["heads"]) > 1 else set())
+        line per differing setting (only ``settings``, M3LossConfig field names, when given), naming the flag
+        that restores FlagEmbedding's value (a value ``flagm3 train`` parses); empty when they agree."""
+        ours, theirs = self.loss_config(), self.loss_config(preset="bge-m3")
+        mine, reference = asdict(ours), asdict(theirs)
+        trained = set(ours.heads) | ({"ensemble"} if len(ours.heads) > 1 else set())
         lines = []
-        for name, value in ours.items():
-            reference = theirs.get(name)
-            if value == reference:
+        for name, value in mine.items():
+            if value == reference.get(name) or (settings is not None and name not in settings):
                 continue
             flag = _LOSS_FLAGS.get(name, name)
-            if isinstance(value, dict) and isinstance(reference, dict):
-                for key in sorted(set(value) | set(reference)):
+            if isinstance(value, dict):
+                for key in sorted(set(value) | set(reference[name])):
                     untrained = key in (*HEADS, "ensemble") and key not in trained  # its weight changes nothing
-                    if value.get(key) != reference.get(key) and not untrained:
-                        lines.append(f"{name}[{key}] = {value.get(key)} (FlagEmbedding: {reference.get(key)}; "
-                                     f"--{flag} {key}={reference.get(key)})")
+                    ours_key, theirs_key = _effective(ours, name, key), _effective(theirs, name, key)
+                    if ours_key != theirs_key and not untrained:
+                        lines.append(f"{name}[{key}] = {ours_key:g} (FlagEmbedding: {theirs_key:g}; "
+                                     f"--{flag} {key}={theirs_key:g})")
             else:
-                shown = ",".join(reference) if isinstance(reference, (list, tuple)) else reference
-                lines.append(f"{name} = {value} (FlagEmbedding: {reference}; --{flag} {shown})")
+                shown = ",".join(reference[name]) if isinstance(reference[name], (list, tuple)) else reference[name]
+                lines.append(f"{name} = {value} (FlagEmbedding: {reference[name]}; --{flag} {shown})")
         return lines
 
 
@@ -305,15 +321,44 @@ class M3TrainingArguments(TrainingArguments):
 # BGE-M3's 1024 dimensions (each capped at the head's size).
 MRL_DEFAULT_DIMS = (256, 512)
 
+
+def _effective(config: M3LossConfig, name: str, key: str) -> float:
+    """The value an ``M3LossConfig`` dict setting has for ``key``, defaults included (a temperature not
+    overridden per head is ``temperature``)."""
+    if name == "head_temperatures":
+        return config.head_temperature(key)
+    if name == "head_weights":
+        return config.head_weight(key)
+    default = 1.0 if name == "self_distill_weights" else 0.0  # as M3LossConfig.distilled_heads/ensemble_members
+    return float(getattr(config, name).get(key, default))
+
+
 # M3LossConfig field -> the argument that sets it (fields not listed are set by the argument of the same name)
 _LOSS_FLAGS = {"head_weights": "head_loss_weights"}
 
 
-def recipe_warning(args: M3TrainingArguments) -> Optional[str]:
-    """The one warning ``flagm3 train`` logs when the recipe trains another objective than FlagEmbedding's
-    flags ask for (see :meth:`M3TrainingArguments.differences_from_flagembedding`); ``None`` when it does not."""
-    lines = args.differences_from_flagembedding()
+# FlagEmbedding's flags that ask for a part of its objective the flagm3 recipe changes: flag -> the M3LossConfig
+# settings it asks for (None: all of them; --unified_finetuning asks for BGE-M3's joint training of every head).
+FLAGEMBEDDING_RECIPE_FLAGS: Dict[str, Optional[tuple[str, ...]]] = {
+    "unified_finetuning": None,
+    "use_self_distill": ("self_distill_weights",),
+    "temperature": ("head_temperatures",),
+}
+
+
+def recipe_warning(args: M3TrainingArguments, given: Iterable[str] = ()) -> Optional[str]:
+    """The one warning ``flagm3 train`` logs when FlagEmbedding flags given explicitly (``given``: argument
+    names, see :data:`FLAGEMBEDDING_RECIPE_FLAGS`) ask for what ``--loss_preset flagm3`` changes; ``None`` when
+    none does, or when ``--loss_preset`` was given explicitly (the recipe is then a choice)."""
+    given = set(given)
+    asked = [FLAGEMBEDDING_RECIPE_FLAGS[name] for name in given if name in FLAGEMBEDDING_RECIPE_FLAGS]
+    if not asked or "loss_preset" in given:
+        return None
+    settings = None if None in asked else {s for names in asked for s in names}
+    lines = args.differences_from_flagembedding(settings)
     if not lines:
         return None
-    return (f"--loss_preset {args.loss_preset} trains another objective than FlagEmbedding's for these flags: "
+    flags = ", ".join(f"--{name}" for name in sorted(given & set(FLAGEMBEDDING_RECIPE_FLAGS)))
+    return (f"--loss_preset {args.loss_preset} trains another objective than the FlagEmbedding flags given ({flags}) "
+            "ask for: "
             + "; ".join(lines) + ". --loss_preset bge-m3 restores all of it.")

@@ -24,7 +24,7 @@ BAD = [
     ('{"query": "drag", "pos": "a string, not a list", "neg": ["x"]}',
      "field 'pos': expected an array of strings, got string [wrong_type]"),
     ('{"query": "", "pos": ["x"], "neg": ["y"]}', "field 'query': empty query [empty_query]"),
-    ('{"query": "cut", "pos": ["x"]', "malformed JSON: Expecting ',' delimiter"),
+    ('{"query": "cut", "pos": ["x"]', "malformed JSON: Expecting ',' delimiter (column 30) [malformed_json]"),
     ('{"query": "kd", "pos": ["x"], "neg": ["y", "z"], "neg_scores": [0.5]}',
      "field 'neg_scores': has 1 score(s) but 'neg' has 2 text(s) [length_mismatch]"),
     ('["not", "an", "object"]', "expected a JSON object, got array [not_an_object]"),

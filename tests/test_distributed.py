@@ -155,7 +155,7 @@ def test_launch_scripts_pass_arguments_flagm3_accepts(script, tmp_path):
         assert command[:4] == ["torchrun", "--standalone", "--nproc_per_node", "3"]
         assert training_args.negatives_cross_device
     if script == "train_deepspeed.sh":
-        assert training_args.deepspeed == str(REPO / "deepspeed_configs" / "ds_stage2.json")
+        assert training_args.deepspeed == str(REPO / "flagm3" / "deepspeed_configs" / "ds_stage2.json")  # DS_CONFIG=stage2
 
 
 def test_train_single_script_trains_and_saves(tmp_path, tiny_encoder_dir):

@@ -1,11 +1,11 @@
 """The documentation builds and tells the truth about the command line.
 
 - ``mkdocs build --strict`` succeeds (every nav entry and internal link resolves);
-- every argument of ``flagm3 train`` that flagm3 defines (``M3ModelArguments``, ``M3DataArguments`` and the fields
-  ``M3TrainingArguments`` declares itself, ``--no_*`` spellings included) and every option of the other
-  subcommands has a row in ``docs/cli.md``, under its subcommand, showing the parser's real default;
-- every ``flagm3 ...`` / ``-m flagm3.train`` command line in the README and the docs uses only options the parser
-  accepts;
+- one test checks docs/cli.md against the parsers both ways: every argument of ``flagm3 train`` that flagm3
+  defines (``M3ModelArguments``, ``M3DataArguments`` and the fields ``M3TrainingArguments`` declares itself,
+  ``--no_*`` spellings included) and every option of the other subcommands has a row under its subcommand showing
+  the parser's real default, every ``--flag`` written in a subcommand's section exists in that parser, and every
+  ``flagm3 ...`` / ``-m flagm3.train`` command line in the README, the docs and examples/launch parses;
 - ``docs/api.md`` documents every name the package exports;
 - ``docs/migration.md`` maps every FlagEmbedding 1.4.2 M3 argument, and its "not accepted" rows are really
   rejected while the others exist.
@@ -123,47 +123,6 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- cli reference
-def test_every_train_argument_has_a_row_with_its_default():
-    text = section(CLI_MD.read_text(encoding="utf-8"), "flagm3 train")
-    rows = table_rows(text)
-    fields = flagm3_train_fields()
-    documented = 0
-    for action in train_parser()._actions:
-        if action.dest not in fields:
-            continue
-        flag = action.option_strings[0]  # the underscore spelling: --name or --no_name
-        assert flag in rows, f"docs/cli.md (flagm3 train) does not document {flag}"
-        documented += 1
-        if not flag.startswith("--no_"):
-            expected = shown_default(field_default(fields[action.dest]))
-            assert rows[flag][2] == expected, f"{flag}: docs/cli.md shows default {rows[flag][2]}, code has {expected}"
-    assert documented >= len(fields)  # every field, plus its --no_ spelling where one exists
-    # FlagEmbedding's argument names are all there
-    for name in ("train_group_size", "negatives_cross_device", "unified_finetuning", "use_self_distill",
-                 "kd_loss_type", "sub_batch_size", "colbert_dim"):
-        assert f"--{name}" in rows
-
-
-@pytest.mark.parametrize("command", sorted(set(subparsers()) - {"train"}))
-def test_every_subcommand_option_has_a_row_with_its_default(command):
-    rows = table_rows(section(CLI_MD.read_text(encoding="utf-8"), f"flagm3 {command}"))
-    for action in subparsers()[command]._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        name = max(action.option_strings, key=len) if action.option_strings else action.dest
-        assert name in rows, f"docs/cli.md (flagm3 {command}) does not document {name}"
-        if action.nargs != 0:
-            expected = shown_default(action.default)
-            assert rows[name][2] == expected, f"flagm3 {command} {name}: docs show {rows[name][2]}, code has {expected}"
-
-
-def test_every_subcommand_has_a_section():
-    text = CLI_MD.read_text(encoding="utf-8")
-    for command in subparsers():
-        assert f"\n## flagm3 {command}\n" in text
-
-
-# --------------------------------------------------------------------------------- command lines in docs
 def shell_commands(text: str) -> list[str]:
     """The command lines of the ```bash blocks of a Markdown text (continuations joined, comments removed)."""
     commands = []
@@ -175,37 +134,103 @@ def shell_commands(text: str) -> list[str]:
     return commands
 
 
-def accepted_options() -> dict[str, set[str]]:
-    """Option strings accepted by each subcommand (``train``: the full HfArgumentParser, TrainingArguments too)."""
-    options = {name: {s for a in p._actions for s in a.option_strings} for name, p in subparsers().items()}
-    options["train"] = {s for a in train_parser()._actions for s in a.option_strings}
-    return options
-
-
 def doc_files() -> list[Path]:
-    return [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    return [REPO / "README.md", *sorted(DOCS.glob("*.md")), *sorted((REPO / "examples").rglob("*.md"))]
 
 
-def test_command_lines_in_docs_use_real_options():
-    accepted = accepted_options()
+FLAG = re.compile(r"--[A-Za-z][\w-]*(?![\w<-])")
+COMMAND = re.compile(r"flagm3(?:\.train| (\w+))")
+
+
+def flags_written(text: str, command: str, commands: set[str]) -> list[tuple[str, str, str]]:
+    """``(subcommand, --flag, line)`` for every option written in a section of docs/cli.md: it belongs to the
+    section's subcommand unless the line names another one before it (``flagm3 mine --teacher-scores``)."""
+    found = []
+    for line in text.splitlines():
+        for match in FLAG.finditer(line):
+            owner = command
+            for named in COMMAND.finditer(line[: match.start()]):
+                owner = "train" if named.group(1) is None else named.group(1)
+            if owner in commands:
+                found.append((owner, match.group(0), line))
+    return found
+
+
+def command_line_options(path: Path, command: str) -> list[tuple[str, str]]:
+    """``(subcommand, --option)`` of a ``flagm3 ...``, ``-m flagm3.train`` or ``examples/launch`` command line."""
+    tokens = shlex.split(command)
+    if "flagm3" in tokens and tokens.index("flagm3") + 1 < len(tokens):
+        i = tokens.index("flagm3")
+        sub = tokens[i + 1]
+    elif "flagm3.train" in tokens:
+        i, sub = tokens.index("flagm3.train") - 1, "train"
+    elif any(t.startswith("examples/launch/") for t in tokens):  # extra arguments go to flagm3 train
+        i = next(n for n, t in enumerate(tokens) if t.startswith("examples/launch/")) - 1
+        sub = "train"
+    else:
+        return []
+    if sub.startswith("-"):  # flagm3 --version / --help
+        return [("", sub)]
+    return [(sub, t.split("=", 1)[0]) for t in tokens[i + 2:] if t.startswith("--")] or [(sub, "")]
+
+
+def test_documented_flags_and_commands_match_the_parsers():
+    """docs/cli.md and the parsers agree both ways, and every command line written in the docs, the README and
+    examples/launch parses: every option of every subcommand has a row under its section with the parser's
+    default; every ``--flag`` written in a subcommand's section exists in that subcommand's parser (a former name
+    kept as an alias counts); every documented command line uses real subcommands and options."""
+    text = CLI_MD.read_text(encoding="utf-8")
+    parsers = {**subparsers(), "train": train_parser()}
+    top = build_parser()
+    problems = []
+    for command, parser in parsers.items():
+        body = section(text, f"flagm3 {command}")
+        rows = table_rows(body)
+        if command == "train":
+            fields = flagm3_train_fields()
+            documented = {a.option_strings[0]: a for a in parser._actions if a.dest in fields}
+            for flag, action in documented.items():  # the underscore spelling: --name or --no_name
+                if flag not in rows:
+                    problems.append(f"cli.md (flagm3 train) does not document {flag}")
+                elif not flag.startswith("--no_") and rows[flag][2] != shown_default(field_default(fields[action.dest])):
+                    problems.append(f"cli.md: train {flag} shows default {rows[flag][2]}")
+            for name in ("train_group_size", "negatives_cross_device", "unified_finetuning", "use_self_distill",
+                         "kd_loss_type", "sub_batch_size", "colbert_dim"):  # FlagEmbedding's names
+                if f"--{name}" not in rows:
+                    problems.append(f"cli.md (flagm3 train) does not document FlagEmbedding's --{name}")
+        else:
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                name = action.option_strings[0] if action.option_strings else action.dest
+                if name not in rows:
+                    problems.append(f"cli.md (flagm3 {command}) does not document {name}")
+                elif action.nargs != 0 and rows[name][2] != shown_default(action.default):
+                    problems.append(f"cli.md: {command} {name} shows default {rows[name][2]}, "
+                                    f"code has {shown_default(action.default)}")
+        for owner, flag, line in flags_written(body, command, set(parsers)):
+            if not parsers[owner].accepts(flag):
+                problems.append(f"cli.md (flagm3 {command}): flagm3 {owner} has no {flag}: {line.strip()[:100]}")
     checked = 0
-    for path in doc_files():
-        for command in shell_commands(path.read_text(encoding="utf-8")):
-            tokens = shlex.split(command)
-            if "flagm3" in tokens and tokens.index("flagm3") + 1 < len(tokens):
-                i = tokens.index("flagm3")
-                sub = tokens[i + 1]
-            elif "flagm3.train" in tokens:
-                i, sub = tokens.index("flagm3.train") - 1, "train"
-            else:
-                continue
-            assert sub in accepted, f"{path.name}: `{command}` uses an unknown subcommand {sub!r}"
-            for token in tokens[i + 2:]:
-                if token.startswith("--"):
-                    option = token.split("=", 1)[0]
-                    assert option in accepted[sub], f"{path.name}: `{command}`: flagm3 {sub} has no {option}"
-            checked += 1
-    assert checked >= 15, f"only {checked} flagm3 command lines found in the docs"
+    sources = [(path, shell_commands(path.read_text(encoding="utf-8"))) for path in doc_files()]
+    for script in sorted((REPO / "examples" / "launch").glob("*.sh")):  # their argument lines go to flagm3 train
+        lines = [ln.split("#")[0].strip().rstrip("\\") for ln in script.read_text(encoding="utf-8").splitlines()]
+        sources.append((script, [f"flagm3 train {ln}" for ln in lines if ln.startswith("--")]))
+    for path, commands in sources:
+        for command in commands:
+            for sub, option in command_line_options(path, command):
+                checked += 1
+                if sub == "":
+                    ok = top.accepts(option)
+                elif sub not in parsers:
+                    problems.append(f"{path.name}: `{command}` uses an unknown subcommand {sub!r}")
+                    continue
+                else:
+                    ok = option == "" or parsers[sub].accepts(option)
+                if not ok:
+                    problems.append(f"{path.name}: `{command}`: flagm3 {sub} has no {option}")
+    assert checked >= 60, f"only {checked} documented options found"
+    assert not problems, "\n".join(problems)
 
 
 def test_readme_quick_start_commands():
@@ -268,12 +293,12 @@ def test_migration_maps_every_flagembedding_argument():
             cells = split_row(line)
             for name in re.findall(r"`(\w+)`", cells[0]):
                 rows[name] = cells
-    accepted = accepted_options()["train"]
+    parser = train_parser()
     for name in names:
         assert name in rows, f"docs/migration.md does not map FlagEmbedding's {name}"
         flagm3_cell = rows[name][1]
         if flagm3_cell == "—":
-            assert f"--{name}" not in accepted, f"migration.md says {name} is not accepted, but flagm3 train takes it"
+            assert not parser.accepts(f"--{name}"), f"migration.md says {name} is not accepted, but flagm3 train takes it"
         else:
             for option in re.findall(r"`(--\w+)`", flagm3_cell):
-                assert option in accepted, f"migration.md maps {name} to {option}, which flagm3 train does not take"
+                assert parser.accepts(option), f"migration.md maps {name} to {option}, which flagm3 train does not take"

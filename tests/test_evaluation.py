@@ -118,7 +118,7 @@ def test_load_beir_title_text_and_judged_queries(tmp_path):
     "corrupt, message",
     [
         (lambda root: (root / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n{"_id": "2", "text":\n'),
-         r"corpus\.jsonl:2: not valid JSON"),
+         r"corpus\.jsonl:2: malformed JSON"),
         (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n\n{"text": "b"}\n'),
          r"queries\.jsonl:3: missing field '_id'"),
         (lambda root: (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\t1\n"),

@@ -159,3 +159,25 @@ def test_exports_of_the_bge_m3_architecture(tmp_path):
     export_sentence_transformers(model, tokenizer, str(tmp_path / "st"))
     dense = st.SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(SENTENCES, convert_to_numpy=True)
     np.testing.assert_allclose(dense, reference["dense_vecs"], atol=1e-5)
+
+
+def test_hybrid_weight_files_have_one_owner(tmp_path):
+    """flagm3.hybrid_weights writes and reads hybrid_weights.json (export.py only copies it): a round trip, a
+    malformed file named, and the file export copies is the one the module writes."""
+    import ast
+    from pathlib import Path
+
+    import flagm3.export as export
+    from flagm3.hybrid_weights import HYBRID_WEIGHTS_FILE, read_hybrid_weights, save_hybrid_weights
+
+    fitted = {"weights": FITTED, "metric": "ndcg@10", "split": "dev"}
+    path = save_hybrid_weights(str(tmp_path), fitted)
+    assert path == str(tmp_path / HYBRID_WEIGHTS_FILE) and read_hybrid_weights(tmp_path) == FITTED
+    assert read_hybrid_weights(tmp_path / "elsewhere") is None and read_hybrid_weights("org/hub-id") is None
+    (tmp_path / HYBRID_WEIGHTS_FILE).write_text('{"weights": {"dense": 1}}')
+    with pytest.raises(ValueError, match=r"hybrid_weights\.json: expected"):
+        read_hybrid_weights(tmp_path)
+    assert export.SIDE_FILES == (HYBRID_WEIGHTS_FILE,)
+    source = Path(export.__file__).read_text(encoding="utf-8")
+    defined = {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)}
+    assert not defined & {"read_hybrid_weights", "save_hybrid_weights"} and "json.load(" not in source

@@ -300,3 +300,40 @@ def test_encode_lexical_dicts_carry_arrays_that_never_go_stale(embedder):
         assert d.arrays is None
         np.testing.assert_allclose(compute_lexical_matching_scores(q, [d]), [[dict_loop_score(q[0], d)]], rtol=1e-6)
 
+
+
+def test_convert_to_numpy_false_gives_tensors_of_the_same_values(embedder, tiny_model, tiny_tokenizer):
+    """``convert_to_numpy`` is honoured (it was accepted and ignored): tensors instead of arrays, same numbers."""
+    kwargs = {"max_length": MAX_LENGTH, "return_sparse": True, "return_colbert_vecs": True}
+    arrays = embedder.encode(TEXTS[:3], **kwargs)
+    tensors = embedder.encode(TEXTS[:3], convert_to_numpy=False, **kwargs)
+    assert isinstance(arrays["dense_vecs"], np.ndarray) and isinstance(tensors["dense_vecs"], torch.Tensor)
+    np.testing.assert_array_equal(tensors["dense_vecs"].numpy(), arrays["dense_vecs"])
+    for a, t in zip(arrays["colbert_vecs"], tensors["colbert_vecs"]):
+        assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), a)
+    assert tensors["lexical_weights"] == arrays["lexical_weights"]
+    as_default = M3Embedder(tiny_model, tokenizer=tiny_tokenizer, use_fp16=False, convert_to_numpy=False)
+    one = as_default.encode_queries(TEXTS[0], max_length=MAX_LENGTH)
+    assert isinstance(one["dense_vecs"], torch.Tensor) and one["dense_vecs"].shape == arrays["dense_vecs"][0].shape
+
+
+def test_compute_score_default_weights_are_flagembeddings_and_ranking_uses_bge_m3s(embedder):
+    """compute_score keeps FlagEmbedding's 1 : 1 : 1 (a drop-in); eval, search and mining rank with 1 : 0.3 : 1.
+    One constant each, in flagm3.defaults."""
+    from flagm3 import defaults
+    from flagm3.evaluation import DEFAULT_HYBRID_WEIGHTS
+    from flagm3.mining import DENSE_SPARSE_WEIGHTS
+    from flagm3.scoring import BGE_M3_ENSEMBLE_WEIGHTS
+
+    assert defaults.COMPUTE_SCORE_WEIGHTS == {"dense": 1.0, "sparse": 1.0, "colbert": 1.0}
+    assert BGE_M3_ENSEMBLE_WEIGHTS is defaults.BGE_M3_ENSEMBLE_WEIGHTS
+    assert DEFAULT_HYBRID_WEIGHTS == (1.0, 0.3, 1.0) and DENSE_SPARSE_WEIGHTS == (1.0, 0.3)
+    pairs = [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])]
+    default = embedder.compute_score(pairs, max_query_length=8, max_passage_length=MAX_LENGTH, show_progress=False)
+    explicit = embedder.compute_score(pairs, max_query_length=8, max_passage_length=MAX_LENGTH, show_progress=False,
+                                      weights_for_different_modes=[1, 1, 1])
+    assert default == explicit
+    import flagm3.inference as inference
+
+    doc = inference.M3Embedder.compute_score.__doc__
+    assert "1 : 1 : 1" in doc and "1 : 0.3 : 1" in doc

@@ -159,7 +159,7 @@ def test_small_pool_fill_and_shortage(embedder, data, tmp_path):
 def test_malformed_input_names_file_and_line(embedder, tmp_path):
     train = tmp_path / "bad.jsonl"
     train.write_text('{"query": "a", "pos": ["b"]}\n{"query": "c", "pos": "d"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'pos' must be a list of strings"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'pos': expected an array of strings"):
         mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", show_progress=False)
     train.write_text('{"query": "a", "pos": ["b"]}\n')
     pool = tmp_path / "pool.jsonl"
@@ -169,3 +169,19 @@ def test_malformed_input_names_file_and_line(embedder, tmp_path):
     with pytest.raises(ValueError, match="range_for_sampling"):
         mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", range_for_sampling=(5, 5),
                             show_progress=False)
+
+
+def test_mining_checks_its_input_as_validate_does(embedder, tmp_path):
+    """One validation for training data: mining reports every problem of its input at once, the same lines
+    ``flagm3 validate`` prints, read by the one JSONL reader (flagm3.texts.iter_jsonl)."""
+    from flagm3.data import DataValidationError, validate_data
+
+    train = tmp_path / "bad.jsonl"
+    train.write_text('{"query": "a", "pos": ["b"]}\n{"query": "", "pos": ["d"]}\n{"query": "e", "pos": []}\n'
+                     '{"query": "f", "pos": ["g"], "neg": ["h"], "neg_scores": [1, 2]}\nnull\n{"query": "i"\n')
+    with pytest.raises(DataValidationError) as exc:
+        mine_hard_negatives(embedder, train, tmp_path / "o.jsonl", show_progress=False)
+    report = validate_data([train])  # (the training-time check that a dataset can lend negatives does not apply)
+    assert [str(i) for i in exc.value.issues] == [str(i) for i in report.errors if i.kind != "no_corpus_negatives"]
+    assert [i.line for i in exc.value.issues] == [2, 3, 4, 5, 6]
+    assert "malformed JSON: Expecting ',' delimiter (column 14)" in str(exc.value)  # just past the text, not column 1

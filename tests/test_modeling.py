@@ -490,3 +490,31 @@ def test_minilm_through_from_encoder(minilm_dir):
     sims = out["dense"] @ out["dense"].T
     assert sims[0, 1] > sims[0, 2] + 0.2  # the real encoder's weights are in use: paraphrases are closer
 
+
+
+def test_token_weights_name_the_per_token_sparse_output_and_sparse_stays_an_alias(tiny_model, batch):
+    """M3Output.token_weights is the sparse head's [B, L] per-token weights (not a pooled sparse vector); the
+    former name ``sparse`` still reads and builds it, with a DeprecationWarning."""
+    import warnings
+
+    from flagm3.modeling_m3 import M3Output, merge_outputs
+
+    with torch.no_grad():
+        out = tiny_model(**batch)
+    assert list(out.keys()) == ["dense", "token_weights", "colbert", "colbert_mask"]
+    assert out.token_weights.shape == batch["input_ids"].shape
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert out.sparse is out.token_weights
+    assert [w.category for w in caught] == [DeprecationWarning]
+    old = M3Output(dense=out.dense, sparse=out.token_weights)
+    assert old.token_weights is out.token_weights and list(old.keys()) == ["dense", "token_weights"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert out["sparse"] is out["token_weights"]
+    assert [w.category for w in caught] == [DeprecationWarning]
+    with pytest.raises(TypeError):
+        M3Output(token_weights=out.token_weights, sparse=out.token_weights)
+    rows = [[1], [0, *range(2, out.dense.shape[0])]]
+    parts = [M3Output(token_weights=out.token_weights[r]) for r in rows]
+    assert torch.equal(merge_outputs(parts, rows, out.token_weights.shape[1]).token_weights, out.token_weights)

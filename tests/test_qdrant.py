@@ -173,24 +173,36 @@ def test_cli_eval_backend_qdrant_writes_the_same_json(saved_model_and_data, tmp_
             assert through_qdrant[ranking][metric] == pytest.approx(value, abs=1e-6), (ranking, metric)
 
 
-def test_cli_eval_fit_weights_stores_and_uses_them(saved_model_and_data, tmp_path, capsys):
+def test_cli_eval_fit_weights_writes_only_to_output_and_uses_them(saved_model_and_data, tmp_path, capsys):
+    """--fit-weights writes the fitted weights into --output only (never silently beside the model); an --output
+    named hybrid_weights.json beside the model makes them the model's default."""
     from flagm3.evaluation import evaluate_retrieval, load_beir
-    from flagm3.hybrid_weights import WEIGHT_GRID
+    from flagm3.hybrid_weights import WEIGHT_GRID, read_hybrid_weights
 
     model_dir, data = saved_model_and_data
+    before = sorted(p.name for p in model_dir.iterdir())
     cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--fit-weights", "dev",
               "--output", str(tmp_path / "fitted.json")])
     assert "hybrid weights fitted on dev" in capsys.readouterr().out
-    saved = json.loads((model_dir / "hybrid_weights.json").read_text())
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing written beside the model
+    written = json.loads((tmp_path / "fitted.json").read_text())
+    saved = written["hybrid_weights"]
     assert saved["split"] == "dev" and saved["grid_size"] == 2 * 7 * 6 - 1
     assert saved["value"] > saved["baseline_value"] and saved["weights"] != saved["baseline_weights"]
     assert all(saved["weights"][h] in WEIGHT_GRID[h] for h in WEIGHT_GRID)
-    embedder = M3Embedder(str(model_dir))
-    assert embedder.hybrid_weights == saved["weights"]  # inference reads them
+    assert read_hybrid_weights(tmp_path / "fitted.json") == saved["weights"]
+    assert M3Embedder(str(model_dir)).hybrid_weights is None
     corpus, queries, qrels = load_beir(data, "test")
-    expected = evaluate_retrieval(embedder, corpus, queries, qrels, hybrid_weights=saved["weights"],
-                                  show_progress=False)
-    written = json.loads((tmp_path / "fitted.json").read_text())
+    expected = evaluate_retrieval(M3Embedder(str(model_dir)), corpus, queries, qrels,
+                                  hybrid_weights=saved["weights"], show_progress=False)
     assert written["all"] == pytest.approx(expected["all"])  # the evaluation after fitting used them
-    cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "again.json")])
-    assert json.loads((tmp_path / "again.json").read_text())["all"] == pytest.approx(expected["all"])
+    # asked for: the output beside the model is the file M3Embedder, eval and search read
+    target = model_dir / "hybrid_weights.json"
+    try:
+        cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--fit-weights", "dev",
+                  "--output", str(target)])
+        assert M3Embedder(str(model_dir)).hybrid_weights == saved["weights"]
+        cli_main(["eval", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "again.json")])
+        assert json.loads((tmp_path / "again.json").read_text())["all"] == pytest.approx(expected["all"])
+    finally:
+        target.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ def test_jsonl_round_trip_keeps_text_and_line_numbers(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"a": \n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON \(Expecting value at column 7\)"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON: Expecting value \(column 7\)"):
         list(read_jsonl(path))
 
 

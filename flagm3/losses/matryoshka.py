@@ -28,7 +28,8 @@ def nested_dims(dims: Sequence[int], size: int) -> Tuple[int, ...]:
 
 def truncate_output(out: M3Output, head: str, dim: int, normalize: bool) -> M3Output:
     """``out`` with ``head``'s vectors (``dense`` [B, H] or ``colbert`` [B, L, D]) cut to ``dim`` dimensions."""
-    fields = {"dense": out.dense, "sparse": out.sparse, "colbert": out.colbert, "colbert_mask": out.colbert_mask}
+    fields = {"dense": out.dense, "token_weights": out.token_weights, "colbert": out.colbert,
+              "colbert_mask": out.colbert_mask}
     fields[head] = truncate(fields[head], dim, normalize)
     return M3Output(**fields)
 

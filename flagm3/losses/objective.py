@@ -187,6 +187,11 @@ class M3LossConfig:
         if not self.contrastive_terms() and not self.distilled_heads():
             raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
                              f"self-distillation {'on' if self.use_self_distill else 'off'}")
+        if not self.contrastive_terms() and self.self_distill_start_step >= 0:
+            raise ValueError(f"every contrastive weight is 0 (head_weights={self.head_weights}) and self-distillation "
+                             f"starts only after step {self.self_distill_start_step}: steps 0-"
+                             f"{self.self_distill_start_step} would have no loss term; give a head a weight or set "
+                             "self_distill_start_step -1")
 
     def mrl_weight(self, dim: int) -> float:
         """Weight of the nested term at ``dim`` dimensions: that of the smallest ``mrl_dims`` entry >= ``dim`` (the
@@ -353,7 +358,7 @@ class M3Loss(nn.Module):
         if cfg.colbert_pool_factor > 1 and p.colbert is not None:  # as flagm3.compression pools at encode time
             vecs, mask = pool_colbert_batch(p.colbert, p.colbert_mask, cfg.colbert_pool_factor,
                                             cfg.normalize_compressed)
-            p = M3Output(dense=p.dense, sparse=p.sparse, colbert=vecs, colbert_mask=mask)
+            p = M3Output(dense=p.dense, token_weights=p.token_weights, colbert=vecs, colbert_mask=mask)
         terms_on = cfg.contrastive_terms()
         distilled = cfg.distilled_heads() if cfg.distills(step) else ()
         members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
@@ -390,8 +395,8 @@ class M3Loss(nn.Module):
         if q.sparse is not None and p.sparse is not None:
             for side, out in (("query", q), ("passage", p)):
                 stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
-        if cfg.sparse_flops_weight > 0 and p.sparse is not None:  # .flops: fewer active tokens per passage
-            penalty = flops_penalty(p_ids, p.sparse, cfg.sparse_flops_weight, cfg.sparse_flops_target)
+        if cfg.sparse_flops_weight > 0 and p.token_weights is not None:  # .flops: fewer active tokens per passage
+            penalty = flops_penalty(p_ids, p.token_weights, cfg.sparse_flops_weight, cfg.sparse_flops_target)
             loss = loss + penalty
             logs["loss"] = loss.detach()
             stats["sparse_flops"] = penalty.detach()

@@ -35,6 +35,17 @@ def _float_output(out: M3Output) -> M3Output:
                     colbert_mask=out.colbert_mask)
 
 
+def trained_sparse_head(model: nn.Module) -> nn.Module:
+    """The sparse head whose parameters train: under PEFT (LoRA with ``modules_to_save``) the active adapter's
+    copy inside the ``ModulesToSaveWrapper``, not the frozen original beside it."""
+    head = unwrap_m3(model).sparse_linear
+    copies = getattr(head, "modules_to_save", None)
+    if copies is None:
+        return head
+    active = head.active_adapter
+    return copies[active if isinstance(active, str) else active[0]]
+
+
 SPARSE_ANCHOR_FILE = "sparse_anchor.safetensors"  # the sparse anchor's reference, in checkpoints (when on)
 
 
@@ -157,7 +168,7 @@ class M3BatchLoss(nn.Module):
         batch, or the one :meth:`load_sparse_anchor_reference` restored from a checkpoint."""
         if self.objective.config.sparse_anchor_weight <= 0 or "sparse" not in self.objective.config.computed_heads():
             return None
-        head = unwrap_m3(model).sparse_linear
+        head = trained_sparse_head(model)
         if any(p.numel() == 0 for p in head.parameters()):
             raise ValueError("sparse_anchor_weight needs the sparse head's whole parameters on every process; under "
                              "DeepSpeed ZeRO-3 they are partitioned: use ZeRO stage 0-2 or sparse_anchor_weight 0.")

@@ -184,7 +184,7 @@ def train(result_dir: str, argv: Sequence[str]) -> tuple[Any, dict]:
 
     trainer.compute_loss = recording_compute_loss
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         logging.getLogger("flagm3.trainer").removeHandler(warnings)
     trainer.save_model()
