@@ -16,7 +16,7 @@ def add_arguments(parser: Any, passage: bool = True, quantization: bool = False)
     ``--sparse-threshold``; with ``quantization`` ``--quantization``) to an argparse parser."""
     group = parser.add_argument_group("smaller vectors (flagm3.compression)")
     group.add_argument("--dense-dim", type=int, help="Keep the first D dense dimensions (renormalised; train with "
-                       "--mrl_dims for quality at small D).")
+                       "Matryoshka, flagm3 train's mrl_dims, for quality at small D).")
     group.add_argument("--colbert-dim", type=int, help="Keep the first D ColBERT dimensions (renormalised).")
     if passage:
         group.add_argument("--pool-factor", type=int, help="Pool each passage's ColBERT token vectors by "

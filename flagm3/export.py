@@ -124,19 +124,6 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
     return graph
 
 
-def read_export_compression(path: Any) -> Optional[Compression]:
-    """The :class:`Compression` an ONNX export in ``path`` was written with (``None``: not an export, or none)."""
-    if not is_onnx_export(path):
-        return None
-    file = os.path.join(path, ONNX_CONFIG_FILE)
-    with open(file, encoding="utf-8") as f:
-        values = json.load(f).get("compression") or {}
-    try:
-        return Compression.from_dict(values) if values else None
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{file}: field 'compression': {err}") from err
-
-
 def is_onnx_export(path: Any) -> bool:
     """Whether ``path`` is a directory written by :func:`export_onnx`."""
     return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, ONNX_CONFIG_FILE))

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from .compression import Compression, PassageStats, pool_colbert_batch, prune_lexical, truncate
 from .convert_bge_m3 import resolve_checkpoint
 from .defaults import COMPUTE_SCORE_WEIGHTS
-from .export import is_onnx_export, read_export_compression
+from .export import is_onnx_export
 from .hybrid_weights import read_hybrid_weights
 from .modeling_m3 import M3Model, check_tokenizer_fits
 from .scoring import (
@@ -224,6 +224,8 @@ class M3Embedder:
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
         if compression is None:
+            from .onnx_model import read_export_compression
+
             compression = read_export_compression(self.model_name_or_path) or Compression()
         self.compression = compression
         self.passage_stats = PassageStats()  # what the passages encoded so far would store in an index

@@ -198,7 +198,7 @@ class M3TrainingArguments(TrainingArguments):
     colbert_pool_factor: Optional[int] = field(
         default=None,
         metadata={"help": "Pooling-aware ColBERT training: passages' token vectors pooled by this factor "
-                  "(hierarchical clustering, as `--pool-factor` at encode time) in every ColBERT score. Default 1."},
+                  "(hierarchical clustering, as the encode-time pool factor) in every ColBERT score. Default 1."},
     )
     sparse_flops_weight: Optional[float] = field(
         default=None,
