@@ -182,6 +182,11 @@ API: list[tuple[str, str, list[str]]] = [
                                                "write_manifest", "IncompleteCheckpointError"]),
     ("demo", "flagm3.demo", ["run_demo"]),
     ("model-card", "flagm3.model_card", ["write_model_card", "render_model_card"]),
+    ("compression", "flagm3.compression", ["Compression", "truncate", "pool_tokens", "pool_colbert_batch",
+                                           "prune_lexical", "index_bytes_per_passage", "PassageStats"]),
+    ("compression-training", "flagm3.losses.matryoshka", ["nested_dims", "matryoshka_terms"]),
+    ("flops", "flagm3.losses.flops", ["flops", "flops_penalty"]),
+    ("st-modules", "flagm3.st_modules", ["M3SparsePooling"]),
 ]
 
 _ROLE = re.compile(r":(?:class|meth|func|data|mod|attr|obj):`~?([^`]+)`")

@@ -27,6 +27,8 @@ _LAZY = {
     "M3TrainingArguments": "training_args",
     "M3ModelArguments": "training_args",
     "M3DataArguments": "training_args",
+    "M3SparsePooling": "st_modules",  # needs sentence-transformers
+    "Compression": "compression",
 }
 
 

@@ -116,9 +116,6 @@ LEGACY_ARGUMENTS: tuple[LegacyArgument, ...] = (
                    reason="flagm3 keeps every training file as its own dataset; small ones are not merged"),
     LegacyArgument("drop_threshold", int, warn=True, fe_default=0,
                    reason="flagm3 keeps every training file as its own dataset; merged small ones are not dropped"),
-    LegacyArgument("use_mrl", string_to_bool, nargs="?", warn=True, fe_default=False,
-                   reason="FlagEmbedding's M3 model has no MRL either (it raises NotImplementedError)"),
-    LegacyArgument("mrl_dims", int, nargs="+", reason="MRL is not implemented for M3 models (see --use_mrl)"),
     # transformers 4's TrainingArguments that transformers 5 removed or renamed
     LegacyArgument("overwrite_output_dir", string_to_bool, nargs="?",
                    reason=f"{_REMOVED_IN_5}; flagm3 writes into an existing --output_dir (continue a run with "

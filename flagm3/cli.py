@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from . import compression_options as compression
 from .cli_convention import ConventionFormatter, ConventionParser, build_convention_parser
 from .defaults import BGE_M3_ENSEMBLE_WEIGHTS, HEADS
 from .errors import check_file, check_model, user_errors
@@ -29,13 +30,15 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         from .export import export_onnx
 
-        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source)
+        graph = export_onnx(model, tokenizer, args.output, quantize=args.quantize, source=source,
+                            compression=compression.from_arguments(args))
         print(f"wrote ONNX graph (dense, sparse, colbert outputs) to {graph}")
         return
     if args.format == "sentence-transformers":
         from .export import export_sentence_transformers
 
-        summary = export_sentence_transformers(model, tokenizer, args.output, source=source)
+        summary = export_sentence_transformers(model, tokenizer, args.output, source=source,
+                                               compression=compression.from_arguments(args))
         for head, directory in summary["written"].items():
             print(f"wrote the {head} head as sentence-transformers model to {directory}")
         for head, reason in summary["left_out"].items():
@@ -68,6 +71,7 @@ def _embedder(args: argparse.Namespace) -> Any:
                "passage_max_length": getattr(args, "passage_max_len", None)}  # search no passages
     return M3Embedder(args.model, batch_size=args.batch_size,
                       query_instruction_for_retrieval=getattr(args, "query_instruction_for_retrieval", None),
+                      compression=compression.from_arguments(args),
                       **{k: v for k, v in lengths.items() if v is not None})
 
 
@@ -79,7 +83,8 @@ def _index(args: argparse.Namespace) -> None:
     total = sum(1 for line in open(args.corpus, encoding="utf-8") if line.strip())
     client = qdrant.connect(args.qdrant)
     summary = qdrant.index_corpus(embedder, client, args.collection, read_corpus(args.corpus),
-                                  chunk_size=args.chunk_size, store_text=not args.no_text, total=total)
+                                  chunk_size=args.chunk_size, store_text=not args.no_text, total=total,
+                                  quantization=args.quantization)
     summary["points"] = client.count(args.collection).count
     print(json.dumps(summary))
 
@@ -222,8 +227,10 @@ def build_parser() -> ConventionParser:
     p.add_argument("--output", required=True, help="Directory to write.")
     p.add_argument("--format", choices=["bge-m3", "flagm3", "onnx", "sentence-transformers"], default="bge-m3",
                    help="onnx: one graph with the three heads, run by M3Embedder(OUTPUT); sentence-transformers: "
-                        "the dense head (and ColBERT in OUTPUT/colbert where supported).")
+                        "the dense head, the sparse head in OUTPUT/sparse (a SparseEncoder) and ColBERT in "
+                        "OUTPUT/colbert where supported.")
     p.add_argument("--quantize", action="store_true", help="onnx: int8 dynamic quantisation of the weights.")
+    compression.add_arguments(p, passage=False)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="Retrieval metrics of every head and hybrid on a BEIR-layout collection.")
@@ -254,6 +261,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--fit-weights", metavar="SPLIT",
                    help="First fit the hybrid weights on this split (e.g. dev) and evaluate with them; they are "
                         "printed and written to --output, never beside the model.")
+    compression.add_arguments(p)
     p.set_defaults(func=_eval)
 
     def serving_args(p: ConventionParser) -> None:
@@ -269,6 +277,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--corpus", required=True, help="BEIR corpus.jsonl (_id, title, text).")
     p.add_argument("--chunk-size", type=int, default=256, help="Documents encoded and upserted at a time.")
     p.add_argument("--no-text", action="store_true", help="Do not store the passage text in the payload.")
+    compression.add_arguments(p, quantization=True)
     p.set_defaults(func=_index)
 
     p = sub.add_parser("search", help="Search a Qdrant index: one head or the hybrid.")
@@ -285,6 +294,7 @@ def build_parser() -> ConventionParser:
     p.add_argument("--limit", type=int, default=10, help="Hits per query.")
     p.add_argument("--prefetch-limit", type=int, default=100, help="Hybrid: candidates per head.")
     p.add_argument("--exact", action="store_true", help="Exact search (no HNSW approximation).")
+    compression.add_arguments(p, passage=False)
     p.set_defaults(func=_search)
 
     p = sub.add_parser("mine", help="Mine hard negatives for a training JSONL.")

@@ -5,12 +5,16 @@ batch and length) and returns the :class:`~flagm3.modeling_m3.M3Output` fields `
 ``token_weights`` [B, L] (as the graph output ``sparse``) and ``colbert`` [B, L-1, D], computed by
 :meth:`M3Model.forward` itself. Beside it: the tokenizer and
 ``flagm3_onnx.json`` (the M3 config and the graph's names), which :class:`flagm3.onnx_model.OnnxM3Model` and
-``M3Embedder(DIR)`` read.
+``M3Embedder(DIR)`` read. With a :class:`~flagm3.compression.Compression` the graph gives the truncated
+(renormalised) dense and ColBERT vectors and the JSON keeps the settings, which ``M3Embedder(DIR)`` applies
+(ColBERT pooling and sparse pruning run outside the graph).
 
 sentence-transformers (:func:`export_sentence_transformers`): the dense head as a ``SentenceTransformer``
 (encoder, pooling as configured, Normalize when the model normalises) in the output directory, and the
 ColBERT head as a ``MultiVectorEncoder`` in ``colbert/`` (Dense projection, Normalize, the CLS token masked
-out, MeanMaxSim) when the installed sentence-transformers has one. Heads it cannot express are listed in
+out, MeanMaxSim) when the installed sentence-transformers has one, and the sparse head as a ``SparseEncoder`` in
+``sparse/`` (:class:`flagm3.st_modules.M3SparsePooling`). Compression dimensions become a slicing ``Dense``
+(dense head) and the ColBERT projection's first rows, before Normalize. Heads it cannot express are listed in
 ``flagm3_export.json`` and in the returned summary.
 """
 
@@ -23,11 +27,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from .compression import Compression, truncate
 from .configuration_m3 import HEADS
 from .hybrid_weights import HYBRID_WEIGHTS_FILE
 from .modeling_m3 import M3Model
@@ -42,15 +47,19 @@ SIDE_FILES = (HYBRID_WEIGHTS_FILE,)  # fitted hybrid weights beside the model tr
 
 
 class _ThreeHeads(nn.Module):
-    """``M3Model.forward`` with positional inputs and a tuple of the three head outputs (what ONNX traces)."""
+    """``M3Model.forward`` with positional inputs and a tuple of the three head outputs (what ONNX traces), the
+    dense and ColBERT vectors cut to ``compression``'s dimensions."""
 
-    def __init__(self, model: M3Model) -> None:
+    def __init__(self, model: M3Model, compression: Optional[Compression] = None) -> None:
         super().__init__()
         self.model = model
+        self.compression = compression or Compression()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.dense, out.token_weights, out.colbert
+        normalize = self.model.config.normalize_embeddings
+        return (truncate(out.dense, self.compression.dense_dim, normalize), out.token_weights,
+                truncate(out.colbert, self.compression.colbert_dim, normalize))
 
 
 def copy_side_files(source: Any, output: str) -> List[str]:
@@ -65,10 +74,10 @@ def copy_side_files(source: Any, output: str) -> List[str]:
 
 
 def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = False, opset: int = 17,
-                source: Any = None) -> str:
+                source: Any = None, compression: Optional[Compression] = None) -> str:
     """Write ``model.onnx`` (float32, or int8 dynamic quantisation with ``quantize``), the tokenizer and
     ``flagm3_onnx.json`` to ``output``; return the graph's path. ``source``: the model's directory, whose
-    fitted hybrid weights are copied along."""
+    fitted hybrid weights are copied along. ``compression``: see the module's docstring."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as err:
@@ -90,7 +99,7 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
         # checked on other batch sizes and lengths in the tests
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*advanced indexing.*")
-        torch.onnx.export(_ThreeHeads(model), args, float_graph, dynamo=False, input_names=list(ONNX_INPUTS),
+        torch.onnx.export(_ThreeHeads(model, compression), args, float_graph, dynamo=False, input_names=list(ONNX_INPUTS),
                           output_names=list(ONNX_OUTPUTS), dynamic_axes=axes, opset_version=opset)
     model.train(was_training)
     if quantize:
@@ -107,6 +116,7 @@ def export_onnx(model: M3Model, tokenizer: Any, output: str, quantize: bool = Fa
         "quantization": "int8-dynamic" if quantize else None,
         "opset": opset,
         "m3_config": model.config.to_dict(),
+        "compression": (compression or Compression()).to_dict(),
     }
     with open(os.path.join(output, ONNX_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -119,9 +129,12 @@ def is_onnx_export(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, ONNX_CONFIG_FILE))
 
 
-def export_sentence_transformers(model: M3Model, tokenizer: Any, output: str, source: Any = None) -> Dict[str, Any]:
-    """Write the dense head as a ``SentenceTransformer`` to ``output`` and, where the installed
-    sentence-transformers has ``MultiVectorEncoder``, the ColBERT head to ``output/colbert``.
+def export_sentence_transformers(model: M3Model, tokenizer: Any, output: str, source: Any = None,
+                                 compression: Optional[Compression] = None) -> Dict[str, Any]:
+    """Write the dense head as a ``SentenceTransformer`` to ``output``, the sparse head as a ``SparseEncoder`` to
+    ``output/sparse`` and, where the installed sentence-transformers has ``MultiVectorEncoder``, the ColBERT head
+    to ``output/colbert``; ``compression``'s dimensions apply (pooling and pruning are encode-time options of
+    ``M3Embedder``: ``SparseEncoder(..., max_active_dims=k)`` prunes as ``sparse_top_k``).
 
     Returns ``{"written": {head: directory}, "left_out": {head: reason}}`` (also saved as flagm3_export.json).
     """
@@ -132,13 +145,15 @@ def export_sentence_transformers(model: M3Model, tokenizer: Any, output: str, so
     except ImportError as err:
         raise ImportError("sentence-transformers export needs sentence-transformers>=6: "
                           "pip install 'flagm3[deploy]'") from err
+    from sentence_transformers.base.modules.dense import Dense
+
+    from .st_modules import M3SparsePooling
+
     config = model.config
+    compression = compression or Compression()
     os.makedirs(output, exist_ok=True)
     written: Dict[str, str] = {}
-    left_out: Dict[str, str] = {
-        "sparse": ("sentence-transformers' SparseEncoder pools vocabulary-sized MLM logits (SPLADE); it has no "
-                   "module for a per-token ReLU(Linear(hidden, 1)) weight max-pooled by token id"),
-    }
+    left_out: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
         model.encoder.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -147,20 +162,29 @@ def export_sentence_transformers(model: M3Model, tokenizer: Any, output: str, so
         def normalize(**kwargs: Any) -> List[nn.Module]:
             return [Normalize(**kwargs)] if config.normalize_embeddings else []
 
-        modules = [Transformer(tmp), Pooling(config.encoder_hidden_size, pooling_mode=ST_POOLING[config.pooling])]
+        hidden = config.encoder_hidden_size
+        modules = [Transformer(tmp), Pooling(hidden, pooling_mode=ST_POOLING[config.pooling])]
+        dense_dim = compression.dense_dim
+        if dense_dim is not None and dense_dim < hidden:  # keep the first dims: an exact slicing projection
+            modules.append(Dense(hidden, dense_dim, bias=False, activation_function=nn.Identity(),
+                                 init_weight=torch.eye(hidden)[:dense_dim].clone()))
         st.SentenceTransformer(modules=modules + normalize(), device="cpu").save(output)
         written["dense"] = output
+        sparse_dir = os.path.join(output, "sparse")
+        st.SparseEncoder(modules=[Transformer(tmp), M3SparsePooling.from_m3(model)], device="cpu",
+                         similarity_fn_name="dot").save(sparse_dir)
+        written["sparse"] = sparse_dir
         try:
             from sentence_transformers import MultiVectorEncoder
-            from sentence_transformers.base.modules.dense import Dense
             from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
         except ImportError:
             left_out["colbert"] = f"sentence-transformers {st.__version__} has no MultiVectorEncoder (needs >= 6)"
         else:
             linear = model.colbert_linear
-            dense = Dense(linear.in_features, linear.out_features, bias=True, activation_function=nn.Identity(),
-                          init_weight=linear.weight.detach().float().cpu().clone(),
-                          init_bias=linear.bias.detach().float().cpu().clone(),
+            rows = min(compression.colbert_dim or linear.out_features, linear.out_features)  # first dims only
+            dense = Dense(linear.in_features, rows, bias=True, activation_function=nn.Identity(),
+                          init_weight=linear.weight.detach().float().cpu()[:rows].clone(),
+                          init_bias=linear.bias.detach().float().cpu()[:rows].clone(),
                           module_input_name="token_embeddings")
             # M3 drops the first (CLS) token's vector on both sides: the CLS id occurs only there.
             mask = MultiVectorMask(skiplist_words=[tokenizer.cls_token or tokenizer.bos_token],
@@ -172,7 +196,7 @@ def export_sentence_transformers(model: M3Model, tokenizer: Any, output: str, so
             mve.save(colbert_dir)
             written["colbert"] = colbert_dir
     copy_side_files(source, output)
-    summary = {"written": written, "left_out": left_out,
+    summary = {"written": written, "left_out": left_out, "compression": compression.to_dict(),
                "sentence_transformers_version": st.__version__}
     Path(output, ST_EXPORT_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -17,11 +17,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from .compression import Compression, PassageStats, pool_colbert_batch, prune_lexical, truncate
 from .convert_bge_m3 import resolve_checkpoint
 from .defaults import COMPUTE_SCORE_WEIGHTS
 from .export import is_onnx_export
@@ -151,6 +151,9 @@ class M3Embedder:
         truncate_dim: keep the first ``truncate_dim`` dense/ColBERT dimensions (renormalised).
         tokenizer: the tokenizer (required with a model instance; loaded from the path otherwise).
         passage_instruction_for_retrieval, passage_instruction_format: prefix for ``encode_corpus``.
+        compression: :class:`flagm3.compression.Compression`: dense/ColBERT dimensions (both sides; overrides
+            ``truncate_dim``), ColBERT token pooling and sparse pruning (passages: ``encode_corpus``,
+            ``iter_outputs(passage=True)``). Default: the one an ONNX export was written with, else none.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class M3Embedder:
         passage_instruction_for_retrieval: Optional[str] = None,
         passage_instruction_format: str = "{}{}",
         convert_to_numpy: bool = True,
+        compression: Optional[Compression] = None,
     ) -> None:
         if isinstance(model_name_or_path, M3Model):
             if tokenizer is None:
@@ -225,6 +229,12 @@ class M3Embedder:
         self.return_dense, self.return_sparse = return_dense, return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
+        if compression is None:
+            from .onnx_model import read_export_compression
+
+            compression = read_export_compression(self.model_name_or_path) or Compression()
+        self.compression = compression
+        self.passage_stats = PassageStats()  # what the passages encoded so far would store in an index
         self.convert_to_numpy = convert_to_numpy  # the default of encode*: numpy arrays, or torch tensors
         # weights fitted by `flagm3 eval --fit-weights` (hybrid_weights.json beside the model), else None
         self.hybrid_weights = (None if isinstance(model_name_or_path, M3Model)
@@ -262,8 +272,10 @@ class M3Embedder:
         return features
 
     def _forward(self, features: Dict[str, List[List[int]]], indices: Sequence[int],
-                 heads: Sequence[str]) -> Dict[str, Tensor]:
-        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs."""
+                 heads: Sequence[str], compression: Optional[Compression] = None) -> Dict[str, Tensor]:
+        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs
+        (``compression``, default the embedder's dimensions only, applied)."""
+        compression = self.compression_for(passage=False) if compression is None else compression
         batch = self.tokenizer.pad({k: [v[i] for i in indices] for k, v in features.items()},
                                    padding=True, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in batch.items()}
@@ -278,21 +290,33 @@ class M3Embedder:
             self.model.train(was_training)
         # copied outside inference mode, once: callers get ordinary host tensors
         result: Dict[str, Tensor] = {}
+        normalize = self.normalize_embeddings
         if out.dense is not None:
-            result["dense"] = _to_host(self._truncate(out.dense.float()))
+            result["dense"] = _to_host(truncate(out.dense.float(), compression.dense_dim, normalize))
         if out.token_weights is not None:
             result["sparse_ids"] = _to_host(inputs["input_ids"])
-            result["sparse_weights"] = _to_host(out.token_weights.float())
+            result["sparse_weights"] = _to_host(prune_lexical(inputs["input_ids"], out.token_weights.float(),
+                                                              compression.sparse_top_k, compression.sparse_threshold))
         if out.colbert is not None:
-            result["colbert"] = _to_host(self._truncate(out.colbert.float()))
-            result["colbert_mask"] = _to_host(out.colbert_mask)
+            vecs, mask = truncate(out.colbert.float(), compression.colbert_dim, normalize), out.colbert_mask
+            if compression.pool_factor > 1:  # clustering runs on the host
+                vecs, mask = pool_colbert_batch(vecs.cpu(), mask.cpu(), compression.pool_factor, normalize)
+            result["colbert"], result["colbert_mask"] = _to_host(vecs), _to_host(mask)
         return result
 
-    def _truncate(self, vecs: Tensor) -> Tensor:
+    def compression_for(self, passage: bool) -> Compression:
+        """The compression applied to passages (``passage``) or queries (its dimensions only); ``truncate_dim``
+        sets the dimensions :attr:`compression` leaves unset."""
+        compression = self.compression if passage else self.compression.dims_only()
         if self.truncate_dim is None:
-            return vecs
-        vecs = vecs[..., : self.truncate_dim]
-        return F.normalize(vecs, dim=-1) if self.normalize_embeddings else vecs
+            return compression
+        return Compression(dense_dim=self.truncate_dim, colbert_dim=self.truncate_dim).replace(**compression.to_dict())
+
+    def vector_sizes(self) -> Tuple[int, int]:
+        """The dense and ColBERT sizes this embedder gives (after truncation)."""
+        config, compression = self.model.config, self.compression_for(passage=False)
+        return (min(compression.dense_dim or config.encoder_hidden_size, config.encoder_hidden_size),
+                min(compression.colbert_dim or config.colbert_output_dim, config.colbert_output_dim))
 
     @staticmethod
     def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
@@ -310,10 +334,16 @@ class M3Embedder:
         batch_size: Optional[int] = None,
         heads: Sequence[str] = HEADS,
         show_progress: bool = True,
+        passage: bool = False,
+        compression: Optional[Compression] = None,
         **tokenizer_kwargs: Any,
     ) -> Iterator[Tuple[List[int], Dict[str, Tensor]]]:
         """Encode ``texts`` in length-sorted batches (longest first within each window of ``_ENCODE_WINDOW``
         texts, which are tokenised together just before they are encoded), yielding ``(indices, outputs)``.
+
+        ``compression`` (default: the embedder's, its dimensions only unless ``passage``) is applied: ColBERT
+        vectors pooled (``colbert_mask`` then marks the pooled vectors), lexical weights pruned. Passages are
+        counted in :attr:`passage_stats`.
 
         ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, keys
         of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
@@ -327,6 +357,8 @@ class M3Embedder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         window = max(_ENCODE_WINDOW, batch_size)
+        if compression is None:
+            compression = self.compression_for(passage)
         bar = tqdm(total=len(texts), desc="Inference Embeddings", unit="text",
                    disable=not show_progress or len(texts) <= batch_size)
         try:
@@ -334,7 +366,9 @@ class M3Embedder:
                 features = self._tokenize(texts[start : start + window], max_length, **tokenizer_kwargs)
                 lengths = [len(ids) for ids in features.get("input_ids", [])]
                 for indices in self._length_sorted_batches(lengths, batch_size):
-                    out = self._forward(features, indices, tuple(heads))
+                    out = self._forward(features, indices, tuple(heads), compression)
+                    if passage:
+                        self.passage_stats.update(out)
                     bar.update(len(indices))
                     yield [start + i for i in indices], out
         finally:
@@ -360,6 +394,12 @@ class M3Embedder:
         instruction_format: str = "{}{}",
         convert_to_numpy: Optional[bool] = None,
         show_progress: bool = True,
+        dense_dim: Optional[int] = None,
+        colbert_dim: Optional[int] = None,
+        pool_factor: Optional[int] = None,
+        sparse_top_k: Optional[int] = None,
+        sparse_threshold: Optional[float] = None,
+        passage: bool = False,
         **tokenizer_kwargs: Any,
     ) -> Dict[str, Any]:
         """Encode texts (passage length by default) as ``BGEM3FlagModel.encode``.
@@ -369,8 +409,16 @@ class M3Embedder:
         a single string gives a single vector / dict / array. ``convert_to_numpy=False`` (default: the
         constructor's, ``True``) gives the dense and ColBERT vectors as CPU ``torch.Tensor`` s instead
         (FlagEmbedding's M3 model ignores the flag and always returns numpy).
+
+        Compression (:mod:`flagm3.compression`): ``dense_dim``/``colbert_dim`` keep the first dimensions
+        (renormalised), ``pool_factor`` pools ColBERT token vectors, ``sparse_top_k``/``sparse_threshold`` prune
+        lexical weights; unset, the embedder's ``compression`` applies (its dimensions only unless ``passage``,
+        which ``encode_corpus`` sets).
         """
         convert_to_numpy = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
+        compression = self.compression_for(passage).replace(
+            dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor, sparse_top_k=sparse_top_k,
+            sparse_threshold=sparse_threshold)
         batch_size = batch_size or self.batch_size
         max_length = max_length or self.passage_max_length
         want = {
@@ -385,13 +433,14 @@ class M3Embedder:
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         n = len(texts)
-        dim = self.truncate_dim or self.model.config.encoder_hidden_size
+        hidden = self.model.config.encoder_hidden_size
+        dim = min(compression.dense_dim or hidden, hidden)
         dense = np.zeros((n, dim), dtype=np.float32) if want["dense"] else None
         lexical: Optional[List[Any]] = [None] * n if want["sparse"] else None
         colbert: Optional[List[Any]] = [None] * n if want["colbert"] else None
         for indices, out in self.iter_outputs(texts, max_length, batch_size, heads,
                                               show_progress=show_progress and n >= batch_size,
-                                              **tokenizer_kwargs):
+                                              passage=passage, compression=compression, **tokenizer_kwargs):
             if dense is not None:
                 dense[indices] = out["dense"].numpy()
             if lexical is not None:
@@ -419,7 +468,9 @@ class M3Embedder:
         return_colbert_vecs: Optional[bool] = None,
         **kwargs: Any,
     ) -> Dict[str, Any]:
-        """:meth:`encode` at ``query_max_length`` with the query instruction."""
+        """:meth:`encode` at ``query_max_length`` with the query instruction (queries are never pooled)."""
+        if (kwargs.get("pool_factor") or 1) > 1:
+            raise ValueError("encode_queries: queries are never pooled (pool_factor applies to passages)")
         return self.encode(queries, batch_size, max_length or self.query_max_length, return_dense, return_sparse,
                            return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
                            instruction_format=self.query_instruction_format, **kwargs)
@@ -434,10 +485,10 @@ class M3Embedder:
         return_colbert_vecs: Optional[bool] = None,
         **kwargs: Any,
     ) -> Dict[str, Any]:
-        """:meth:`encode` at ``passage_max_length`` with the passage instruction."""
+        """:meth:`encode` at ``passage_max_length`` with the passage instruction and the passage compression."""
         return self.encode(corpus, batch_size, max_length or self.passage_max_length, return_dense, return_sparse,
                            return_colbert_vecs, instruction=self.passage_instruction_for_retrieval,
-                           instruction_format=self.passage_instruction_format, **kwargs)
+                           instruction_format=self.passage_instruction_format, passage=True, **kwargs)
 
     # -------------------------------------------------------------------------------------- scoring
     def convert_id_to_token(self, lexical_weights: Union[LexicalWeights, List[LexicalWeights]]) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .compression import Compression
 from .configuration_m3 import HEADS, M3Config
 from .export import ONNX_CONFIG_FILE
 from .modeling_m3 import CheckpointError, M3Output, tokens_after_first
@@ -102,3 +103,16 @@ class OnnxM3Model:
         return M3Output(dense=as_tensor.get("dense"), token_weights=as_tensor.get("sparse"),
                         colbert=as_tensor.get("colbert"),
                         colbert_mask=tokens_after_first(attention_mask).cpu() if "colbert" in heads else None)
+
+
+def read_export_compression(path: Any) -> Optional[Compression]:
+    """The :class:`Compression` an ONNX export in ``path`` was written with (``None``: not an export, or none)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(os.path.join(path, ONNX_CONFIG_FILE)):
+        return None
+    file = os.path.join(path, ONNX_CONFIG_FILE)
+    with open(file, encoding="utf-8") as f:
+        values = json.load(f).get("compression") or {}
+    try:
+        return Compression.from_dict(values) if values else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: field 'compression': {err}") from err

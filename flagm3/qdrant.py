@@ -11,6 +11,13 @@ queries one head, or the hybrid: dense and sparse candidates (prefetch), fused b
 :func:`flagm3.scoring.hybrid_scores` on their exact per-head scores, or by Qdrant's reciprocal rank fusion,
 and optionally reranked with ColBERT. :func:`connect` opens embedded local mode (a directory, or
 ``":memory:"``) or a server (``http(s)://`` URL) with the same client.
+
+The collection holds what the embedder gives: its :class:`~flagm3.compression.Compression` dimensions, pooled
+ColBERT passage vectors and pruned lexical weights (``encode_corpus``); queries get the same dimensions, never
+pooling. ``quantization`` (``int8``: Qdrant's scalar quantisation, ``binary``: its binary quantisation) applies to
+the dense and ColBERT vectors; searches rescore the oversampled candidates with the original vectors. Embedded
+local mode stores the configuration but always searches the float32 vectors exactly: the memory saving and
+the approximation only happen on a Qdrant server.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .compression import index_bytes
 from .scoring import BGE_M3_ENSEMBLE_WEIGHTS, HEADS, hybrid_scores
 
 logger = logging.getLogger(__name__)
@@ -63,9 +71,34 @@ def point_id(doc_id: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- collection
-def ensure_collection(client: Any, collection: str, dense_dim: int, colbert_dim: int) -> bool:
-    """Create the collection (named vectors ``dense``, ``colbert``, sparse ``sparse``) unless it exists;
-    an existing one must have the same vector sizes. Returns whether it was created."""
+def quantization_config(quantization: Optional[str]) -> Any:
+    """Qdrant's quantisation config for ``int8`` (scalar, kept in RAM) or ``binary``; ``None``: none."""
+    models = _models()
+    if quantization is None:
+        return None
+    if quantization == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+    if quantization == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    raise ValueError(f"quantization must be 'int8', 'binary' or None, got {quantization!r}")
+
+
+# Searches on quantised vectors: twice the candidates, rescored with the original vectors.
+RESCORE_OVERSAMPLING = 2.0
+
+
+def _search_params(exact: bool) -> Any:
+    models = _models()
+    return models.SearchParams(exact=exact, quantization=models.QuantizationSearchParams(
+        rescore=True, oversampling=RESCORE_OVERSAMPLING))
+
+
+def ensure_collection(client: Any, collection: str, dense_dim: int, colbert_dim: int,
+                      quantization: Optional[str] = None) -> bool:
+    """Create the collection (named vectors ``dense``, ``colbert``, sparse ``sparse``; ``quantization`` of the
+    dense and ColBERT vectors, see :func:`quantization_config`) unless it exists; an existing one must have the
+    same vector sizes. Returns whether it was created."""
     models = _models()
     if client.collection_exists(collection):
         vectors = client.get_collection(collection).config.params.vectors
@@ -78,10 +111,12 @@ def ensure_collection(client: Any, collection: str, dense_dim: int, colbert_dim:
     client.create_collection(
         collection,
         vectors_config={
-            "dense": models.VectorParams(size=dense_dim, distance=models.Distance.DOT),
+            "dense": models.VectorParams(size=dense_dim, distance=models.Distance.DOT,
+                                         quantization_config=quantization_config(quantization)),
             "colbert": models.VectorParams(
                 size=colbert_dim, distance=models.Distance.DOT,
                 multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM),
+                quantization_config=quantization_config(quantization),
             ),
         },
         sparse_vectors_config={"sparse": models.SparseVectorParams()},
@@ -126,19 +161,20 @@ def index_corpus(
     store_text: bool = True,
     total: Optional[int] = None,
     show_progress: bool = True,
+    quantization: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Encode ``corpus`` (``{doc_id: text}`` or ``(doc_id, text)`` pairs) with all three heads and upsert it
     into ``collection`` (created if needed), ``chunk_size`` documents at a time.
 
     Documents whose point already exists are skipped, so an interrupted run resumes where it stopped and a
-    re-run adds nothing. Texts get the embedder's passage instruction, as ``encode_corpus``. Returns
-    ``{"indexed": n, "skipped": n, "seconds": s}``.
+    re-run adds nothing. Texts get the embedder's passage instruction and compression, as ``encode_corpus``;
+    ``quantization`` configures a new collection (:func:`ensure_collection`). Returns ``{"indexed": n,
+    "skipped": n, "seconds": s, "bytes_per_passage": {head: bytes}}`` (the vectors the indexed passages store,
+    :func:`flagm3.compression.index_bytes_per_passage`, quantised dense/ColBERT sizes when quantised).
     """
     models = _models()
-    config = embedder.model.config
-    dense_dim = embedder.truncate_dim or config.encoder_hidden_size
-    colbert_dim = embedder.truncate_dim or config.colbert_output_dim
-    ensure_collection(client, collection, dense_dim, colbert_dim)
+    dense_dim, colbert_dim = embedder.vector_sizes()
+    ensure_collection(client, collection, dense_dim, colbert_dim, quantization)
     pairs = corpus.items() if isinstance(corpus, Mapping) else corpus
     total = len(corpus) if isinstance(corpus, Mapping) else total
     indexed = skipped = 0
@@ -162,7 +198,9 @@ def index_corpus(
             indexed += len(todo)
         bar.update(len(chunk))
     bar.close()
-    return {"indexed": indexed, "skipped": skipped, "seconds": time.perf_counter() - start}
+    sizes = index_bytes(embedder, quantization) if indexed else {}
+    return {"indexed": indexed, "skipped": skipped, "seconds": time.perf_counter() - start,
+            "bytes_per_passage": sizes}
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[List[Any]]:
@@ -230,7 +268,7 @@ def _request(query: EncodedQuery, head: str, limit: int, exact: bool, ids: Optio
         return None
     return models.QueryRequest(
         query=vector, using=head, limit=limit, with_payload=with_payload,
-        params=models.SearchParams(exact=True) if exact else None,
+        params=_search_params(exact),
         filter=models.Filter(must=[models.HasIdCondition(has_id=ids)]) if ids is not None else None,
     )
 
@@ -280,7 +318,7 @@ def search(
         return search_heads(client, collection, queries, mode, limit, exact)
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    params = models.SearchParams(exact=True) if exact else None
+    params = _search_params(exact)
 
     def prefetches(q: EncodedQuery) -> List[Any]:
         found = [models.Prefetch(query=q.dense, using="dense", limit=prefetch_limit, params=params)]

@@ -193,6 +193,35 @@ class M3TrainingArguments(TrainingArguments):
         metadata={"help": "Weight of the sparse head's squared relative distance to its initial (IDF-fitted) "
                   "parameters. Default: the recipe's."},
     )
+    use_mrl: bool = field(
+        default=False,
+        metadata={"help": "Matryoshka training (FlagEmbedding's name): on when --mrl_dims is given; --use_mrl alone "
+                  "trains at 256 and 512 dimensions (MRL_DEFAULT_DIMS)."},
+    )
+    mrl_dims: Optional[List[int]] = field(
+        default=None,
+        metadata={"help": "Matryoshka training: the dense and ColBERT InfoNCE terms also on these leading dimensions "
+                  "(each capped at the head's size), e.g. 96 192 384; ensemble and self-distillation stay at full "
+                  "size (flagm3.losses.matryoshka).", "nargs": "+"},
+    )
+    mrl_weights: Optional[List[float]] = field(
+        default=None, metadata={"help": "Weight of each --mrl_dims term (default 1 each).", "nargs": "+"}
+    )
+    colbert_pool_factor: Optional[int] = field(
+        default=None,
+        metadata={"help": "Pooling-aware ColBERT training: passages' token vectors pooled by this factor "
+                  "(hierarchical clustering, as the encode-time pool factor) in every ColBERT score. Default 1."},
+    )
+    sparse_flops_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the FLOPS regulariser on the passages' sparse weights (fewer active tokens "
+                  "per passage; flagm3.losses.flops). Default 0 (off)."},
+    )
+    sparse_flops_target: Optional[float] = field(
+        default=None,
+        metadata={"help": "Apply the FLOPS regulariser only while passages have more active tokens than this "
+                  "on average (default: always)."},
+    )
     max_length_chunks: int = field(
         default=4,
         metadata={
@@ -264,6 +293,12 @@ class M3TrainingArguments(TrainingArguments):
             sparse_hard_negatives=self.sparse_hard_negatives,
             sparse_anchor_weight=self.sparse_anchor_weight,
             false_negative_threshold=self.false_negative_threshold,
+            mrl_dims=tuple(self.mrl_dims) if self.mrl_dims else (MRL_DEFAULT_DIMS if self.use_mrl else None),
+            mrl_weights=tuple(self.mrl_weights) if self.mrl_weights else None,
+            normalize_compressed=self.normalize_embeddings is not False,
+            colbert_pool_factor=self.colbert_pool_factor,
+            sparse_flops_weight=self.sparse_flops_weight,
+            sparse_flops_target=self.sparse_flops_target,
         )
         for attr, text in (
             ("head_weights", self.head_loss_weights),
@@ -309,6 +344,11 @@ class M3TrainingArguments(TrainingArguments):
                 shown = ",".join(reference[name]) if isinstance(reference[name], (list, tuple)) else reference[name]
                 lines.append(f"{name} = {value} (FlagEmbedding: {reference[name]}; --{flag} {shown})")
         return lines
+
+
+# --use_mrl without --mrl_dims: FlagEmbedding's embedder default is the full size only; here 1/4 and 1/2 of
+# BGE-M3's 1024 dimensions (each capped at the head's size).
+MRL_DEFAULT_DIMS = (256, 512)
 
 
 def _effective(config: M3LossConfig, name: str, key: str) -> float:

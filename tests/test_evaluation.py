@@ -444,7 +444,9 @@ def test_run_eval_prints_table_and_writes_json(tmp_path, embedder, tiny_tokenize
     out = tmp_path / "res" / "eval.json"
     results = run_eval(model_dir, root, output=out, batch_size=4, max_query_length=64, max_passage_length=64,
                        k_values=(1, 10), show_progress=False)
-    assert json.loads(out.read_text()) == results
+    written = json.loads(out.read_text())
+    sizes = written.pop("index_bytes_per_passage")  # beside the metrics: what an index of the corpus stores
+    assert written == results and sizes.keys() == {"dense", "sparse", "colbert"}
     expected = evaluate_retrieval(embedder, corpus, queries, qrels, k_values=(1, 10), max_query_length=64,
                                   max_passage_length=64, show_progress=False)
     for name in RANKINGS:

@@ -165,6 +165,7 @@ def test_cli_eval_backend_qdrant_writes_the_same_json(saved_model_and_data, tmp_
     assert "Qdrant (" in capsys.readouterr().out
     default = json.loads((tmp_path / "default.json").read_text())
     through_qdrant = json.loads((tmp_path / "q.json").read_text())
+    assert default.pop("index_bytes_per_passage") == through_qdrant.pop("index_bytes_per_passage")
     assert default.keys() == through_qdrant.keys() == {"dense", "sparse", "colbert", "dense+sparse", "all"}
     for ranking in default:  # a 10-document corpus: the hybrids' candidates are the whole corpus
         assert default[ranking].keys() == through_qdrant[ranking].keys()

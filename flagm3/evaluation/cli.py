@@ -39,6 +39,11 @@ def run_eval(
     qdrant: Optional[str] = None,
     collection: str = "flagm3-eval",
     fit_weights: Optional[str] = None,
+    dense_dim: Optional[int] = None,
+    colbert_dim: Optional[int] = None,
+    pool_factor: Optional[int] = None,
+    sparse_top_k: Optional[int] = None,
+    sparse_threshold: Optional[float] = None,
     **embedder_kwargs: Any,
 ) -> dict[str, dict[str, float]]:
     """``flagm3 eval``: load a model directory (flagm3 or BGE-M3 layout, or an ONNX export), evaluate it on a
@@ -52,8 +57,13 @@ def run_eval(
     through a Qdrant collection (:func:`flagm3.qdrant.evaluate_qdrant`; ``qdrant``: a directory, ``:memory:``
     or a server URL, default a temporary embedded index; exact search; the hybrids rank the dense and sparse
     top ``rerank_depth`` candidates). ``devices`` defaults to the first GPU when there is one, else the CPU.
+    ``dense_dim``, ``colbert_dim``, ``pool_factor``, ``sparse_top_k``, ``sparse_threshold``: evaluate the model
+    compressed so (:class:`flagm3.compression.Compression`); the JSON written to ``output`` also holds
+    ``index_bytes_per_passage`` ``{"dense", "sparse", "colbert"}`` (float32 vectors, the corpus's mean sparse
+    entries and ColBERT vectors; :func:`flagm3.compression.index_bytes_per_passage`).
     Other keyword arguments go to ``M3Embedder`` (``use_bf16``, ``truncate_dim``, ...).
     """
+    from ..compression import Compression, index_bytes
     from ..inference import M3Embedder
 
     corpus, queries, qrels = subsample(*load_beir(data_dir, split), max_corpus_size, max_queries, seed)
@@ -62,7 +72,10 @@ def run_eval(
     embedder = M3Embedder(
         str(model_path), use_fp16=use_fp16, batch_size=batch_size, devices=devices,
         query_instruction_for_retrieval=query_instruction_for_retrieval,
-        query_instruction_format=query_instruction_format, **embedder_kwargs,
+        query_instruction_format=query_instruction_format,
+        compression=Compression(dense_dim=dense_dim, colbert_dim=colbert_dim, pool_factor=pool_factor or 1,
+                                sparse_top_k=sparse_top_k, sparse_threshold=sparse_threshold),
+        **embedder_kwargs,
     )
     if backend not in ("default", "qdrant"):
         raise ValueError(f"backend must be 'default' or 'qdrant', got {backend!r}")
@@ -100,10 +113,14 @@ def run_eval(
             max_query_length=max_query_length, max_passage_length=max_passage_length, batch_size=batch_size,
             colbert_mode=colbert_mode, rerank_depth=rerank_depth, show_progress=show_progress,
         )
+    sizes = index_bytes(embedder)
+    print("index bytes per passage: " + ", ".join(f"{h} {v:.0f}" for h, v in sizes.items()))
     print(f"{model_path} on {data_dir} ({split}: {len(queries)} queries, {len(corpus)} documents)")
     print(format_results_table(results))
     if output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
-            json.dump(results if fitted is None else {**results, "hybrid_weights": fitted}, f, indent=2)
+            extra = {"index_bytes_per_passage": sizes, **({} if fitted is None else {"hybrid_weights": fitted})}
+            json.dump({**results, **extra}, f, indent=2)
     return results
+

@@ -180,7 +180,7 @@ def iter_score_blocks(
         columns = []
         for local, out in embedder.iter_outputs(
             texts[start : start + chunk_size], max_length=max_length, batch_size=batch_size, heads=tuple(heads),
-            show_progress=False,
+            show_progress=False, passage=True,
         ):
             for name, block in _head_scores(queries, out, heads).items():
                 blocks[name].append(block)
@@ -248,7 +248,7 @@ def _colbert_on_candidates(
         chunk = union[start : start + chunk_size]
         for local, out in embedder.iter_outputs(
             [texts[i] for i in chunk.tolist()], max_length=max_length, batch_size=batch_size,
-            heads=("colbert",), show_progress=False,
+            heads=("colbert",), show_progress=False, passage=True,
         ):
             docs = chunk[torch.as_tensor(local, dtype=torch.long)]
             position[docs] = torch.arange(docs.numel())

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compression import pool_colbert_batch
 from ..modeling_m3 import M3Output
 from ..scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
@@ -39,6 +40,8 @@ from ..scoring import (
     sparse_scores_paired,
 )
 from .false_negatives import mask_logits, near_duplicate_mask
+from .flops import flops_penalty
+from .matryoshka import matryoshka_terms
 
 # Per head: its all-pairs score [Q, P], its paired score [N] (flagm3.scoring), and the score's inputs from one
 # side's outputs and input ids.
@@ -123,6 +126,16 @@ class M3LossConfig:
     sparse_anchor_weight: float = 0.0
     # in-batch passages at least this cosine-similar (dense) to a query's positive are masked (None: off)
     false_negative_threshold: Optional[float] = None
+    # --- smaller vectors (flagm3.losses.matryoshka, flagm3.losses.flops)
+    # Matryoshka: dense/ColBERT InfoNCE also on these leading dimensions (each capped at the head's size)
+    mrl_dims: Sequence[int] = ()
+    mrl_weights: Sequence[float] = ()  # one per mrl_dims entry (empty: all 1)
+    normalize_compressed: bool = True  # renormalise truncated/pooled vectors (as the model normalises its own)
+    # pooling-aware training: every ColBERT score of passages on their token vectors pooled by this factor
+    colbert_pool_factor: int = 1
+    # FLOPS regulariser on the passages' sparse weights, applied while their mean active tokens > target
+    sparse_flops_weight: float = 0.0
+    sparse_flops_target: Optional[float] = None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M3LossConfig:
@@ -170,6 +183,15 @@ class M3LossConfig:
             raise ValueError("false_negative_threshold finds near-duplicates with the dense head: add it to heads")
         if self.sparse_anchor_weight < 0:
             raise ValueError(f"sparse_anchor_weight must be >= 0, got {self.sparse_anchor_weight}")
+        if any(int(d) < 1 for d in self.mrl_dims):
+            raise ValueError(f"mrl_dims must be positive, got {list(self.mrl_dims)}")
+        if self.mrl_weights and len(self.mrl_weights) != len(self.mrl_dims):
+            raise ValueError(f"mrl_weights needs one weight per mrl_dims entry: {len(self.mrl_weights)} weights for "
+                             f"mrl_dims {list(self.mrl_dims)}")
+        if int(self.colbert_pool_factor) < 1:
+            raise ValueError(f"colbert_pool_factor must be >= 1, got {self.colbert_pool_factor}")
+        if self.sparse_flops_weight < 0:
+            raise ValueError(f"sparse_flops_weight must be >= 0, got {self.sparse_flops_weight}")
         if not self.contrastive_terms() and not self.distilled_heads():
             raise ValueError(f"every loss term has weight 0: head_weights={self.head_weights}, "
                              f"self-distillation {'on' if self.use_self_distill else 'off'}")
@@ -178,6 +200,13 @@ class M3LossConfig:
                              f"starts only after step {self.self_distill_start_step}: steps 0-"
                              f"{self.self_distill_start_step} would have no loss term; give a head a weight or set "
                              "self_distill_start_step -1")
+
+    def mrl_weight(self, dim: int) -> float:
+        """Weight of the nested term at ``dim`` dimensions: that of the smallest ``mrl_dims`` entry >= ``dim`` (the
+        entry itself, or one capped to a smaller head); 1 when ``mrl_weights`` is empty."""
+        if not self.mrl_weights:
+            return 1.0
+        return float(min((int(d), w) for d, w in zip(self.mrl_dims, self.mrl_weights) if int(d) >= dim)[1])
 
     def head_temperature(self, head: str) -> float:
         return self.head_temperatures.get(head, self.temperature)
@@ -336,6 +365,10 @@ class M3Loss(nn.Module):
             positive_index = (torch.arange(batch, device=q_ids.device) + query_offset) * group_size
             sizes = None
 
+        if cfg.colbert_pool_factor > 1 and p.colbert is not None:  # as flagm3.compression pools at encode time
+            vecs, mask = pool_colbert_batch(p.colbert, p.colbert_mask, cfg.colbert_pool_factor,
+                                            cfg.normalize_compressed)
+            p = M3Output(dense=p.dense, token_weights=p.token_weights, colbert=vecs, colbert_mask=mask)
         terms_on = cfg.contrastive_terms()
         distilled = cfg.distilled_heads() if cfg.distills(step) else ()
         members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
@@ -352,10 +385,21 @@ class M3Loss(nn.Module):
         own = sizes is None and teacher_probs is None  # hard negatives can be left out of plain InfoNCE only
         terms = {t: self.contrastive(self.own_logits(t, logits[t], positive_index, group_size) if own else logits[t],
                                      positive_index, group_size, teacher_probs) for t in terms_on}
+        nested = {}
+        if cfg.mrl_dims:  # Matryoshka: the dense/ColBERT terms again on leading dimensions (.matryoshka)
+            def nested_term(head: str, q_d: M3Output, p_d: M3Output) -> Tensor:
+                head_logits = self.head_logits(head, q_d, q_ids, p_d, p_ids, sizes)
+                return self.contrastive(self.own_logits(head, head_logits, positive_index, group_size) if own
+                                        else head_logits, positive_index, group_size, teacher_probs)
+
+            nested = matryoshka_terms(cfg.mrl_dims, cfg.normalize_compressed, [t for t in terms_on if t in HEADS], q, p,
+                                      nested_term)
         parts = []
         if terms:
-            parts.append(sum(cfg.head_weight(t) * value for t, value in terms.items()) / len(terms))
+            nested_sum = sum(cfg.head_weight(h) * cfg.mrl_weight(d) * v for (h, d), v in nested.items())
+            parts.append((sum(cfg.head_weight(t) * value for t, value in terms.items()) + nested_sum) / len(terms))
         logs = {f"loss_{t}": value.detach() for t, value in terms.items()}
+        logs.update({f"loss_{h}@{d}": v.detach() for (h, d), v in nested.items()})
         if distilled:
             target = torch.softmax(logits["ensemble"].detach(), dim=-1)
             distill = {h: kl_distill(target, logits[h]) for h in distilled}
@@ -369,6 +413,11 @@ class M3Loss(nn.Module):
         if q.sparse is not None and p.sparse is not None:
             for side, out in (("query", q), ("passage", p)):
                 stats.update({f"sparse_{k}_{side}": v for k, v in sparse_health(out.sparse).items()})
+        if cfg.sparse_flops_weight > 0 and p.token_weights is not None:  # .flops: fewer active tokens per passage
+            penalty = flops_penalty(p_ids, p.token_weights, cfg.sparse_flops_weight, cfg.sparse_flops_target)
+            loss = loss + penalty
+            logs["loss"] = loss.detach()
+            stats["sparse_flops"] = penalty.detach()
         return M3LossOutput(loss=loss, logs=logs, logits=logits, stats=stats)
 
     def own_logits(self, head: str, logits: Tensor, positive_index: Tensor, group_size: int) -> Tensor:
