@@ -151,6 +151,10 @@ def test_cell_equals_the_plain_single_process_run(matrix, row):
         params, ref_params = tensors(run, "params"), tensors(reference, "params")
         assert params.keys() == ref_params.keys()
         for key in ref_params:
+            if ".original_module." in key and run.name.endswith("-resumed"):
+                # PEFT's frozen, unused copy of a modules_to_save head: a resume restores the trained copy from
+                # the checkpoint and does not fit the sparse head again (issue 16), so the copy keeps the base's
+                continue
             assert_close(params[key], ref_params[key], f"{run.name} {key}", rtol=1e-5, atol=1e-6)
     if start == "resumed":  # the resumed run trained step 2 only, from checkpoint-1
         assert [e["step"] for e in ranks(runs[1])[0]["log_history"] if "loss" in e] == [1, 2]

@@ -57,6 +57,19 @@ def test_prepared_once_then_reused_from_the_cache_until_a_file_changes(tmp_path)
     assert sorted(p.name.startswith("flagm3-") for p in cache.iterdir()) == [True] * 3
 
 
+def test_the_cached_report_is_json_and_reads_back_equal(tmp_path):
+    """The cache keeps its validation report as JSON (no pickle is loaded), fixes and warnings included."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"query": "q1", "pos": ["p1", " "], "neg": ["n1"]}) + "\n"
+                    + json.dumps({"query": "q2", "pos": ["p2"], "neg": ["n2", "n3"]}) + "\n")
+    cache = tmp_path / "cache"
+    first = prepare_training_data(path, cache_dir=str(cache), train_group_size=2)
+    again = prepare_training_data(path, cache_dir=str(cache), train_group_size=2)
+    assert again.from_cache and not list(Path(again.directory).glob("*.pkl"))
+    json.loads((Path(again.directory) / "report.json").read_text())
+    assert again.report == first.report and sum(again.report.fixes.values()) >= 1
+
+
 def test_construction_does_not_hold_the_records_in_python(tmp_path):
     """Python allocations while building the dataset stay bounded as the file grows (the records live in Arrow,
     memory-mapped); before, every record was a Python object (about 3 kB each here)."""

@@ -6,7 +6,7 @@ records to an Arrow file as it goes, so no source is ever held in memory as Pyth
 opened memory-mapped through ``datasets.Dataset.from_file``: every process of a run shares the operating
 system's page cache instead of holding its own copy.
 
-Cache: ``<cache_dir>/flagm3-<fingerprint>/`` (``source-<k>.arrow``, ``report.pkl``, ``meta.json``). The
+Cache: ``<cache_dir>/flagm3-<fingerprint>/`` (``source-<k>.arrow``, ``report.json``, ``meta.json``). The
 fingerprint covers the validation options and, per source, a file's absolute path, size and modification time
 (each data file of a directory), a ``datasets.Dataset``'s own fingerprint, or a hub id. A second run on unchanged
 files skips validation and opens the Arrow files directly (FlagEmbedding's ``--cache_path``). Without
@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import uuid
@@ -34,7 +33,7 @@ from .validation import DataInput, Record, ValidationReport, _Source, hub_datase
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the report as JSON (was a pickle)
 WRITE_BATCH = 1024  # records per Arrow record batch
 
 
@@ -149,8 +148,8 @@ class _ArrowSinks:
 
 
 def _read_report(directory: str) -> ValidationReport:
-    with open(os.path.join(directory, "report.pkl"), "rb") as f:
-        return pickle.load(f)
+    with open(os.path.join(directory, "report.json"), encoding="utf-8") as f:
+        return ValidationReport.from_json(json.load(f))
 
 
 def _open(directory: str) -> List[PreparedSource]:
@@ -176,8 +175,8 @@ def _prepare(inputs: Any, options: Dict[str, Any], target: str) -> ValidationRep
             written = sinks.close()
         if not report.ok:
             return report
-        with open(os.path.join(scratch, "report.pkl"), "wb") as f:
-            pickle.dump(report, f)
+        with open(os.path.join(scratch, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report.to_json(), f)
         # only sources without errors reach here; an empty one wrote no file
         with open(os.path.join(scratch, "meta.json"), "w", encoding="utf-8") as f:
             json.dump({"format": FORMAT_VERSION, "sources": written, "options": options}, f)

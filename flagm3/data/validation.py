@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..texts import BLANK, iter_jsonl
@@ -167,6 +167,29 @@ class ValidationReport:
         self.warning_counts[issue.kind] += 1
         if self._keep(issue, "warning"):
             self.warnings.append(issue)
+
+    _COUNTERS = ("error_counts", "warning_counts", "fixes", "errors_by_source", "_kept")
+
+    def to_json(self) -> Dict[str, Any]:
+        """The report as JSON-serialisable data (:meth:`from_json` reads it back): a prepared dataset's cache
+        keeps it beside its Arrow files, so no pickle is ever loaded."""
+        return {
+            "sources": self.sources, "dataset_sizes": self.dataset_sizes, "no_in_batch_neg": self.no_in_batch_neg,
+            "errors": [asdict(i) for i in self.errors], "warnings": [asdict(i) for i in self.warnings],
+            "exact_lengths": self.exact_lengths,
+            **{name: [[list(k) if isinstance(k, tuple) else k, v] for k, v in getattr(self, name).items()]
+               for name in self._COUNTERS},
+        }
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> ValidationReport:
+        return cls(
+            sources=data["sources"], dataset_sizes=data["dataset_sizes"], no_in_batch_neg=data["no_in_batch_neg"],
+            errors=[Issue(**i) for i in data["errors"]], warnings=[Issue(**i) for i in data["warnings"]],
+            exact_lengths=data["exact_lengths"],
+            **{name: Counter({tuple(k) if isinstance(k, list) else k: v for k, v in data[name]})
+               for name in cls._COUNTERS},
+        )
 
     def _keep(self, issue: Issue, level: str) -> bool:
         key = (level, issue.kind, issue.source)
