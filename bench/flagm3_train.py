@@ -51,7 +51,7 @@ class RecordingCollator:
         self.first_batch: dict | None = None
 
     def __call__(self, features: list) -> dict:
-        from flagm3.data import chunked_padding_fraction
+        from flagm3.losses.chunking import chunked_padding_fraction
 
         batch = self.base(features)
         for side in ("query", "passage"):
@@ -90,8 +90,7 @@ def time_breakdown(trainer: Any, batch: dict, repeats: int) -> dict:
     def full() -> None:
         trainer.compute_loss(model, batch).backward()
 
-    from flagm3.data import split_by_length
-    from flagm3.data.sampler import CHUNK_OVERHEAD_TOKENS
+    from flagm3.losses.chunking import CHUNK_OVERHEAD_TOKENS, split_by_length
 
     def bare() -> None:  # the encoder alone, on the batch as the trainer feeds it (length chunks per side)
         total = 0.0

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_gradcache import assert_same_grads, collate, load_model, make_items, make_trainer, step
 
-from flagm3.data import length_chunks
 from flagm3.losses import chunking
 from flagm3.losses import training as training_loss_module
+from flagm3.losses.chunking import length_chunks
 from flagm3.modeling_m3 import merge_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -104,16 +104,6 @@ def test_plan_memory_is_linear():
     assert large < 4_000 * 200  # bytes: a few Python lists of n entries per chunk layer (not (n+1)^2 * 8)
 
 
-def test_moved_names_stay_importable_from_the_data_package():
-    from flagm3 import data
-    from flagm3.data import sampler
-
-    for name in ("length_chunks", "split_by_length", "chunked_padding_fraction", "trim_padding",
-                 "CHUNK_OVERHEAD_TOKENS"):
-        assert getattr(sampler, name) is getattr(chunking, name)
-    assert data.length_chunks is chunking.length_chunks
-
-
 def test_plan_examples():
     assert length_chunks([], 4) == []
     assert length_chunks([10, 200, 12, 190], 4, overhead=0) == [[1], [3], [2], [0]]
@@ -167,7 +157,8 @@ def test_chunked_step_equals_whole_step(tiny_encoder_dir, tiny_tokenizer, tmp_pa
 
 
 def test_chunked_padding_fraction():
-    from flagm3.data import chunked_padding_fraction, padding_fraction
+    from flagm3.data import padding_fraction
+    from flagm3.losses.chunking import chunked_padding_fraction
 
     lengths = [10, 200, 12, 190]
     mask = (torch.arange(200)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -2,14 +2,7 @@
 
 from .collator import M3Collator
 from .dataset import M3TrainDataset
-from .sampler import (
-    M3BatchSampler,
-    chunked_padding_fraction,
-    length_chunks,
-    padding_fraction,
-    split_by_length,
-    trim_padding,
-)
+from .sampler import M3BatchSampler, padding_fraction
 from .validation import (
     DataValidationError,
     Issue,
@@ -28,12 +21,8 @@ __all__ = [
     "M3TrainDataset",
     "ValidationReport",
     "approx_num_tokens",
-    "chunked_padding_fraction",
-    "length_chunks",
     "load_and_validate",
     "padding_fraction",
-    "split_by_length",
-    "trim_padding",
     "validate_data",
     "validate_file",
 ]

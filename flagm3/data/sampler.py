@@ -34,15 +34,6 @@ from typing import Any, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-# Length chunking is the loss's (flagm3.losses.chunking); these names stay importable from here.
-from ..losses.chunking import (  # noqa: F401
-    CHUNK_OVERHEAD_TOKENS,
-    chunked_padding_fraction,
-    length_chunks,
-    split_by_length,
-    trim_padding,
-)
-
 
 def padding_fraction(attention_mask: torch.Tensor) -> float:
     """Fraction of padded positions in an attention mask ``[B, L]`` (1 = token, 0 = padding)."""
