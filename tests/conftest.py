@@ -7,7 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# prepared training data (flagm3.data.prepared) goes to the datasets cache by default: a scratch one for the tests
+_SCRATCH_DATASETS_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"flagm3-tests-{os.getpid()}")
+os.environ.setdefault("HF_DATASETS_CACHE", _SCRATCH_DATASETS_CACHE)
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FLAGM3_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -332,3 +337,11 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _require(outcome.get_result())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_scratch_datasets_cache():
+    yield
+    import shutil
+
+    shutil.rmtree(_SCRATCH_DATASETS_CACHE, ignore_errors=True)

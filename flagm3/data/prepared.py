@@ -191,8 +191,12 @@ def _prepare(inputs: Any, options: Dict[str, Any], target: str) -> ValidationRep
 
 
 def default_cache_dir() -> str:
-    """Where prepared data goes without ``--cache_path``: ``$TMPDIR/flagm3-prepared``."""
-    return os.path.join(tempfile.gettempdir(), "flagm3-prepared")
+    """Where prepared data goes without ``--cache_path``: ``flagm3-prepared`` in the ``datasets`` cache
+    (``$HF_DATASETS_CACHE``, by default ``~/.cache/huggingface/datasets``), where ``load_dataset`` keeps its Arrow
+    files too: a home directory, not a node's small ``/tmp``, so other nodes' ranks can usually map it."""
+    from datasets import config
+
+    return os.path.join(str(config.HF_DATASETS_CACHE), "flagm3-prepared")
 
 
 def _world() -> Tuple[int, int]:
