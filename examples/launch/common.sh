@@ -1,7 +1,7 @@
 # Shared settings of the launch examples (sourced, not run). Every value can be set from the environment.
 # The arguments are FlagEmbedding's M3 fine-tuning names (FlagEmbedding.finetune.embedder.encoder_only.m3):
-# a FlagEmbedding launch script ports by changing the module to flagm3.train and dropping the arguments
-# flagm3 does not have (cache_path, small_threshold, drop_threshold).
+# a FlagEmbedding launch script ports by changing the module to flagm3.train (its arguments are accepted as they
+# are; small_threshold and drop_threshold are read and ignored, with a warning).
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
