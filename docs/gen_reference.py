@@ -160,7 +160,7 @@ API: list[tuple[str, str, list[str]]] = [
                                    "colbert_scores_paired", "hybrid_scores", "lexical_matrix",
                                    "compute_lexical_matching_scores", "concat_lexical"]),
     ("data", "flagm3.data", ["M3TrainDataset", "M3Collator", "M3BatchSampler", "validate_data", "validate_file",
-                             "load_and_validate", "ValidationReport", "Issue", "DataValidationError",
+                             "ValidationReport", "Issue", "DataValidationError",
                              "approx_num_tokens", "padding_fraction"]),
     ("evaluation", "flagm3.evaluation", ["load_beir", "evaluate_retrieval", "retrieve", "evaluate_run",
                                          "M3RetrievalEvaluator", "run_eval", "subsample", "format_results_table",

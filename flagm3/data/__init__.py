@@ -8,7 +8,6 @@ from .validation import (
     Issue,
     ValidationReport,
     approx_num_tokens,
-    load_and_validate,
     validate_data,
     validate_file,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "M3TrainDataset",
     "ValidationReport",
     "approx_num_tokens",
-    "load_and_validate",
     "padding_fraction",
     "validate_data",
     "validate_file",

@@ -98,16 +98,6 @@ class Record:
     line: int = 0
 
 
-@dataclass
-class LoadedSource:
-    """One dataset: its valid records, its ``no_in_batch_neg`` flag and per-record mean passage lengths."""
-
-    name: str
-    records: List[Record]
-    no_in_batch_neg: bool
-    passage_lengths: List[int]
-
-
 class DataValidationError(ValueError):
     """Raised when training data has problems; lists them as ``file:line: field 'f': message``."""
 
@@ -648,53 +638,6 @@ def stream_source(
     return count, report.num_errors == errors_before
 
 
-def _load_source(
-    src: _Source,
-    report: ValidationReport,
-    opts: _Options,
-    tokenizer: Any,
-    query_max_len: Optional[int],
-    passage_max_len: Optional[int],
-) -> Optional[LoadedSource]:
-    records: List[Record] = []
-    means: List[int] = []
-
-    def keep(record: Record, mean: Optional[int]) -> None:
-        records.append(record)
-        means.append(int(mean))
-
-    count, ok = stream_source(src, report, opts, LengthCheck(tokenizer, query_max_len, passage_max_len), keep)
-    if not count or not ok:
-        return None
-    return LoadedSource(src.name, records, src.no_in_batch_neg, means)
-
-
-def load_and_validate(
-    inputs: Union[DataInput, Sequence[DataInput]],
-    *,
-    tokenizer: Any = None,
-    query_max_len: Optional[int] = 32,
-    passage_max_len: Optional[int] = 128,
-    sample_negatives_from_corpus: bool = True,
-    knowledge_distillation: bool = False,
-    train_group_size: Optional[int] = None,
-) -> Tuple[List[LoadedSource], ValidationReport]:
-    """Read and validate every source; return the valid datasets (empty ones skipped) and the report.
-
-    Sources with errors are not returned; check ``report.ok`` (or call ``report.raise_if_errors()``).
-    """
-    report = ValidationReport(exact_lengths=tokenizer is not None)
-    opts = _Options(sample_negatives_from_corpus, knowledge_distillation, train_group_size)
-    loaded: List[LoadedSource] = []
-    for src in _expand_inputs(inputs, report):
-        result = _load_source(src, report, opts, tokenizer, query_max_len, passage_max_len)
-        if result is not None:
-            loaded.append(result)
-    if report.ok and not loaded:
-        report.add_error(Issue(NO_RECORDS, str(inputs), None, None, "no training records found"))
-    return loaded, report
-
-
 def stream_validate(
     inputs: Union[DataInput, Sequence[DataInput]],
     *,
@@ -707,8 +650,8 @@ def stream_validate(
     check_lengths: bool = True,
     sink: Any = None,
 ) -> ValidationReport:
-    """One streaming pass over every source (nothing kept but the report): what :func:`load_and_validate`
-    checks, in memory bounded by :data:`STREAM_CHUNK` records. ``sink(source_index, source, record, mean_length)``
+    """One streaming pass over every source (nothing kept but the report), in memory bounded by
+    :data:`STREAM_CHUNK` records: the training data's checks, by file/line/field. ``sink(source_index, source, record, mean_length)``
     receives each valid record; ``check_lengths=False`` skips the truncation counts (no text is tokenised)."""
     report = ValidationReport(exact_lengths=tokenizer is not None)
     opts = _Options(sample_negatives_from_corpus, knowledge_distillation, train_group_size)
@@ -727,7 +670,7 @@ def validate_data(
 ) -> ValidationReport:
     """Validate training data (files, directories, ``datasets.Dataset``s); see the module docstring.
 
-    ``options`` are :func:`load_and_validate`'s (``tokenizer``, ``query_max_len``, ``passage_max_len``,
+    ``options`` are :func:`stream_validate`'s (``tokenizer``, ``query_max_len``, ``passage_max_len``,
     ``sample_negatives_from_corpus``, ``knowledge_distillation``, ``train_group_size``). Returns the report
     (``.ok``, ``.summary()``, ``.errors``, ``.warnings``, ``.fixes``); with ``raise_on_error=True`` raises one
     :class:`DataValidationError` listing the problems instead.
