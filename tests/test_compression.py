@@ -144,7 +144,8 @@ def test_onnx_export_carries_the_compression(model_dir, tmp_path):
 
 
 def test_qdrant_collection_stores_the_compressed_vectors(model_dir):
-    qdrant = pytest.importorskip("flagm3.qdrant")
+    pytest.importorskip("qdrant_client")
+    from flagm3 import qdrant
     embedder = M3Embedder(str(model_dir), compression=COMPRESSION, batch_size=4)
     corpus = {f"d{i}": t for i, t in enumerate(SENTENCES)}
     client = qdrant.connect(":memory:")
