@@ -70,7 +70,8 @@ def test_sdpa_attention_gives_the_eager_loss_and_gradients(tmp_path, tiny_encode
     _, eager, eager_grads = eager_fp32
     _, sdpa, sdpa_grads = one_step(tmp_path, "sdpa", tiny_encoder_dir, data, attn_implementation="sdpa")
     assert eager["attn_implementation"] == "eager" and sdpa["attn_implementation"] == "sdpa"
-    assert losses(sdpa)[0] == pytest.approx(losses(eager)[0], rel=1e-5)
+    # transformers 4.57 logs the loss rounded to 4 decimals: equal up to that rounding (the gradients, exact)
+    assert losses(sdpa)[0] == pytest.approx(losses(eager)[0], rel=1e-5, abs=1.01e-4)
     assert_same_grads(sdpa_grads, eager_grads, rtol=1e-4, atol=1e-6)
 
 
