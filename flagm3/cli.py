@@ -61,7 +61,7 @@ def _options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
 def _eval(args: argparse.Namespace) -> None:
     from .evaluation import run_eval
 
-    run_eval(args.model, args.data, **_options(args, run_eval))
+    run_eval(args.model, args.data, **_options(args, run_eval), show_progress=sys.stderr.isatty())
 
 
 def _embedder(args: argparse.Namespace) -> Any:
@@ -69,7 +69,7 @@ def _embedder(args: argparse.Namespace) -> Any:
 
     lengths = {"query_max_length": getattr(args, "query_max_len", None),  # index encodes no queries,
                "passage_max_length": getattr(args, "passage_max_len", None)}  # search no passages
-    return M3Embedder(args.model, batch_size=args.batch_size,
+    return M3Embedder(args.model, batch_size=args.batch_size, devices=getattr(args, "devices", None),
                       query_instruction_for_retrieval=getattr(args, "query_instruction_for_retrieval", None),
                       compression=compression.from_arguments(args),
                       **{k: v for k, v in lengths.items() if v is not None})
@@ -107,10 +107,15 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _mine(args: argparse.Namespace) -> None:
+    import torch
+
     from .mining import mine_hard_negatives
 
+    if args.devices is None and torch.cuda.is_available():
+        args.devices = "cuda:0"
     summary = mine_hard_negatives(_embedder(args), args.input, args.output, **_options(args, mine_hard_negatives),
-                                  fill_random=not args.no_fill_random, use_faiss=False if args.no_faiss else None)
+                                  fill_random=not args.no_fill_random, use_faiss=False if args.no_faiss else None,
+                                  show_progress=sys.stderr.isatty())
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -317,6 +322,15 @@ def build_parser() -> ConventionParser:
     p.add_argument("--no-fill-random", action="store_true",
                    help="Keep fewer negatives when the rank window is short (default: fill from lower ranks).")
     p.add_argument("--no-faiss", action="store_true", help="Search with torch even when faiss is installed.")
+    p.add_argument("--index-dir", metavar="DIR",
+                   help="Write the candidates' dense vectors to DIR as they are encoded and search them from disk "
+                        "chunk by chunk: memory bounded by the window and the chunk, not the pool (dense only; "
+                        "the same negatives). Default: in memory.")
+    p.add_argument("--index-backend", choices=["faiss", "qdrant", "torch"],
+                   help="--index-dir: faiss (flat inner product per chunk), a local Qdrant collection in DIR, or "
+                        "torch (default: torch on a GPU, else faiss where installed, else Qdrant).")
+    p.add_argument("--device", dest="devices", metavar="DEVICE",
+                   help="e.g. cuda:0: encode and search there (default: the first GPU, else the CPU).")
     p.add_argument("--false-negative-fraction", type=float, metavar="F",
                    help="Drop candidates scoring above F times the positive's score (likely false negatives; the "
                         "mining score, or the line's teacher pos_scores/neg_scores where given), e.g. 0.95; the "

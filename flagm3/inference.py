@@ -125,9 +125,10 @@ def _resolve_device(devices: Any, model: Optional[M3Model]) -> torch.device:
     return torch.device(devices)
 
 
-def _to_host(t: Tensor) -> Tensor:
-    """One copy of ``t`` on the host, outside inference mode (a device tensor's transfer is that copy)."""
-    return t.cpu() if t.device.type != "cpu" else t.clone()
+def _to_host(t: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """One copy of ``t`` on the host (or on ``device``), outside inference mode (a transfer is that copy)."""
+    moved = t.to("cpu" if device is None else device)
+    return moved if moved is not t else t.clone()
 
 
 class M3Embedder:
@@ -272,9 +273,10 @@ class M3Embedder:
         return features
 
     def _forward(self, features: Dict[str, List[List[int]]], indices: Sequence[int],
-                 heads: Sequence[str], compression: Optional[Compression] = None) -> Dict[str, Tensor]:
-        """Pad the texts ``indices`` of ``features``, run the model, return CPU float32 head outputs
-        (``compression``, default the embedder's dimensions only, applied)."""
+                 heads: Sequence[str], compression: Optional[Compression] = None,
+                 on_device: bool = False) -> Dict[str, Tensor]:
+        """Pad the texts ``indices`` of ``features``, run the model, return float32 head outputs on the host (on
+        :attr:`device` with ``on_device``), ``compression`` (default: the embedder's dimensions only) applied."""
         compression = self.compression_for(passage=False) if compression is None else compression
         batch = self.tokenizer.pad({k: [v[i] for i in indices] for k, v in features.items()},
                                    padding=True, return_tensors="pt")
@@ -288,20 +290,22 @@ class M3Embedder:
                 out = self.model(**inputs, heads=heads)
         finally:
             self.model.train(was_training)
-        # copied outside inference mode, once: callers get ordinary host tensors
+        # copied outside inference mode, once: callers get ordinary tensors (host, or the device with on_device)
         result: Dict[str, Tensor] = {}
         normalize = self.normalize_embeddings
+        where = self.device if on_device else None
         if out.dense is not None:
-            result["dense"] = _to_host(truncate(out.dense.float(), compression.dense_dim, normalize))
+            result["dense"] = _to_host(truncate(out.dense.float(), compression.dense_dim, normalize), where)
         if out.token_weights is not None:
-            result["sparse_ids"] = _to_host(inputs["input_ids"])
-            result["sparse_weights"] = _to_host(prune_lexical(inputs["input_ids"], out.token_weights.float(),
-                                                              compression.sparse_top_k, compression.sparse_threshold))
+            result["sparse_ids"] = _to_host(inputs["input_ids"], where)
+            weights = prune_lexical(inputs["input_ids"], out.token_weights.float(), compression.sparse_top_k,
+                                    compression.sparse_threshold)
+            result["sparse_weights"] = _to_host(weights, where)
         if out.colbert is not None:
             vecs, mask = truncate(out.colbert.float(), compression.colbert_dim, normalize), out.colbert_mask
             if compression.pool_factor > 1:  # clustering runs on the host
                 vecs, mask = pool_colbert_batch(vecs.cpu(), mask.cpu(), compression.pool_factor, normalize)
-            result["colbert"], result["colbert_mask"] = _to_host(vecs), _to_host(mask)
+            result["colbert"], result["colbert_mask"] = _to_host(vecs, where), _to_host(mask, where)
         return result
 
     def compression_for(self, passage: bool) -> Compression:
@@ -336,6 +340,7 @@ class M3Embedder:
         show_progress: bool = True,
         passage: bool = False,
         compression: Optional[Compression] = None,
+        on_device: bool = False,
         **tokenizer_kwargs: Any,
     ) -> Iterator[Tuple[List[int], Dict[str, Tensor]]]:
         """Encode ``texts`` in length-sorted batches (longest first within each window of ``_ENCODE_WINDOW``
@@ -345,8 +350,8 @@ class M3Embedder:
         vectors pooled (``colbert_mask`` then marks the pooled vectors), lexical weights pruned. Passages are
         counted in :attr:`passage_stats`.
 
-        ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, keys
-        of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
+        ``indices``: positions in ``texts`` of the ``b`` texts of the batch. ``outputs`` (CPU tensors, or
+        tensors on :attr:`device` with ``on_device``: scoring then runs there; keys of the requested ``heads`` only): ``dense`` [b, H] float32; ``sparse_ids`` [b, L] int64 token ids and
         ``sparse_weights`` [b, L] float32 (zero at padding and ignored ids); ``colbert`` [b, L-1, D] float32
         (zero at padding) and ``colbert_mask`` [b, L-1] int64 (1 for real tokens after CLS).
         """
@@ -366,7 +371,7 @@ class M3Embedder:
                 features = self._tokenize(texts[start : start + window], max_length, **tokenizer_kwargs)
                 lengths = [len(ids) for ids in features.get("input_ids", [])]
                 for indices in self._length_sorted_batches(lengths, batch_size):
-                    out = self._forward(features, indices, tuple(heads), compression)
+                    out = self._forward(features, indices, tuple(heads), compression, on_device)
                     if passage:
                         self.passage_stats.update(out)
                     bar.update(len(indices))

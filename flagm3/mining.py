@@ -12,6 +12,11 @@ Fewer than ``negative_number`` candidates in the rank window (a small pool, many
 ``fill_random`` (default, as ``hn_mine``) the rest is drawn at random from the pool outside the top ``end``
 ranks (easier negatives, never from the ranks above ``start``); without it, or when the pool is exhausted, the
 line keeps fewer negatives. The summary counts both cases.
+
+With the model on an accelerator, dense mining encodes and searches on it (torch top-k on the device; only the
+``[Q, end]`` ranks reach the host). ``index_dir`` writes the candidates' dense vectors to disk window by window
+and searches them chunk by chunk (:mod:`flagm3.disk_index`: faiss, Qdrant or torch), for a pool whose vectors do
+not fit in memory.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data.validation import read_training_records
-from .evaluation.retrieval import encode_texts
+from .evaluation.retrieval import encode_texts, scoring_device
 from .negative_filter import check_fraction, false_negatives, teacher_scores_of
 from .scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
@@ -75,12 +80,14 @@ def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- encoding
 def _encode(embedder: Any, texts: list[str], max_length: int, batch_size: Optional[int], sparse: bool,
-            desc: str, show_progress: bool) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
-    """Dense vectors ``[N, H]`` and, with ``sparse``, pooled lexical weights as a CSR ``[N, vocab]``."""
+            desc: str, show_progress: bool, device: Optional[torch.device] = None,
+            ) -> tuple[Tensor, Optional[scipy.sparse.csr_matrix]]:
+    """Dense vectors ``[N, H]`` (on ``device``, else the host) and, with ``sparse``, pooled lexical weights as a
+    CSR ``[N, vocab]`` (host)."""
     logger.info("%s: encoding %d texts", desc, len(texts))
     heads = ("dense", "sparse") if sparse else ("dense",)
     encoded = encode_texts(embedder, texts, max_length, batch_size, heads, show_progress,
-                           num_columns=len(embedder.tokenizer))
+                           num_columns=len(embedder.tokenizer), device=device)
     return encoded.dense, encoded.lexical
 
 
@@ -105,10 +112,12 @@ def search(
 
     Dense inner product (``q_dense`` [Q, H], ``p_dense`` [P, H]), or the hybrid
     ``weights[0] * dense + weights[1] * sparse`` when ``q_lex``/``p_lex`` (CSR ``[Q|P, vocab]``) are given.
+    The torch search runs where ``p_dense`` is (an accelerator: faiss is then not the default); the ranks
+    come back to the host.
     """
     hybrid = q_lex is not None
     if use_faiss is None:
-        use_faiss = not hybrid and faiss_available()
+        use_faiss = not hybrid and faiss_available() and p_dense.device.type == "cpu"
     if use_faiss and hybrid:
         raise ValueError(_FAISS_DENSE_ONLY)
     k = min(k, p_dense.shape[0])
@@ -116,21 +125,21 @@ def search(
         import faiss
 
         index = faiss.IndexFlatIP(p_dense.shape[1])
-        index.add(np.ascontiguousarray(p_dense.numpy(), dtype=np.float32))
+        index.add(np.ascontiguousarray(p_dense.cpu().numpy(), dtype=np.float32))
     step = max(1, min(batch_size, _SCORE_BLOCK_ELEMENTS // max(1, p_dense.shape[0])))
     found = []
     for start in tqdm(range(0, q_dense.shape[0], step), desc="Search", disable=not show_progress):
         q = q_dense[start : start + step]
         if use_faiss:
-            _, idx = index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
+            _, idx = index.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
             found.append(torch.from_numpy(idx).long())
             continue
         scores = {"dense": dense_scores(q, p_dense)}
         if hybrid:
-            scores["sparse"] = _lexical_block(q_lex[start : start + step], p_lex)
+            scores["sparse"] = _lexical_block(q_lex[start : start + step], p_lex).to(p_dense.device)
         total = hybrid_scores(scores, {"dense": weights[0], "sparse": weights[1] if hybrid else 0.0})
         found.append(torch.topk(total, k, dim=1).indices)
-    ranked = torch.cat(found) if found else torch.empty(0, k, dtype=torch.long)
+    ranked = torch.cat(found).cpu() if found else torch.empty(0, k, dtype=torch.long)
     return ranked, "faiss" if use_faiss else "torch"
 
 
@@ -143,10 +152,13 @@ def query_scores(
     p_lex: Optional[scipy.sparse.csr_matrix] = None,
     weights: Sequence[float] = DENSE_SPARSE_WEIGHTS,
 ) -> Tensor:
-    """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``."""
-    scores = {"dense": dense_scores(q_dense[q_row : q_row + 1], p_dense[list(p_rows)])[0]}
+    """Mining score (dense or hybrid) of query ``q_row`` with the passages ``p_rows``: ``[n]``. ``p_dense``: a
+    tensor or a :class:`flagm3.disk_index.DenseStore`."""
+    q = q_dense[q_row : q_row + 1]
+    p = p_dense.rows_at(list(p_rows)) if hasattr(p_dense, "rows_at") else p_dense[list(p_rows)]
+    scores = {"dense": dense_scores(q, p.to(q.device))[0]}
     if q_lex is not None:
-        scores["sparse"] = _lexical_block(q_lex[q_row : q_row + 1], p_lex[list(p_rows)])[0]
+        scores["sparse"] = _lexical_block(q_lex[q_row : q_row + 1], p_lex[list(p_rows)])[0].to(q.device)
     return hybrid_scores(scores, {"dense": weights[0], "sparse": weights[1] if q_lex is not None else 0.0})
 
 
@@ -221,6 +233,8 @@ def mine_hard_negatives(
     use_faiss: Optional[bool] = None,
     show_progress: bool = True,
     false_negative_fraction: Optional[float] = None,
+    index_dir: Optional[Union[str, os.PathLike]] = None,
+    index_backend: Optional[str] = None,
 ) -> dict[str, Any]:
     """Mine hard negatives for a training JSONL with ``embedder`` (an ``M3Embedder``); returns a summary.
 
@@ -236,6 +250,10 @@ def mine_hard_negatives(
     ``false_negative_fraction``: drop the rank window's candidates scoring above this fraction of the positive's
     score (:mod:`flagm3.negative_filter`; teacher ``pos_scores``/``neg_scores`` of the line where given); the
     summary's ``false_negatives_dropped`` counts them.
+    ``index_dir``: write the candidates' dense vectors there, window by window, and search them from disk chunk by
+    chunk (:mod:`flagm3.disk_index`; ``index_backend`` ``"faiss"``, ``"qdrant"`` or ``"torch"``, default faiss
+    where importable, else Qdrant; torch on an accelerator): memory bounded by the window and the chunk, not the
+    pool. Dense only (not with ``use_hybrid``); the same negatives as the in-memory search.
     """
     start, end = _parse_range(range_for_sampling)
     check_fraction(false_negative_fraction)
@@ -247,6 +265,10 @@ def mine_hard_negatives(
         raise ValueError(_FAISS_DENSE_ONLY)
     if use_faiss and not faiss_available():
         raise ImportError("use_faiss=True but faiss is not importable (pip install faiss-cpu)")
+    if index_dir is not None and use_hybrid:
+        raise ValueError("index_dir searches dense vectors only: it cannot be combined with use_hybrid")
+    if index_backend is not None and index_dir is None:
+        raise ValueError("index_backend needs index_dir")
     records = read_training_data(input_jsonl)
     if candidate_pool is None:
         pool = [t for r in records for t in r["pos"] + r.get("neg", [])]
@@ -272,12 +294,26 @@ def mine_hard_negatives(
     q_max = query_max_length or getattr(embedder, "query_max_length", 512)
     p_max = passage_max_length or getattr(embedder, "passage_max_length", 512)
     passages = with_instruction(embedder, texts, "passage")
-    p_dense, p_lex = _encode(embedder, passages, p_max, batch_size, use_hybrid, "candidates", show_progress)
-    q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, use_hybrid, "queries", show_progress)
+    device = None if use_hybrid else scoring_device(embedder)  # the hybrid's lexical product runs on the host
     weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
-    searched_lex = p_lex[: len(pool)] if use_hybrid else None
-    ranked, backend = search(q_dense, p_dense[: len(pool)], end, q_lex, searched_lex, weights, use_faiss,
-                             search_batch_size, show_progress)
+    if index_dir is not None:
+        from .disk_index import search_store, write_dense_store
+
+        p_dense = write_dense_store(embedder, passages, index_dir, p_max, batch_size, show_progress,
+                                    desc="Encoding candidates to disk")
+        q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, False, "queries", show_progress, device)
+        p_lex = None
+        ranked, backend = search_store(p_dense, q_dense, end, index_backend, limit=len(pool),
+                                       device=device, show_progress=show_progress)
+        backend = f"{backend} (on disk: {os.fspath(index_dir)})"
+    else:
+        p_dense, p_lex = _encode(embedder, passages, p_max, batch_size, use_hybrid, "candidates", show_progress,
+                                 device)
+        q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, use_hybrid, "queries", show_progress,
+                                 device)
+        searched_lex = p_lex[: len(pool)] if use_hybrid else None
+        ranked, backend = search(q_dense, p_dense[: len(pool)], end, q_lex, searched_lex, weights, use_faiss,
+                                 search_batch_size, show_progress)
     ranked_lists = ranked.tolist()
 
     rng = random.Random(seed)

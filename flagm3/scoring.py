@@ -98,6 +98,36 @@ def _column_weights(token_ids: Tensor, weights: Tensor, columns: Tensor) -> Tens
     return out.view(batch, num + 1)[:, :num]
 
 
+class LexicalColumns(NamedTuple):
+    """Texts' max-pooled lexical weights over ``columns`` [U], the sorted distinct token ids (of positive weight)
+    of those texts: ``matrix`` [N, U]. Only these ids can score against another text, so a tensor of this form
+    scores all pairs on any device (:func:`sparse_scores_columns`) without a tensor of vocabulary size."""
+
+    columns: Tensor
+    matrix: Tensor
+
+
+def lexical_columns(batches: Sequence[Tuple[Tensor, Tensor, Tensor]], num_rows: int) -> LexicalColumns:
+    """:class:`LexicalColumns` of ``num_rows`` texts encoded in batches ``(rows [b], token_ids [b, L], weights
+    [b, L])`` (``rows``: the texts' positions; ``L`` may differ between batches). On the batches' device."""
+    columns = torch.unique(torch.cat([_query_columns(ids, w) for _, ids, w in batches]))
+    matrix = batches[0][2].new_zeros(num_rows, columns.shape[0])
+    for rows, ids, w in batches:
+        matrix[rows] = _column_weights(ids, w, columns)
+    return LexicalColumns(columns, matrix)
+
+
+def sparse_scores_columns(queries: LexicalColumns, p_ids: Tensor, p_weights: Tensor, chunk_size: int = 4096) -> Tensor:
+    """Lexical matching scores ``sum_t w_q(t) * w_p(t)`` of ``queries`` [Q, U] with passages ``p_ids``/``p_weights``
+    [P, Lp] -> [Q, P]: passages max-pooled over the queries' columns, ``chunk_size`` at a time (memory
+    ``[Q + chunk_size, U]``). Differentiable in both sides' weights."""
+    blocks = [
+        queries.matrix @ _column_weights(p_ids[s : s + chunk_size], p_weights[s : s + chunk_size], queries.columns).T
+        for s in range(0, p_ids.shape[0], chunk_size)
+    ]
+    return torch.cat(blocks, dim=1) if blocks else queries.matrix.new_zeros(queries.matrix.shape[0], 0)
+
+
 def sparse_scores(
     q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Tensor, chunk_size: int = 4096
 ) -> Tensor:
@@ -106,15 +136,11 @@ def sparse_scores(
     ``q_ids``/``q_weights`` [Q, Lq], ``p_ids``/``p_weights`` [P, Lp] -> [Q, P]. Exact and differentiable. Only a
     token that occurs in some query can score, so both sides are max-pooled over the ``U`` distinct query token
     ids (``U <= Q * Lq``): memory is ``[Q + chunk_size, U]``, whatever the vocabulary and the passages' own
-    tokens; passages are scored ``chunk_size`` at a time.
+    tokens; passages are scored ``chunk_size`` at a time (:func:`sparse_scores_columns`).
     """
     columns = _query_columns(q_ids, q_weights)
-    q_matrix = _column_weights(q_ids, q_weights, columns)
-    blocks = [
-        q_matrix @ _column_weights(p_ids[s : s + chunk_size], p_weights[s : s + chunk_size], columns).T
-        for s in range(0, p_ids.shape[0], chunk_size)
-    ]
-    return torch.cat(blocks, dim=1) if blocks else q_matrix.new_zeros(q_ids.shape[0], 0)
+    queries = LexicalColumns(columns, _column_weights(q_ids, q_weights, columns))
+    return sparse_scores_columns(queries, p_ids, p_weights, chunk_size)
 
 
 def sparse_scores_paired(q_ids: Tensor, q_weights: Tensor, p_ids: Tensor, p_weights: Tensor) -> Tensor:

@@ -4,6 +4,11 @@
 ``M3Embedder.iter_outputs`` in chunks and keep a running top-k per ranking: memory is bounded by
 ``[Q, corpus_chunk_size]`` score blocks and ``[Q, k]`` top-k tensors, never all ColBERT vectors at once.
 Every score comes from :mod:`flagm3.scoring`.
+
+With the model on an accelerator (or ``score_on_device=True``) the outputs stay on the model's device and every
+score, the running top-k included, is computed there (lexical scores by :func:`flagm3.scoring.sparse_scores_columns`
+instead of the host's sparse matrix product); only the ``[Q, k]`` top-k reaches the host. On the CPU the scores
+are the host path's (scipy for lexical scores), unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..scoring import (
     BGE_M3_ENSEMBLE_WEIGHTS,
     DEFAULT_BLOCK_ELEMENTS,
     HEADS,
+    LexicalColumns,
     PooledLexical,
     colbert_scores,
     colbert_scores_paired,
@@ -28,8 +34,10 @@ from ..scoring import (
     concat_lexical,
     dense_scores,
     hybrid_scores,
+    lexical_columns,
     lexical_matrix,
     pool_lexical,
+    sparse_scores_columns,
 )
 from ..texts import with_instruction
 from .metrics import METRICS, Run, evaluate_run
@@ -46,7 +54,7 @@ def top_k_positions(scores: Tensor, k: int) -> Tensor:
     among equal scores the leftmost column wins (a stable sort's order, at the cost of a partial top-k)."""
     k = min(k, scores.shape[1])
     if k == 0:
-        return torch.empty(scores.shape[0], 0, dtype=torch.long)
+        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
     kth = torch.topk(scores, k, dim=1).values[:, -1:]
     above, equal = scores > kth, scores == kth
     take = above | (equal & (equal.cumsum(1) <= k - above.sum(1, keepdim=True)))
@@ -59,14 +67,15 @@ class RunningTopK:
     """The ``k`` best (score, column index) per row over column blocks seen one at a time.
 
     Ties go to the smaller column index, so the result does not depend on how the columns were chunked.
-    ``extras`` names other ``[R, c]`` score blocks whose values are kept at the selected positions.
+    ``extras`` names other ``[R, c]`` score blocks whose values are kept at the selected positions. The kept
+    tensors live on ``device`` (that of the blocks given to :meth:`update`); :meth:`to_run` reads them to the host.
     """
 
-    def __init__(self, num_rows: int, k: int, extras: Iterable[str] = ()) -> None:
+    def __init__(self, num_rows: int, k: int, extras: Iterable[str] = (), device: Any = None) -> None:
         self.k = k
-        self.scores = torch.empty(num_rows, 0)
-        self.indices = torch.empty(num_rows, 0, dtype=torch.long)
-        self.extras = {name: torch.empty(num_rows, 0) for name in extras}
+        self.scores = torch.empty(num_rows, 0, device=device)
+        self.indices = torch.empty(num_rows, 0, dtype=torch.long, device=device)
+        self.extras = {name: torch.empty(num_rows, 0, device=device) for name in extras}
 
     def update(self, scores: Tensor, indices: Tensor, extras: Optional[Mapping[str, Tensor]] = None) -> None:
         """``scores`` [R, c] for columns ``indices`` ([c] shared by all rows, or [R, c])."""
@@ -102,43 +111,66 @@ class RunningTopK:
 
 class EncodedTexts:
     """Outputs of the asked heads for ``num`` texts, ready to search with: ``dense`` stacked ``[N, H]`` (fp32),
-    ``lexical`` weights as a CSR ``[N, vocab]``, ``batches`` of ColBERT vectors as encoded
-    (``(rows [b], {"colbert": [b, L, D], "colbert_mask": [b, L]})``, no padding to a common length)."""
+    ``lexical`` weights as a CSR ``[N, vocab]`` (host) or :class:`~flagm3.scoring.LexicalColumns` (``device``),
+    ``batches`` of ColBERT vectors as encoded (``(rows [b], {"colbert": [b, L, D], "colbert_mask": [b, L]})``, no
+    padding to a common length). ``device``: where the tensors are and scores are computed (``None``: the host
+    path, lexical scores by scipy)."""
 
-    def __init__(self, num: int) -> None:
+    def __init__(self, num: int, device: Optional[torch.device] = None) -> None:
         self.num = num
+        self.device = device
         self.dense: Optional[Tensor] = None
-        self.lexical: Optional[scipy.sparse.csr_matrix] = None
+        self.lexical: Optional[Union[scipy.sparse.csr_matrix, LexicalColumns]] = None
         self.batches: list[tuple[Tensor, dict[str, Tensor]]] = []
 
     def per_batch(self, fn: Any, num_cols: int) -> Tensor:
         """``[N, num_cols]`` from ``fn(batch outputs) -> [b, num_cols]`` over the ColBERT batches."""
-        full = torch.empty(self.num, num_cols)
+        full = torch.empty(self.num, num_cols, device=self.device)
         for rows, out in self.batches:
             full[rows] = fn(out).float()
         return full
 
 
+def scoring_device(embedder: Any, on_device: Optional[bool] = None) -> Optional[torch.device]:
+    """The device to score on (the embedder's), or ``None`` for the host path. ``on_device`` ``None``: the
+    embedder's device unless it is the CPU."""
+    device = getattr(embedder, "device", None)
+    if on_device is None:
+        on_device = device is not None and torch.device(device).type != "cpu"
+    if on_device and device is None:
+        raise ValueError("score_on_device=True needs an embedder with a .device")
+    return torch.device(device) if on_device else None
+
+
 def encode_texts(embedder: Any, texts: Sequence[str], max_length: int, batch_size: Optional[int],
                  heads: Sequence[str], show_progress: bool = False,
-                 num_columns: Optional[int] = None) -> EncodedTexts:
+                 num_columns: Optional[int] = None, device: Optional[torch.device] = None) -> EncodedTexts:
     """Encode ``texts`` once through ``embedder.iter_outputs`` into an :class:`EncodedTexts` of ``heads``;
-    ``num_columns`` fixes the lexical matrix's width (the vocabulary size), else its largest id + 1."""
-    encoded = EncodedTexts(len(texts))
+    ``num_columns`` fixes the lexical matrix's width (the vocabulary size), else its largest id + 1. ``device``
+    (:func:`scoring_device`): keep the outputs on the embedder's device, lexical weights as
+    :class:`~flagm3.scoring.LexicalColumns` (``num_columns`` unused)."""
+    encoded = EncodedTexts(len(texts), device)
     lexical: list[tuple[Tensor, PooledLexical]] = []
+    lexical_batches: list[tuple[Tensor, Tensor, Tensor]] = []
+    extra = {"on_device": True} if device is not None else {}
     for indices, out in embedder.iter_outputs(
         texts, max_length=max_length, batch_size=batch_size, heads=tuple(heads), show_progress=show_progress,
+        **extra,
     ):
-        rows = torch.as_tensor(indices, dtype=torch.long)
+        rows = torch.as_tensor(indices, dtype=torch.long, device=device)
         if "dense" in heads:
             if encoded.dense is None:
-                encoded.dense = torch.zeros(encoded.num, out["dense"].shape[-1])
+                encoded.dense = torch.zeros(encoded.num, out["dense"].shape[-1], device=device)
             encoded.dense[rows] = out["dense"].float()
-        if "sparse" in heads:
+        if "sparse" in heads and device is not None:
+            lexical_batches.append((rows, out["sparse_ids"], out["sparse_weights"].float()))
+        elif "sparse" in heads:
             lexical.append((rows, pool_lexical(out["sparse_ids"], out["sparse_weights"].float())))
         if "colbert" in heads:
             encoded.batches.append((rows, {"colbert": out["colbert"].float(), "colbert_mask": out["colbert_mask"]}))
-    if "sparse" in heads:
+    if "sparse" in heads and device is not None:
+        encoded.lexical = lexical_columns(lexical_batches, encoded.num)
+    elif "sparse" in heads:
         encoded.lexical = lexical_matrix(concat_lexical(lexical, encoded.num), num_columns=num_columns)
     return encoded
 
@@ -150,7 +182,9 @@ def _head_scores(
     scores = {}
     if "dense" in heads:
         scores["dense"] = dense_scores(queries.dense, out["dense"].float())
-    if "sparse" in heads:
+    if "sparse" in heads and isinstance(queries.lexical, LexicalColumns):  # on the device
+        scores["sparse"] = sparse_scores_columns(queries.lexical, out["sparse_ids"], out["sparse_weights"].float())
+    elif "sparse" in heads:
         passages = pool_lexical(out["sparse_ids"], out["sparse_weights"].float())
         lexical = compute_lexical_matching_scores(queries.lexical, passages)
         scores["sparse"] = torch.from_numpy(lexical).float()
@@ -174,17 +208,18 @@ def iter_score_blocks(
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
     """``(columns [c], {head: [Q, c] scores})`` for each chunk of ``chunk_size`` of ``texts``, encoded as they
     come (``embedder.iter_outputs``): memory bounded by the chunk, whatever the corpus size. ``progress``: a
-    tqdm bar advanced by the texts encoded."""
+    tqdm bar advanced by the texts encoded. The blocks are on ``queries.device`` (the host when ``None``)."""
+    extra = {"on_device": True} if queries.device is not None else {}
     for start in range(0, len(texts), chunk_size):
         blocks: dict[str, list[Tensor]] = defaultdict(list)
         columns = []
         for local, out in embedder.iter_outputs(
             texts[start : start + chunk_size], max_length=max_length, batch_size=batch_size, heads=tuple(heads),
-            show_progress=False, passage=True,
+            show_progress=False, passage=True, **extra,
         ):
             for name, block in _head_scores(queries, out, heads).items():
                 blocks[name].append(block)
-            columns.append(torch.as_tensor(local, dtype=torch.long) + start)
+            columns.append(torch.as_tensor(local, dtype=torch.long, device=queries.device) + start)
             if progress is not None:
                 progress.update(len(local))
         yield torch.cat(columns), {name: torch.cat(parts, dim=1) for name, parts in blocks.items()}
@@ -241,17 +276,19 @@ def _colbert_on_candidates(
     Only the union of the candidates is encoded, ``chunk_size`` documents per ``iter_outputs`` call; each
     query is scored against its own candidates only (paired MaxSim), so the cost is ``Q * d`` pairs.
     """
-    result = torch.full(candidates.shape, float("nan"))
+    device = queries.device
+    result = torch.full(candidates.shape, float("nan"), device=device)
     union = torch.unique(candidates)
-    position = torch.full((len(texts),), -1, dtype=torch.long)  # global doc index -> row in the current batch
+    position = torch.full((len(texts),), -1, dtype=torch.long, device=device)  # doc index -> row in the batch
+    extra = {"on_device": True} if device is not None else {}
     for start in range(0, union.numel(), chunk_size):
         chunk = union[start : start + chunk_size]
         for local, out in embedder.iter_outputs(
             [texts[i] for i in chunk.tolist()], max_length=max_length, batch_size=batch_size,
-            heads=("colbert",), show_progress=False, passage=True,
+            heads=("colbert",), show_progress=False, passage=True, **extra,
         ):
-            docs = chunk[torch.as_tensor(local, dtype=torch.long)]
-            position[docs] = torch.arange(docs.numel())
+            docs = chunk[torch.as_tensor(local, dtype=torch.long, device=device)]
+            position[docs] = torch.arange(docs.numel(), device=device)
             p_vecs, p_mask = out["colbert"].float(), out["colbert_mask"]
             for rows, q in queries.batches:
                 where = position[candidates[rows]]  # [b, d]
@@ -284,6 +321,7 @@ def retrieve(
     rerank_depth: int = 100,
     rerank_source: Optional[str] = None,
     show_progress: bool = True,
+    score_on_device: Optional[bool] = None,
 ) -> dict[str, Run]:
     """Rank ``corpus`` for every query with each head of ``heads`` and each hybrid: ``{ranking: run}``.
 
@@ -297,6 +335,9 @@ def retrieve(
     ``colbert_mode="full"`` scores ColBERT against the whole corpus; ``"rerank"`` scores it only on the top
     ``rerank_depth`` documents of ``rerank_source`` (default ``"dense+sparse"``, else ``"dense"``), which
     gives the ``"colbert"`` and ``"all"`` rankings of those candidates (a second encoding pass over them).
+
+    ``score_on_device`` (default: when the embedder is not on the CPU) keeps the outputs on the embedder's
+    device and scores there; only the top-k is read to the host (:func:`scoring_device`).
     """
     heads, hybrids = check_rankings(heads, hybrids)
     weights = _hybrid_weights(hybrid_weights)
@@ -323,10 +364,11 @@ def retrieve(
         raise ValueError(f"nothing to retrieve: {len(qids)} queries, {len(doc_ids)} documents")
     texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
     q_texts = with_instruction(embedder, (queries[q] for q in qids), "query")
-    encoded = encode_texts(embedder, q_texts, max_query_length, batch_size, heads)
-    keepers = {name: RunningTopK(len(qids), top_k) for name in first_rankings}
+    device = scoring_device(embedder, score_on_device)
+    encoded = encode_texts(embedder, q_texts, max_query_length, batch_size, heads, device=device)
+    keepers = {name: RunningTopK(len(qids), top_k, device=device) for name in first_rankings}
     if rerank:
-        keepers[rerank_source] = RunningTopK(len(qids), max(top_k, rerank_depth), extras=first_heads)
+        keepers[rerank_source] = RunningTopK(len(qids), max(top_k, rerank_depth), extras=first_heads, device=device)
     total = len(texts) + (min(len(texts), len(qids) * rerank_depth) if rerank else 0)
     progress = tqdm(total=total, desc="Retrieval", unit="doc", disable=not show_progress)
     for indices, head_blocks in iter_score_blocks(embedder, encoded, texts, first_heads, max_passage_length,
@@ -346,7 +388,7 @@ def retrieve(
         for name, scores in _with_hybrids(candidate_scores, hybrids, weights).items():
             if name in runs:
                 continue
-            ranked = RunningTopK(len(qids), top_k)
+            ranked = RunningTopK(len(qids), top_k, device=device)
             ranked.update(scores, candidates)
             runs[name] = ranked.to_run(qids, doc_ids)
     progress.close()
