@@ -15,10 +15,12 @@ mean of the later steps' step-end-to-step-end times (steady step time), the same
 (user + sys, all threads: on a shared machine they vary far less than wall time), and the peak RSS (getrusage) of
 the process (the only rank). flagm3 is also run a second time on the same file with its cache kept ("cached").
 
-Evaluation and mining: a synthetic BEIR collection of N passages (100 queries, one relevant passage each),
-the tiny random BERT with fresh heads saved as a flagm3 checkpoint; ``flagm3 eval`` (dense, sparse, ColBERT and
-their hybrid) and ``flagm3 mine`` (100 queries, the N passages as the candidate pool), each in its own process:
-wall time and peak RSS.
+Evaluation and mining: a synthetic BEIR collection of N passages (short: about 10 words, ``--corpus-queries``
+queries, one relevant passage each), the tiny random BERT with fresh heads saved as a flagm3 checkpoint, passages
+truncated to ``--passage-max-len`` tokens, batch 256; ``flagm3 eval`` (dense, sparse, ColBERT and their hybrids,
+``--colbert-mode``), ``flagm3 mine`` in memory (up to ``--in-memory-mine-max`` passages) and ``flagm3 mine
+--index-dir`` (the pool's dense vectors written to disk and searched chunk by chunk, faiss), each in its own
+process, the N passages as the candidate pool: wall time, CPU seconds (user + sys) and peak RSS.
 
 The table goes to stdout, the numbers to ``--out`` (JSON), the growth curves to ``--plot``. The machine this
 runs on is usually shared: compare ratios within one run, not absolute times.
@@ -210,16 +212,19 @@ def run_training(python: str, mode: str, model: Path, data: Path, steps: int, ca
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_command(cmd: list[str]) -> dict:
-    """Wall time and peak RSS (the child's getrusage, through /usr/bin/time's format) of one command."""
+def run_command(cmd: list[str], threads: int = 0) -> dict:
+    """Wall time, CPU seconds (user + sys) and peak RSS (the child's getrusage, through /usr/bin/time's format)
+    of one command; ``threads`` > 0 sets its torch/OpenMP threads."""
     start = time.time()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", *cmd], capture_output=True, text=True, env=env)
     wall = time.time() - start
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-2:][0], "wall_s": wall}
-    peak_kb = int(proc.stderr.strip().splitlines()[-1])
-    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024.0}
+    peak_kb, user, system = proc.stderr.strip().splitlines()[-1].split()
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_mb": int(peak_kb) / 1024.0}
 
 
 def flagm3_checkpoint(target: Path, encoder: Path) -> Path:
@@ -256,6 +261,14 @@ def main() -> None:
     p.add_argument("--train-sizes", default="10000,100000,1000000")
     p.add_argument("--minilm-size", type=int, default=10000, help="0: no all-MiniLM-L6-v2 row")
     p.add_argument("--corpus-sizes", default="10000,100000,1000000")
+    p.add_argument("--corpus-queries", type=int, default=100, help="queries of the eval and mine rows")
+    p.add_argument("--passage-max-len", type=int, default=32, help="eval and mine rows: passage tokens")
+    p.add_argument("--colbert-mode", choices=["full", "rerank"], default="full", help="eval rows")
+    p.add_argument("--corpus-threads", type=int, default=1,
+                   help="eval and mine rows: OMP_NUM_THREADS of the process (0: torch's default). On the shared "
+                        "2-core machine two threads contending with other processes took 1.8x the CPU time of one")
+    p.add_argument("--in-memory-mine-max", type=int, default=100000,
+                   help="larger pools are mined only with --index-dir")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--reference-python", default=str(DEFAULT_REFERENCE))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
@@ -292,14 +305,22 @@ def main() -> None:
     checkpoint = flagm3_checkpoint(work / "tiny_m3", tiny)
     corpus_rows = []
     for n in sizes(args.corpus_sizes):
-        beir = synthetic_beir(work / f"beir_{n}", n)
+        beir = synthetic_beir(work / f"beir_{n}_q{args.corpus_queries}", n, args.corpus_queries)
+        length = ["--batch-size", "256", "--passage-max-len", str(args.passage_max_len)]
         evaluation = run_command([sys.executable, "-m", "flagm3", "eval", "--model", str(checkpoint), "--data",
-                                  str(beir), "--split", "test", "--batch-size", "256", "--max-passage-length", "64"])
-        mined = work / f"mined_{n}.jsonl"
-        mining = run_command([sys.executable, "-m", "flagm3", "mine", "--model", str(checkpoint), "--input",
-                              str(beir / "mine_input.jsonl"), "--candidate-pool", str(beir / "pool.jsonl"),
-                              "--output", str(mined), "--batch-size", "256", "--max-passage-length", "64"])
-        corpus_rows.append({"passages": n, "eval": evaluation, "mine": mining})
+                                  str(beir), "--split", "test", "--colbert-mode", args.colbert_mode, *length],
+                                 args.corpus_threads)
+        mine = [sys.executable, "-m", "flagm3", "mine", "--model", str(checkpoint), "--input",
+                str(beir / "mine_input.jsonl"), "--candidate-pool", str(beir / "pool.jsonl"),
+                "--output", str(work / f"mined_{n}.jsonl"), *length]
+        mining = run_command(mine, args.corpus_threads) if n <= args.in_memory_mine_max else {}
+        index = work / f"index_{n}"
+        shutil.rmtree(index, ignore_errors=True)
+        on_disk = run_command([*mine, "--index-dir", str(index), "--index-backend", "faiss"], args.corpus_threads)
+        shutil.rmtree(index, ignore_errors=True)
+        corpus_rows.append({"passages": n, "eval": evaluation, "mine": mining, "mine_on_disk": on_disk,
+                            "queries": args.corpus_queries, "passage_max_len": args.passage_max_len,
+                            "colbert_mode": args.colbert_mode, "threads": args.corpus_threads})
         print(json.dumps(corpus_rows[-1]), flush=True)
 
     print_tables(rows, corpus_rows)
@@ -330,11 +351,16 @@ def print_tables(rows: list[dict], corpus_rows: list[dict]) -> None:
               f"{_cell(f, 'peak_rss_mb', '.0f')} / {_cell(ref, 'peak_rss_mb', '.0f')} | "
               f"{_cell(f, 'cpu_steady_step_s', '.2f')} / {_cell(ref, 'cpu_steady_step_s', '.2f')} |")
     if corpus_rows:
-        print("\n| passages | eval wall (s) | eval peak RSS (MB) | mine wall (s) | mine peak RSS (MB) |")
+        print("\n| passages | wall (s): eval / mine / mine on disk | CPU (s): eval / mine / mine on disk | "
+              "CPU s per 1k passages: eval / mine on disk | peak RSS (MB): eval / mine / mine on disk |")
         print("|---|---|---|---|---|")
         for r in corpus_rows:
-            print(f"| {r['passages']:,} | {_cell(r['eval'], 'wall_s', '.1f')} | {_cell(r['eval'], 'peak_rss_mb', '.0f')} "
-                  f"| {_cell(r['mine'], 'wall_s', '.1f')} | {_cell(r['mine'], 'peak_rss_mb', '.0f')} |")
+            runs = (r["eval"], r["mine"], r.get("mine_on_disk", {}))
+            per_k = " / ".join(f"{run['cpu_s'] / r['passages'] * 1000:.2f}" if "cpu_s" in run else "-"
+                               for run in (runs[0], runs[2]))
+            print(f"| {r['passages']:,} | {' / '.join(_cell(run, 'wall_s', '.1f') for run in runs)} | "
+                  f"{' / '.join(_cell(run, 'cpu_s', '.1f') for run in runs)} | {per_k} | "
+                  f"{' / '.join(_cell(run, 'peak_rss_mb', '.0f') for run in runs)} |")
 
 
 def plot(rows: list[dict], corpus_rows: list[dict], path: str) -> None:
@@ -343,7 +369,7 @@ def plot(rows: list[dict], corpus_rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     tiny = [r for r in rows if r["model"] == "tiny"]
     for key, label, ax in (("cpu_first_step_s", "CPU seconds to first step", axes[0]),
                            ("peak_rss_mb", "peak RSS (MB)", axes[1])):
@@ -356,14 +382,18 @@ def plot(rows: list[dict], corpus_rows: list[dict], path: str) -> None:
         ax.set_xlabel("training records (tiny BERT)")
         ax.set_ylabel(label)
         ax.legend()
-    for what, name in (("eval", "flagm3 eval"), ("mine", "flagm3 mine")):
-        points = [(r["passages"], r[what]["wall_s"]) for r in corpus_rows if "peak_rss_mb" in r[what]]
-        if points:
-            xs, ys = zip(*points)
-            axes[2].plot(xs, ys, marker="o", label=f"{name} wall (s)")
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("passages")
-    axes[2].legend()
+    for key, label, ax in (("cpu_s", "CPU seconds", axes[2]), ("peak_rss_mb", "peak RSS (MB)", axes[3])):
+        for what, name in (("eval", "flagm3 eval"), ("mine", "flagm3 mine"), ("mine_on_disk", "flagm3 mine --index-dir")):
+            points = [(r["passages"], r[what][key]) for r in corpus_rows if key in r.get(what, {})]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log")
+        if key == "cpu_s":
+            ax.set_yscale("log")
+        ax.set_xlabel("passages (tiny BERT)")
+        ax.set_ylabel(label)
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
