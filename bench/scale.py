@@ -352,12 +352,17 @@ def print_tables(rows: list[dict], corpus_rows: list[dict]) -> None:
               f"{_cell(f, 'cpu_steady_step_s', '.2f')} / {_cell(ref, 'cpu_steady_step_s', '.2f')} |")
     if corpus_rows:
         print("\n| passages | wall (s): eval / mine / mine on disk | CPU (s): eval / mine / mine on disk | "
-              "CPU s per 1k passages: eval / mine on disk | peak RSS (MB): eval / mine / mine on disk |")
+              "CPU s per 1k more passages than the row above: eval / mine on disk | peak RSS (MB): eval / mine / "
+              "mine on disk |")
         print("|---|---|---|---|---|")
+        previous: dict = {}
         for r in corpus_rows:
             runs = (r["eval"], r["mine"], r.get("mine_on_disk", {}))
-            per_k = " / ".join(f"{run['cpu_s'] / r['passages'] * 1000:.2f}" if "cpu_s" in run else "-"
-                               for run in (runs[0], runs[2]))
+            per_k = " / ".join(
+                f"{(run['cpu_s'] - before['cpu_s']) / (r['passages'] - previous['passages']) * 1000:.3f}"
+                if "cpu_s" in run and "cpu_s" in before else "-"
+                for run, before in zip((runs[0], runs[2]), (previous.get("eval", {}), previous.get("mine_on_disk", {}))))
+            previous = r
             print(f"| {r['passages']:,} | {' / '.join(_cell(run, 'wall_s', '.1f') for run in runs)} | "
                   f"{' / '.join(_cell(run, 'cpu_s', '.1f') for run in runs)} | {per_k} | "
                   f"{' / '.join(_cell(run, 'peak_rss_mb', '.0f') for run in runs)} |")
