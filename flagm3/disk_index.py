@@ -15,6 +15,10 @@ search:
 - ``"qdrant"`` (the default without faiss): a local on-disk Qdrant collection ``DIR/qdrant`` filled from the
   file chunk by chunk and searched exactly. Qdrant's embedded local mode holds the collection's vectors in
   memory while it is open (a Qdrant server keeps them on disk): bounded by the index, not by Python objects.
+
+The pool's texts are kept on disk too (:class:`DiskTexts`: ``DIR/texts.bin``, UTF-8, with ``DIR/texts.idx``
+offsets), deduplicated by a 64-bit hash per text (equal hashes are compared as texts) and looked up by text
+through the sorted hashes (:class:`TextRows`): 24 bytes a passage in memory, not the texts and dicts over them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -90,6 +94,117 @@ class DenseStore:
         """The vectors of ``rows``: ``[len(rows), dim]``."""
         mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
         return torch.from_numpy(np.array(mapped[np.asarray(rows, dtype=np.int64)]))
+
+
+class DiskTexts(Sequence):
+    """Texts in ``directory/<name>.bin`` (UTF-8, concatenated) with offsets ``[N + 1]`` (int64) in
+    ``<name>.idx``: ``texts[i]`` reads one text, ``texts[a:b]`` a list; both files are memory-mapped."""
+
+    def __init__(self, directory: Union[str, os.PathLike], name: str = "texts") -> None:
+        self.directory, self.name = Path(directory), name
+        self.offsets = np.memmap(self.directory / f"{name}.idx", dtype=np.int64, mode="r")
+        size = int(self.offsets[-1])
+        self.data = np.memmap(self.directory / f"{name}.bin", dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
+
+
+def write_texts(texts: Iterable[str], directory: Union[str, os.PathLike], name: str = "texts",
+                ) -> tuple[DiskTexts, np.ndarray]:
+    """Write ``texts`` (streamed) as a :class:`DiskTexts`; returns it and each text's ``hash`` ``[N]`` (int64,
+    this process's string hash)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    offsets, hashes = [np.zeros(1, np.int64)], []
+    position, batch_offsets, batch_hashes = 0, [], []
+    with open(directory / f"{name}.bin", "wb") as data:
+        for text in texts:
+            encoded = text.encode("utf-8")
+            data.write(encoded)
+            position += len(encoded)
+            batch_offsets.append(position)
+            batch_hashes.append(hash(text))
+            if len(batch_offsets) == 65536:  # bounded Python lists: flushed to arrays
+                offsets.append(np.array(batch_offsets, np.int64))
+                hashes.append(np.array(batch_hashes, np.int64))
+                batch_offsets, batch_hashes = [], []
+    offsets.append(np.array(batch_offsets, np.int64))
+    hashes.append(np.array(batch_hashes, np.int64))
+    np.concatenate(offsets).tofile(directory / f"{name}.idx")
+    return DiskTexts(directory, name), np.concatenate(hashes)
+
+
+def first_occurrences(texts: DiskTexts, hashes: np.ndarray) -> np.ndarray:
+    """Rows (ascending) of the first occurrence of each distinct text of ``texts`` (``hashes``: their hashes);
+    texts with equal hashes are compared, so a hash collision keeps both."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    representative = first[inverse.reshape(-1)]
+    keep = representative == np.arange(len(hashes))
+    groups: dict[int, list[int]] = {}
+    for row in np.flatnonzero(~keep).tolist():  # rows whose hash came before: their group's texts are compared
+        groups.setdefault(int(representative[row]), []).append(row)
+    for first_row, rows in groups.items():
+        seen = {texts[first_row]}
+        for row in rows:
+            text = texts[row]
+            if text not in seen:  # a hash collision, not a repeated text
+                seen.add(text)
+                keep[row] = True
+    return np.flatnonzero(keep)
+
+
+class TextRows:
+    """``rows[text]``: the row of ``text`` in ``texts`` (``KeyError`` when absent), ``text in rows``; through the
+    sorted hashes (a hash match is confirmed by comparing the texts)."""
+
+    def __init__(self, texts: DiskTexts, hashes: np.ndarray) -> None:
+        self.texts = texts
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+
+    def get(self, text: str) -> Optional[int]:
+        h = hash(text)
+        for i in range(np.searchsorted(self.sorted, h), np.searchsorted(self.sorted, h, side="right")):
+            row = int(self.order[i])
+            if self.texts[row] == text:
+                return row
+        return None
+
+    def __getitem__(self, text: str) -> int:
+        row = self.get(text)
+        if row is None:
+            raise KeyError(text)
+        return row
+
+    def __contains__(self, text: object) -> bool:
+        return isinstance(text, str) and self.get(text) is not None
+
+
+def disk_pool(pool: Iterable[str], extra: Iterable[str], directory: Union[str, os.PathLike],
+              ) -> tuple[DiskTexts, int, TextRows]:
+    """The distinct texts of ``pool`` (first occurrences, in order) followed by those of ``extra`` not in the pool,
+    written to ``directory/texts.*`` with bounded memory; returns the texts, the pool's size and a lookup."""
+    directory = Path(directory)
+    raw, raw_hashes = write_texts(pool, directory, "pool-raw")
+    keep = first_occurrences(raw, raw_hashes)
+    pool_rows = TextRows(raw, raw_hashes)
+    extras = [t for t in dict.fromkeys(extra) if t not in pool_rows]
+    texts, hashes = write_texts((t for chunk in ((raw[int(i)] for i in keep), extras) for t in chunk), directory)
+    del raw, pool_rows
+    for suffix in ("bin", "idx"):
+        os.remove(directory / f"pool-raw.{suffix}")
+    return texts, len(keep), TextRows(texts, hashes)
 
 
 def write_dense_store(

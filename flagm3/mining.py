@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import scipy.sparse
@@ -67,15 +68,33 @@ def read_training_data(path: Union[str, os.PathLike]) -> list[dict]:
     return [{**line, "pos": record.pos} for line, record in read_training_records(path)]
 
 
-def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
-    """Candidate passages: JSONL lines ``{"text": str}`` or JSON strings."""
-    texts = []
+def iter_candidate_pool(path: Union[str, os.PathLike]) -> Iterator[str]:
+    """Candidate passages, streamed: JSONL lines ``{"text": str}`` or JSON strings."""
     for lineno, record in read_jsonl(path):
         text = record.get("text") if isinstance(record, dict) else record
         if not isinstance(text, str):
             raise ValueError(f"{path}:{lineno}: expected {{\"text\": str}} or a JSON string")
-        texts.append(text)
-    return texts
+        yield text
+
+
+def read_candidate_pool(path: Union[str, os.PathLike]) -> list[str]:
+    """Candidate passages: JSONL lines ``{"text": str}`` or JSON strings."""
+    return list(iter_candidate_pool(path))
+
+
+class _Instructed(SequenceABC):
+    """``texts`` with the embedder's passage instruction, applied as they are read (a slice gives a list)."""
+
+    def __init__(self, embedder: Any, texts: Sequence[str]) -> None:
+        self.embedder, self.texts = embedder, texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return with_instruction(self.embedder, self.texts[i], "passage")
+        return with_instruction(self.embedder, [self.texts[i]], "passage")[0]
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -271,29 +290,37 @@ def mine_hard_negatives(
         raise ValueError("index_backend needs index_dir")
     records = read_training_data(input_jsonl)
     if candidate_pool is None:
-        pool = [t for r in records for t in r["pos"] + r.get("neg", [])]
+        source: Any = (t for r in records for t in r["pos"] + r.get("neg", []))
     elif isinstance(candidate_pool, (str, os.PathLike)):
-        pool = read_candidate_pool(candidate_pool)
+        source = iter_candidate_pool(candidate_pool)
     else:
-        pool = list(candidate_pool)
-    pool = list(dict.fromkeys(pool))
-    if not pool:
-        raise ValueError("the candidate pool is empty")
-    if end > len(pool):
-        logger.warning("range_for_sampling end %d exceeds the pool of %d passages", end, len(pool))
-
+        source = candidate_pool
     # positives outside the pool are encoded too (for teacher scores) but never searched
-    in_pool = set(pool)
-    texts = pool + ([t for t in dict.fromkeys(p for r in records for p in r["pos"]) if t not in in_pool]
-                    if teacher_scores or false_negative_fraction is not None else [])
-    row_of = {t: i for i, t in enumerate(texts)}
+    positives = ((p for r in records for p in r["pos"]) if teacher_scores or false_negative_fraction is not None
+                 else ())
+    row_of: Any
+    if index_dir is not None:  # the texts on disk too: 24 bytes a passage in memory (flagm3.disk_index)
+        from .disk_index import disk_pool
+
+        texts, pool_size, row_of = disk_pool(source, positives, index_dir)
+        pool: Sequence[str] = texts
+    else:
+        pool = list(dict.fromkeys(source))
+        in_pool = set(pool)
+        texts = pool + [t for t in dict.fromkeys(positives) if t not in in_pool]
+        row_of = {t: i for i, t in enumerate(texts)}
+        pool_size = len(pool)
+    if not pool_size:
+        raise ValueError("the candidate pool is empty")
+    if end > pool_size:
+        logger.warning("range_for_sampling end %d exceeds the pool of %d passages", end, pool_size)
     queries = list(dict.fromkeys(r["query"] for r in records))
     query_of = {q: i for i, q in enumerate(queries)}
     instructed = with_instruction(embedder, queries, "query", query_instruction_for_retrieval,
                                   query_instruction_format)
     q_max = query_max_length or getattr(embedder, "query_max_length", 512)
     p_max = passage_max_length or getattr(embedder, "passage_max_length", 512)
-    passages = with_instruction(embedder, texts, "passage")
+    passages = _Instructed(embedder, texts) if index_dir is not None else with_instruction(embedder, texts, "passage")
     device = None if use_hybrid else scoring_device(embedder)  # the hybrid's lexical product runs on the host
     weights = (float(hybrid_weights[0]), float(hybrid_weights[1]))
     if index_dir is not None:
@@ -303,7 +330,7 @@ def mine_hard_negatives(
                                     desc="Encoding candidates to disk")
         q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, False, "queries", show_progress, device)
         p_lex = None
-        ranked, backend = search_store(p_dense, q_dense, end, index_backend, limit=len(pool),
+        ranked, backend = search_store(p_dense, q_dense, end, index_backend, limit=pool_size,
                                        device=device, show_progress=show_progress)
         backend = f"{backend} (on disk: {os.fspath(index_dir)})"
     else:
@@ -311,8 +338,8 @@ def mine_hard_negatives(
                                  device)
         q_dense, q_lex = _encode(embedder, instructed, q_max, batch_size, use_hybrid, "queries", show_progress,
                                  device)
-        searched_lex = p_lex[: len(pool)] if use_hybrid else None
-        ranked, backend = search(q_dense, p_dense[: len(pool)], end, q_lex, searched_lex, weights, use_faiss,
+        searched_lex = p_lex[:pool_size] if use_hybrid else None
+        ranked, backend = search(q_dense, p_dense[:pool_size], end, q_lex, searched_lex, weights, use_faiss,
                                  search_batch_size, show_progress)
     ranked_lists = ranked.tolist()
 
@@ -335,7 +362,7 @@ def mine_hard_negatives(
             qi = query_of[record["query"]]
             excluded = set(record["pos"]) | likely_false_negatives(record, qi)  # never drawn, as positives
             chosen, used_fill = _draw(rng, ranked_lists[qi], pool, record["query"], excluded, start,
-                                      end, negative_number, fill_random, len(pool))
+                                      end, negative_number, fill_random, pool_size)
             out = dict(record)
             out["neg"] = [pool[j] for j in chosen]
             counts["filled"] += used_fill
@@ -356,7 +383,7 @@ def mine_hard_negatives(
     summary = {
         "lines": len(records),
         "queries": len(queries),
-        "candidate_pool": len(pool),
+        "candidate_pool": pool_size,
         "range_for_sampling": [start, end],
         "negative_number": negative_number,
         "scoring": "dense+sparse" if use_hybrid else "dense",
