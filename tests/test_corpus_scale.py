@@ -83,6 +83,30 @@ def test_device_scoring_path_equals_the_host_path(embedder, mode):
             assert same_ranking(device[name][q], host[name][q]), (name, q, device[name][q], host[name][q])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_rankings_and_negatives_equal_the_cpus(tiny_encoder_dir, tiny_tokenizer, tmp_path):
+    """On a GPU (the device path for real): every ranking as on the CPU, and mining (in memory and on disk) draws
+    the CPU's negatives."""
+    gpu = spread_embedder(tiny_encoder_dir, tiny_tokenizer, 2, batch_size=4, devices="cuda:0")
+    cpu = spread_embedder(tiny_encoder_dir, tiny_tokenizer, 2, batch_size=4)
+    for mode in ("full", "rerank"):
+        on_gpu = as_lists(retrieve(gpu, CORPUS, QUERIES, colbert_mode=mode, **OPTIONS))
+        on_cpu = as_lists(retrieve(cpu, CORPUS, QUERIES, colbert_mode=mode, **OPTIONS))
+        for name in on_cpu:
+            for q in on_cpu[name]:
+                assert same_ranking(on_gpu[name][q], on_cpu[name][q], tol=1e-4), (mode, name, q)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": q, "pos": [MINE_POOL[i]]}) + "\n"
+                             for i, q in enumerate(MINE_QUERIES)))
+    common = dict(candidate_pool=MINE_POOL, range_for_sampling=(2, 20), negative_number=4, show_progress=False)
+    mine_hard_negatives(cpu, train, tmp_path / "cpu.jsonl", use_faiss=False, **common)
+    mine_hard_negatives(gpu, train, tmp_path / "gpu.jsonl", **common)
+    mine_hard_negatives(gpu, train, tmp_path / "disk.jsonl", index_dir=tmp_path / "index", **common)
+    expected = [json.loads(line)["neg"] for line in open(tmp_path / "cpu.jsonl")]
+    for name in ("gpu", "disk"):
+        assert [json.loads(line)["neg"] for line in open(tmp_path / f"{name}.jsonl")] == expected, name
+
+
 class HostReads(TorchFunctionMode):
     """Records every read of tensor data to the host: ``(function, number of elements)``."""
 
