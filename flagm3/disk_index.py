@@ -295,26 +295,25 @@ def search_store(
 
 def _search_qdrant(store: DenseStore, queries: Tensor, k: int, limit: int, chunk_rows: int,
                    show_progress: bool) -> Tensor:
-    """Fill the local collection ``store.directory/qdrant`` from the store (once) and search it exactly."""
+    """Fill the local collection ``store.directory/qdrant`` from the store (rebuilt: the store may have been
+    rewritten with other vectors) and search it exactly."""
     from .qdrant import _models, connect
 
     models = _models()
     client = connect(str(store.directory / QDRANT_DIR))
     try:
-        existing = client.count(QDRANT_COLLECTION).count if client.collection_exists(QDRANT_COLLECTION) else -1
-        if existing != limit:
-            if existing >= 0:
-                client.delete_collection(QDRANT_COLLECTION)
-            client.create_collection(QDRANT_COLLECTION, vectors_config=models.VectorParams(
-                size=store.dim, distance=models.Distance.DOT, on_disk=True))
-            bar = tqdm(total=limit, desc="Qdrant index", unit="passage", disable=not show_progress)
-            for start, block in store.chunks(chunk_rows, limit):
-                for s in range(0, block.shape[0], 1024):
-                    part = block[s : s + 1024]
-                    client.upload_collection(QDRANT_COLLECTION, vectors=part,
-                                             ids=list(range(start + s, start + s + part.shape[0])))
-                bar.update(block.shape[0])
-            bar.close()
+        if client.collection_exists(QDRANT_COLLECTION):
+            client.delete_collection(QDRANT_COLLECTION)
+        client.create_collection(QDRANT_COLLECTION, vectors_config=models.VectorParams(
+            size=store.dim, distance=models.Distance.DOT, on_disk=True))
+        bar = tqdm(total=limit, desc="Qdrant index", unit="passage", disable=not show_progress)
+        for start, block in store.chunks(chunk_rows, limit):
+            for s in range(0, block.shape[0], 1024):
+                part = block[s : s + 1024]
+                client.upload_collection(QDRANT_COLLECTION, vectors=part,
+                                         ids=list(range(start + s, start + s + part.shape[0])))
+            bar.update(block.shape[0])
+        bar.close()
         params = models.SearchParams(exact=True)
         found = []
         q = queries.detach().float().cpu().numpy()
