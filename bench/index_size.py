@@ -119,7 +119,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         return [(torch.as_tensor(rows), out) for rows, out in batches], dense
 
     if cache and Path(cache).is_file():
-        p_batches, p_dense, q_batches, q_dense = torch.load(cache, weights_only=False)
+        p_batches, p_dense, q_batches, q_dense = torch.load(cache, weights_only=True)
     else:
         p_batches, p_dense = encode([corpus[d] for d in doc_ids])
         q_batches, q_dense = encode([queries[q] for q in qids])
