@@ -98,13 +98,18 @@ class DenseStore:
 
 class DiskTexts(Sequence):
     """Texts in ``directory/<name>.bin`` (UTF-8, concatenated) with offsets ``[N + 1]`` (int64) in
-    ``<name>.idx``: ``texts[i]`` reads one text, ``texts[a:b]`` a list; both files are memory-mapped."""
+    ``<name>.idx``: ``texts[i]`` reads one text (``os.pread``: no mapping whose pages would stay resident),
+    ``texts[a:b]`` a list; the offsets are memory-mapped."""
 
     def __init__(self, directory: Union[str, os.PathLike], name: str = "texts") -> None:
         self.directory, self.name = Path(directory), name
         self.offsets = np.memmap(self.directory / f"{name}.idx", dtype=np.int64, mode="r")
-        size = int(self.offsets[-1])
-        self.data = np.memmap(self.directory / f"{name}.bin", dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
+        self.fd = os.open(self.directory / f"{name}.bin", os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -117,7 +122,8 @@ class DiskTexts(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return os.pread(self.fd, end - start, start).decode("utf-8") if end > start else ""
 
 
 def write_texts(texts: Iterable[str], directory: Union[str, os.PathLike], name: str = "texts",
