@@ -263,6 +263,9 @@ def build_parser() -> ConventionParser:
     p.add_argument("--qdrant", help="Qdrant backend: a directory, :memory: or a server URL "
                                     "(default: a temporary embedded index).")
     p.add_argument("--collection", default="flagm3-eval", help="Qdrant backend: the collection.")
+    p.add_argument("--corpus-dir", metavar="DIR",
+                   help="Keep the corpus's ids and texts on disk in DIR (written as corpus.jsonl is read, read back by "
+                        "row) instead of in memory: memory does not grow with the corpus's texts. Default: in memory.")
     p.add_argument("--fit-weights", metavar="SPLIT",
                    help="First fit the hybrid weights on this split (e.g. dev) and evaluate with them; they are "
                         "printed and written to --output, never beside the model.")

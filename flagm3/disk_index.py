@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("faiss", "qdrant", "torch")
 DEFAULT_CHUNK_ROWS = 65536  # rows read and searched at a time
+LIST_ROWS = 65536  # rows gathered in a Python list before they go into an array (bounds such lists)
 VECTORS, META = "dense.f32", "dense.json"
 QDRANT_DIR, QDRANT_COLLECTION = "qdrant", "dense"
 
@@ -107,9 +109,12 @@ class DiskTexts(Sequence):
         self.fd = os.open(self.directory / f"{name}.bin", os.O_RDONLY)
 
     def __del__(self) -> None:
-        fd = getattr(self, "fd", None)
+        fd, self.fd = getattr(self, "fd", None), None
         if fd is not None:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except (OSError, AttributeError, TypeError):  # at interpreter exit the os module may be gone
+                pass
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -141,7 +146,7 @@ def write_texts(texts: Iterable[str], directory: Union[str, os.PathLike], name: 
             position += len(encoded)
             batch_offsets.append(position)
             batch_hashes.append(hash(text))
-            if len(batch_offsets) == 65536:  # bounded Python lists: flushed to arrays
+            if len(batch_offsets) == LIST_ROWS:  # bounded Python lists: flushed to arrays
                 offsets.append(np.array(batch_offsets, np.int64))
                 hashes.append(np.array(batch_hashes, np.int64))
                 batch_offsets, batch_hashes = [], []
@@ -211,6 +216,88 @@ def disk_pool(pool: Iterable[str], extra: Iterable[str], directory: Union[str, o
     for suffix in ("bin", "idx"):
         os.remove(directory / f"pool-raw.{suffix}")
     return texts, len(keep), TextRows(texts, hashes)
+
+
+class RowView(Sequence):
+    """``texts[rows[i]]`` for ``i`` in ``range(len(rows))``, passed through ``transform`` (a list to a list, e.g. an
+    instruction prefix) as they are read; a slice gives a list."""
+
+    def __init__(self, texts: Sequence[str], rows: np.ndarray, transform: Any = None) -> None:
+        self.texts, self.rows, self.transform = texts, rows, transform or (lambda values: values)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.transform([self.texts[int(r)] for r in self.rows[i]])
+        return self.transform([self.texts[int(self.rows[i])]])[0]
+
+
+class DiskCorpus(Mapping):
+    """A BEIR corpus (``{doc_id: text}``) kept on disk: ids and texts written once from ``corpus.jsonl`` (streamed),
+    read back by row; ``corpus[doc_id]`` through the ids' hashes. In memory: 8-byte arrays per document.
+    :meth:`descending` gives the documents in descending id order (the evaluation's column order) without a
+    Python list of them (:meth:`descending_columns`)."""
+
+    stays_on_disk = True  # subsample() keeps it as it is
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], directory: Union[str, os.PathLike],
+                 source: str = "corpus") -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        texts_file = open(directory / "texts.bin", "wb")
+        text_offsets: list = []
+
+        def ids() -> Iterable[str]:  # writes each text beside its id, in one pass over the pairs
+            position = 0
+            batch = []
+            for doc_id, text in pairs:
+                encoded = text.encode("utf-8")
+                texts_file.write(encoded)
+                position += len(encoded)
+                batch.append(position)
+                if len(batch) == LIST_ROWS:
+                    text_offsets.append(np.array(batch, np.int64))
+                    batch = []
+                yield doc_id
+            text_offsets.append(np.array(batch, np.int64))
+
+        try:
+            self.ids, hashes = write_texts(ids(), directory, "ids")
+        finally:
+            texts_file.close()
+        np.concatenate([np.zeros(1, np.int64), *text_offsets]).tofile(directory / "texts.idx")
+        self.texts = DiskTexts(directory, "texts")
+        if len(first_occurrences(self.ids, hashes)) != len(self.ids):
+            raise ValueError(f"{source}: a document id occurs twice")
+        self.rows = TextRows(self.ids, hashes)
+
+    def __getitem__(self, doc_id: str) -> str:
+        return self.texts[self.rows[doc_id]]
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.ids[i] for i in range(len(self.ids)))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def descending(self) -> np.ndarray:
+        """Rows in descending id order (Python's string order: UTF-8 bytes compare as code points)."""
+        lengths = np.diff(np.asarray(self.ids.offsets))
+        keys = np.zeros(len(self.ids), dtype=f"S{max(1, int(lengths.max(initial=1)))}")
+        for start in range(0, len(keys), LIST_ROWS):
+            keys[start : start + LIST_ROWS] = [t.encode("utf-8") for t in self.ids[start : start + LIST_ROWS]]
+        return np.argsort(keys, kind="stable")[::-1].copy()
+
+    def descending_columns(self, transform: Any = None) -> tuple[RowView, RowView]:
+        """The ids in descending order and their texts (through ``transform``, e.g. an instruction), read lazily:
+        what :func:`flagm3.evaluation.retrieval.corpus_columns` ranks."""
+        order = self.descending()
+        return RowView(self.ids, order), RowView(self.texts, order, transform)
 
 
 def write_dense_store(

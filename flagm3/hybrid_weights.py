@@ -48,7 +48,13 @@ def hybrid_metrics(
     into that set's running top-k (k from ``metric``), so memory is bounded by the chunk and the top-k, not by
     ``queries x documents``, and the rankings are exact."""
     from .evaluation.metrics import evaluate_run
-    from .evaluation.retrieval import RunningTopK, encode_texts, iter_score_blocks, scoring_device
+    from .evaluation.retrieval import (
+        RunningTopK,
+        corpus_columns,
+        encode_texts,
+        iter_score_blocks,
+        scoring_device,
+    )
     from .texts import with_instruction
 
     base, _, k = metric.partition("@")
@@ -56,11 +62,10 @@ def hybrid_metrics(
         raise ValueError(f"metric must look like 'ndcg@10', got {metric!r}")
     weight_sets = [dict(w) for w in weight_sets]
     qids = [qid for qid in qrels if qid in queries]
-    doc_ids = sorted(corpus, reverse=True)  # column order = the evaluator's tie order
+    doc_ids, texts = corpus_columns(embedder, corpus)  # column order = the evaluator's tie order
     device = scoring_device(embedder)  # the embedder's accelerator, else the host path
     encoded = encode_texts(embedder, with_instruction(embedder, (queries[q] for q in qids), "query"),
                            max_query_length, batch_size, HEADS, device=device)
-    texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
     keepers = [RunningTopK(len(qids), int(k), device=device) for _ in weight_sets]
     progress = tqdm(total=len(texts), desc="Hybrid weights", unit="doc", disable=not show_progress)
     for indices, blocks in iter_score_blocks(embedder, encoded, texts, HEADS, max_passage_length, batch_size,

@@ -276,6 +276,7 @@ def test_mining_on_disk_holds_no_pool_in_memory(embedder, tmp_path, monkeypatch)
     the hashes) are in memory. The in-memory path holds the texts and dicts over them: measured 270 to 290 bytes
     a passage for these short texts (67 to 100 on disk, with the encoder's garbage collected as it comes)."""
     monkeypatch.setattr(inference, "_ENCODE_WINDOW", 64)
+    monkeypatch.setattr("flagm3.disk_index.LIST_ROWS", 128)  # Python lists bounded at 128 rows, not 65,536
     iter_outputs = embedder.iter_outputs
 
     def collecting(*args, **kwargs):  # the encoder's reference cycles collected (see the test above)
@@ -302,6 +303,83 @@ def test_mining_on_disk_holds_no_pool_in_memory(embedder, tmp_path, monkeypatch)
     per_passage = {where: (peaks[where, 2000] - peaks[where, 200]) / 1800 for where in ("disk", "memory")}
     assert per_passage["disk"] < 150, (per_passage, peaks)
     assert per_passage["memory"] > 230, (per_passage, peaks)  # the check can fail
+
+
+# ------------------------------------------------------------------------------------------ corpus on disk
+def test_corpus_on_disk_ranks_as_the_dict(embedder, tmp_path):
+    """A DiskCorpus (ids and texts on disk, read by row) is the same mapping as the dict, its descending order is
+    Python's, and every ranking equals the dict corpus's exactly."""
+    from flagm3.disk_index import DiskCorpus
+
+    corpus = {**CORPUS, "é-doc": "a wing in supersonic flow", "doc0": "the lift of a cone", "z": "heat transfer"}
+    on_disk = DiskCorpus(iter(corpus.items()), tmp_path / "corpus")
+    assert len(on_disk) == len(corpus) and list(on_disk) == list(corpus)
+    assert all(on_disk[d] == t for d, t in corpus.items()) and "missing" not in on_disk
+    assert [on_disk.ids[i] for i in on_disk.descending()] == sorted(corpus, reverse=True)
+    for mode in ("full", "rerank"):
+        assert as_lists(retrieve(embedder, on_disk, QUERIES, colbert_mode=mode, **OPTIONS)) == as_lists(
+            retrieve(embedder, corpus, QUERIES, colbert_mode=mode, **OPTIONS))
+    with pytest.raises(ValueError, match="corpus.jsonl: a document id occurs twice"):
+        DiskCorpus(iter([("a", "x"), ("b", "y"), ("a", "z")]), tmp_path / "dup", "corpus.jsonl")
+
+
+def test_eval_with_corpus_dir_equals_in_memory(tiny_encoder_dir, tiny_tokenizer, tmp_path):
+    from flagm3 import M3Model
+    from flagm3.evaluation import run_eval
+
+    torch.manual_seed(0)
+    M3Model.from_encoder(str(tiny_encoder_dir), colbert_dim=16).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in CORPUS.items()))
+    (data / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\tdoc{3 * i:02d}\t1\n" for i in range(len(QUERIES))))
+    options = dict(batch_size=8, max_query_length=32, max_passage_length=32, show_progress=False, use_fp16=False)
+    expected = run_eval(tmp_path / "m", data, **options)
+    got = run_eval(tmp_path / "m", data, corpus_dir=tmp_path / "corpus", **options)
+    assert got == expected
+    assert (tmp_path / "corpus" / "test" / "texts.bin").is_file()
+
+
+def test_evaluation_with_the_corpus_on_disk_holds_no_texts(embedder, tmp_path, monkeypatch):
+    """Peak Python allocations of reading a BEIR collection and ranking it grow by under 120 bytes a document
+    with the corpus on disk (8-byte arrays, the deduplication's sort and the ids' sort keys; measured 72 to 76)
+    from 300 to 3,000 documents; with the corpus in a dict they grow by its texts (measured 270)."""
+    from flagm3.evaluation import load_beir
+
+    monkeypatch.setattr("flagm3.disk_index.LIST_ROWS", 128)  # Python lists bounded at 128 rows, not 65,536
+    iter_outputs = embedder.iter_outputs
+
+    def collecting(*args, **kwargs):  # the encoder's reference cycles collected (see above)
+        for item in iter_outputs(*args, **kwargs):
+            yield item
+            gc.collect(1)
+
+    monkeypatch.setattr(embedder, "iter_outputs", collecting)
+    peaks = {}
+    for n in (300, 300, 3000):  # the first run imports and caches what later runs reuse: measured again
+        data = tmp_path / f"beir{n}"
+        (data / "qrels").mkdir(parents=True, exist_ok=True)
+        (data / "corpus.jsonl").write_text("".join(
+            json.dumps({"_id": f"d{i}", "title": "", "text": f"{DOCS[i % len(DOCS)]} number {i}"}) + "\n"
+            for i in range(n)))
+        (data / "queries.jsonl").write_text("".join(
+            json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+        (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"{q}\td{i}\t1\n" for i, q in enumerate(QUERIES)))
+        for where in ("disk", "memory"):
+            tracemalloc.start()
+            corpus, queries, qrels = load_beir(data, "test", tmp_path / f"c{n}{len(peaks)}" if where == "disk" else None)
+            retrieve(embedder, corpus, queries, top_k=10, max_query_length=32, max_passage_length=16,
+                     batch_size=50, corpus_chunk_size=100, show_progress=False)  # full chunks at both sizes
+            peaks[where, n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            del corpus
+    per_document = {where: (peaks[where, 3000] - peaks[where, 300]) / 2700 for where in ("disk", "memory")}
+    assert per_document["disk"] < 120, (per_document, peaks)
+    assert per_document["memory"] > 200, (per_document, peaks)  # the check can fail
 
 
 # -------------------------------------------------------------------------------------------------- progress

@@ -61,13 +61,14 @@ def read_corpus(path: Union[str, os.PathLike]) -> Iterator[tuple[str, str]]:
 
 
 def load_beir(
-    data_dir: Union[str, os.PathLike], split: str = "test"
-) -> tuple[dict[str, str], dict[str, str], Qrels]:
+    data_dir: Union[str, os.PathLike], split: str = "test", corpus_dir: Optional[Union[str, os.PathLike]] = None,
+) -> tuple[Mapping[str, str], dict[str, str], Qrels]:
     """Read a BEIR-layout collection: ``(corpus, queries, qrels)``.
 
     Passage text is ``(title + " " + text).strip()``; only the queries judged in ``qrels/<split>.tsv`` are
     returned. A judged query missing from ``queries.jsonl`` is an error; judged documents missing from the
     corpus are kept in the qrels (they count as relevant and unretrievable, as in trec_eval) with a warning.
+    ``corpus_dir``: stream the corpus into a :class:`flagm3.disk_index.DiskCorpus` there instead of a dict.
     """
     data_dir = os.fspath(data_dir)
     files = {name: os.path.join(data_dir, name) for name in ("corpus.jsonl", "queries.jsonl")}
@@ -76,7 +77,12 @@ def load_beir(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: {data_dir} is not a BEIR-layout collection with a "
                                     f"{split!r} split (corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
-    corpus = dict(read_corpus(files["corpus.jsonl"]))
+    if corpus_dir is not None:
+        from ..disk_index import DiskCorpus
+
+        corpus: Mapping[str, str] = DiskCorpus(read_corpus(files["corpus.jsonl"]), corpus_dir, files["corpus.jsonl"])
+    else:
+        corpus = dict(read_corpus(files["corpus.jsonl"]))
     qrels = load_qrels(files["qrels"])
     all_queries = {
         _field(files["queries.jsonl"], n, r, "_id"): _field(files["queries.jsonl"], n, r, "text")
@@ -120,5 +126,6 @@ def subsample(
         others = [did for did in corpus if did not in judged]
         fill = set(rng.sample(others, max(0, max_corpus_size - len(judged))))
         corpus = {did: text for did, text in corpus.items() if did in judged or did in fill}
-    return dict(corpus), {qid: queries[qid] for qid in qids}, qrels
+    corpus = corpus if getattr(corpus, "stays_on_disk", False) else dict(corpus)  # a DiskCorpus is not copied
+    return corpus, {qid: queries[qid] for qid in qids}, qrels
 

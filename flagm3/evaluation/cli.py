@@ -44,6 +44,7 @@ def run_eval(
     pool_factor: Optional[int] = None,
     sparse_top_k: Optional[int] = None,
     sparse_threshold: Optional[float] = None,
+    corpus_dir: Optional[Union[str, os.PathLike]] = None,
     **embedder_kwargs: Any,
 ) -> dict[str, dict[str, float]]:
     """``flagm3 eval``: load a model directory (flagm3 or BGE-M3 layout, or an ONNX export), evaluate it on a
@@ -60,13 +61,18 @@ def run_eval(
     ``dense_dim``, ``colbert_dim``, ``pool_factor``, ``sparse_top_k``, ``sparse_threshold``: evaluate the model
     compressed so (:class:`flagm3.compression.Compression`); the JSON written to ``output`` also holds
     ``index_bytes_per_passage`` ``{"dense", "sparse", "colbert"}`` (float32 vectors, the corpus's mean sparse
-    entries and ColBERT vectors; :func:`flagm3.compression.index_bytes_per_passage`).
+    entries and ColBERT vectors; :func:`flagm3.compression.index_bytes_per_passage`). ``corpus_dir``: keep the
+    corpus's ids and texts on disk there (one subdirectory per split read), not in a dict
+    (:class:`flagm3.disk_index.DiskCorpus`).
     Other keyword arguments go to ``M3Embedder`` (``use_bf16``, ``truncate_dim``, ...).
     """
     from ..compression import Compression, index_bytes
     from ..inference import M3Embedder
 
-    corpus, queries, qrels = subsample(*load_beir(data_dir, split), max_corpus_size, max_queries, seed)
+    def on_disk(which: str) -> Optional[str]:
+        return None if corpus_dir is None else os.path.join(corpus_dir, which)
+
+    corpus, queries, qrels = subsample(*load_beir(data_dir, split, on_disk(split)), max_corpus_size, max_queries, seed)
     if devices is None and torch.cuda.is_available():
         devices = "cuda:0"
     embedder = M3Embedder(
@@ -84,7 +90,7 @@ def run_eval(
         from ..hybrid_weights import fit_hybrid_weights
 
         fitted = fit_hybrid_weights(
-            embedder, *subsample(*load_beir(data_dir, fit_weights), max_corpus_size, None, seed),
+            embedder, *subsample(*load_beir(data_dir, fit_weights, on_disk(fit_weights)), max_corpus_size, None, seed),
             max_query_length=max_query_length, max_passage_length=max_passage_length, batch_size=batch_size,
             show_progress=show_progress,
         )

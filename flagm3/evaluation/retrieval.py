@@ -305,6 +305,17 @@ def _colbert_on_candidates(
     return result
 
 
+def corpus_columns(embedder: Any, corpus: Mapping[str, str]) -> tuple[Sequence[str], Sequence[str]]:
+    """Document ids in descending order and their texts with the embedder's passage instruction: the columns of
+    every ranking. Descending ids make ties at the top-k cut go as trec_eval ranks them (score, then document id
+    descending), so a truncated run scores as the full ranking would. A corpus kept on disk
+    (:class:`flagm3.disk_index.DiskCorpus`) gives lazy sequences read by row, not lists."""
+    if hasattr(corpus, "descending_columns"):
+        return corpus.descending_columns(lambda values: with_instruction(embedder, values, "passage"))
+    doc_ids = sorted(corpus, reverse=True)
+    return doc_ids, with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
+
+
 def retrieve(
     embedder: Any,
     corpus: Mapping[str, str],
@@ -357,12 +368,10 @@ def retrieve(
             logger.warning("rerank_depth %d < top_k %d: ColBERT rankings hold %d documents",
                            rerank_depth, top_k, rerank_depth)
 
-    # Columns in descending document-id order: ties at the top-k cut then go as trec_eval ranks them (score,
-    # then document id descending), so a truncated run scores as the full ranking would.
-    qids, doc_ids = list(queries), sorted(corpus, reverse=True)
+    qids = list(queries)
+    doc_ids, texts = corpus_columns(embedder, corpus)
     if not qids or not doc_ids:
         raise ValueError(f"nothing to retrieve: {len(qids)} queries, {len(doc_ids)} documents")
-    texts = with_instruction(embedder, (corpus[d] for d in doc_ids), "passage")
     q_texts = with_instruction(embedder, (queries[q] for q in qids), "query")
     device = scoring_device(embedder, score_on_device)
     encoded = encode_texts(embedder, q_texts, max_query_length, batch_size, heads, device=device)
