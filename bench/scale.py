@@ -18,9 +18,10 @@ the process (the only rank). flagm3 is also run a second time on the same file w
 Evaluation and mining: a synthetic BEIR collection of N passages (short: about 10 words, ``--corpus-queries``
 queries, one relevant passage each), the tiny random BERT with fresh heads saved as a flagm3 checkpoint, passages
 truncated to ``--passage-max-len`` tokens, batch 256; ``flagm3 eval`` (dense, sparse, ColBERT and their hybrids,
-``--colbert-mode``), ``flagm3 mine`` in memory (up to ``--in-memory-mine-max`` passages) and ``flagm3 mine
---index-dir`` (the pool's dense vectors written to disk and searched chunk by chunk, faiss), each in its own
-process, the N passages as the candidate pool: wall time, CPU seconds (user + sys) and peak RSS.
+``--colbert-mode``) with the corpus in memory (up to ``--in-memory-max`` passages) and with ``--corpus-dir`` (its
+ids and texts on disk), ``flagm3 mine`` in memory (up to ``--in-memory-max``) and ``flagm3 mine --index-dir``
+(the pool's dense vectors and texts written to disk, searched chunk by chunk, faiss), each in its own process, the
+N passages as the candidate pool: wall time, CPU seconds (user + sys) and peak RSS.
 
 The table goes to stdout, the numbers to ``--out`` (JSON), the growth curves to ``--plot``. The machine this
 runs on is usually shared: compare ratios within one run, not absolute times.
@@ -267,8 +268,8 @@ def main() -> None:
     p.add_argument("--corpus-threads", type=int, default=1,
                    help="eval and mine rows: OMP_NUM_THREADS of the process (0: torch's default). On the shared "
                         "2-core machine two threads contending with other processes took 1.8x the CPU time of one")
-    p.add_argument("--in-memory-mine-max", type=int, default=100000,
-                   help="larger pools are mined only with --index-dir")
+    p.add_argument("--in-memory-max", type=int, default=100000,
+                   help="larger corpora are evaluated only with --corpus-dir and mined only with --index-dir")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--reference-python", default=str(DEFAULT_REFERENCE))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
@@ -307,18 +308,23 @@ def main() -> None:
     for n in sizes(args.corpus_sizes):
         beir = synthetic_beir(work / f"beir_{n}_q{args.corpus_queries}", n, args.corpus_queries)
         length = ["--batch-size", "256", "--passage-max-len", str(args.passage_max_len)]
-        evaluation = run_command([sys.executable, "-m", "flagm3", "eval", "--model", str(checkpoint), "--data",
-                                  str(beir), "--split", "test", "--colbert-mode", args.colbert_mode, *length],
-                                 args.corpus_threads)
+        evaluate = [sys.executable, "-m", "flagm3", "eval", "--model", str(checkpoint), "--data", str(beir),
+                    "--split", "test", "--colbert-mode", args.colbert_mode, *length]
+        evaluation = run_command(evaluate, args.corpus_threads) if n <= args.in_memory_max else {}
+        corpus_dir = work / f"corpus_{n}"
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        evaluation_on_disk = run_command([*evaluate, "--corpus-dir", str(corpus_dir)], args.corpus_threads)
+        shutil.rmtree(corpus_dir, ignore_errors=True)
         mine = [sys.executable, "-m", "flagm3", "mine", "--model", str(checkpoint), "--input",
                 str(beir / "mine_input.jsonl"), "--candidate-pool", str(beir / "pool.jsonl"),
                 "--output", str(work / f"mined_{n}.jsonl"), *length]
-        mining = run_command(mine, args.corpus_threads) if n <= args.in_memory_mine_max else {}
+        mining = run_command(mine, args.corpus_threads) if n <= args.in_memory_max else {}
         index = work / f"index_{n}"
         shutil.rmtree(index, ignore_errors=True)
         on_disk = run_command([*mine, "--index-dir", str(index), "--index-backend", "faiss"], args.corpus_threads)
         shutil.rmtree(index, ignore_errors=True)
-        corpus_rows.append({"passages": n, "eval": evaluation, "mine": mining, "mine_on_disk": on_disk,
+        corpus_rows.append({"passages": n, "eval": evaluation, "eval_on_disk": evaluation_on_disk, "mine": mining,
+                            "mine_on_disk": on_disk,
                             "queries": args.corpus_queries, "passage_max_len": args.passage_max_len,
                             "colbert_mode": args.colbert_mode, "threads": args.corpus_threads})
         print(json.dumps(corpus_rows[-1]), flush=True)
@@ -351,17 +357,18 @@ def print_tables(rows: list[dict], corpus_rows: list[dict]) -> None:
               f"{_cell(f, 'peak_rss_mb', '.0f')} / {_cell(ref, 'peak_rss_mb', '.0f')} | "
               f"{_cell(f, 'cpu_steady_step_s', '.2f')} / {_cell(ref, 'cpu_steady_step_s', '.2f')} |")
     if corpus_rows:
-        print("\n| passages | wall (s): eval / mine / mine on disk | CPU (s): eval / mine / mine on disk | "
-              "CPU s per 1k more passages than the row above: eval / mine on disk | peak RSS (MB): eval / mine / "
-              "mine on disk |")
+        print("\n| passages | wall (s): eval / eval on disk / mine / mine on disk | CPU (s): same | CPU s per 1k more "
+              "passages than the row above: eval on disk / mine on disk | peak RSS (MB): eval / eval on disk / mine "
+              "/ mine on disk |")
         print("|---|---|---|---|---|")
         previous: dict = {}
         for r in corpus_rows:
-            runs = (r["eval"], r["mine"], r.get("mine_on_disk", {}))
+            runs = (r["eval"], r.get("eval_on_disk", {}), r["mine"], r.get("mine_on_disk", {}))
             per_k = " / ".join(
                 f"{(run['cpu_s'] - before['cpu_s']) / (r['passages'] - previous['passages']) * 1000:.3f}"
                 if "cpu_s" in run and "cpu_s" in before else "-"
-                for run, before in zip((runs[0], runs[2]), (previous.get("eval", {}), previous.get("mine_on_disk", {}))))
+                for run, before in zip((runs[1], runs[3]), (previous.get("eval_on_disk", {}),
+                                                           previous.get("mine_on_disk", {}))))
             previous = r
             print(f"| {r['passages']:,} | {' / '.join(_cell(run, 'wall_s', '.1f') for run in runs)} | "
                   f"{' / '.join(_cell(run, 'cpu_s', '.1f') for run in runs)} | {per_k} | "
@@ -388,7 +395,8 @@ def plot(rows: list[dict], corpus_rows: list[dict], path: str) -> None:
         ax.set_ylabel(label)
         ax.legend()
     for key, label, ax in (("cpu_s", "CPU seconds", axes[2]), ("peak_rss_mb", "peak RSS (MB)", axes[3])):
-        for what, name in (("eval", "flagm3 eval"), ("mine", "flagm3 mine"), ("mine_on_disk", "flagm3 mine --index-dir")):
+        for what, name in (("eval", "flagm3 eval"), ("eval_on_disk", "flagm3 eval --corpus-dir"),
+                           ("mine", "flagm3 mine"), ("mine_on_disk", "flagm3 mine --index-dir")):
             points = [(r["passages"], r[what][key]) for r in corpus_rows if key in r.get(what, {})]
             if points:
                 xs, ys = zip(*points)
