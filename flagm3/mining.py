@@ -15,8 +15,8 @@ line keeps fewer negatives. The summary counts both cases.
 
 With the model on an accelerator, dense mining encodes and searches on it (torch top-k on the device; only the
 ``[Q, end]`` ranks reach the host). ``index_dir`` writes the candidates' dense vectors to disk window by window
-and searches them chunk by chunk (:mod:`flagm3.disk_index`: faiss, Qdrant or torch), for a pool whose vectors do
-not fit in memory.
+and searches them chunk by chunk (:mod:`flagm3.disk_index`: faiss, Qdrant or torch), and keeps their texts there
+too, for a pool whose vectors or texts do not fit in memory.
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def mine_hard_negatives(
     summary's ``false_negatives_dropped`` counts them.
     ``index_dir``: write the candidates' dense vectors there, window by window, and search them from disk chunk by
     chunk (:mod:`flagm3.disk_index`; ``index_backend`` ``"faiss"``, ``"qdrant"`` or ``"torch"``, default faiss
-    where importable, else Qdrant; torch on an accelerator): memory bounded by the window and the chunk, not the
-    pool. Dense only (not with ``use_hybrid``); the same negatives as the in-memory search.
+    where importable, else Qdrant; torch on an accelerator), and the pool's texts with them (deduplicated by hash,
+    read back by row): memory bounded by the window, the chunk and 8-byte arrays per passage, not the pool's
+    texts. Dense only (not with ``use_hybrid``); the same negatives as the in-memory search.
     """
     start, end = _parse_range(range_for_sampling)
     check_fraction(false_negative_fraction)
