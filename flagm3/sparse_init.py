@@ -148,11 +148,14 @@ def fit_sparse_head_once(
     corpus: Union[Sequence[str], Callable[[], Sequence[str]]],
     device: Union[str, torch.device, None] = None,
     max_length: int = 256,
+    cache: Any = None,
     **fit_options: Any,
 ) -> Optional[dict[str, float]]:
     """:func:`init_sparse_head_from_idf` on rank 0 only, on ``device`` (the training device: the model is moved
     there, as training would), then the fitted head broadcast to every other process. ``corpus`` may be a
-    callable, called on rank 0 only. Every process must call this. Returns the fit statistics on rank 0."""
+    callable, called on rank 0 only. With ``cache`` (a :class:`flagm3.sparse_head_cache.SparseHeadCache`), rank 0
+    loads the head from it when it holds this fit, and stores the head it fits otherwise (the corpus is then not
+    even read). Every process must call this. Returns the fit statistics on rank 0."""
     import torch.distributed as dist
 
     from .distributed import world
@@ -162,8 +165,12 @@ def fit_sparse_head_once(
     if device is not None:
         model.to(device)
     if rank == 0:
-        texts = corpus() if callable(corpus) else corpus
-        stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+        stats = cache.load(model) if cache is not None else None
+        if stats is None:
+            texts = corpus() if callable(corpus) else corpus
+            stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+            if cache is not None:
+                cache.save(model, stats)
     if world_size > 1:
         head = model.sparse_linear
         on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

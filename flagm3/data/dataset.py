@@ -24,7 +24,9 @@ Deviations, on purpose:
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -82,6 +84,7 @@ class M3TrainDataset(Dataset):
         self.passage_instruction_format = unescape_newlines(passage_instruction_format)
         self.knowledge_distillation = knowledge_distillation
         self.seed = seed
+        self.max_example_num_per_dataset = max_example_num_per_dataset
         self.epoch = 0
         self.tokenizer = tokenizer
         self.passage_max_len = passage_max_len
@@ -181,6 +184,15 @@ class M3TrainDataset(Dataset):
             r = self._record(d, idx - self.dataset_offsets[d])
             seen.update(dict.fromkeys((*r.pos, *r.neg)))
         return list(seen)[:max_texts]
+
+    def idf_corpus_key(self, max_texts: int = IDF_MAX_TEXTS, seed: int = 0) -> Optional[str]:
+        """What :meth:`idf_corpus` returns depends on, as a string (to key a cached fit by): the prepared data's
+        fingerprint (its directory's name), the subsampling and the drawing options; ``None`` when the data has no
+        fingerprint (an in-memory ``IterableDataset``)."""
+        name = os.path.basename(os.path.normpath(self.prepared_dir))
+        if name.startswith("flagm3-nofp-"):
+            return None
+        return json.dumps([name, self.max_example_num_per_dataset, self.seed, max_texts, seed])
 
     def passage_texts(self) -> List[str]:
         """Every distinct passage (positives and negatives) of the loaded records, in first-seen order (reads

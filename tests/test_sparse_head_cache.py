@@ -1,0 +1,118 @@
+"""The fitted sparse head cached beside the prepared data (flagm3.sparse_head_cache): a second run loads exactly the
+head the first fitted, the key follows the model, the data and the options, a bad entry is refitted, never loaded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import build_cli_trainer, write_train_file
+
+import flagm3.sparse_init as sparse_init
+from flagm3.sparse_head_cache import SparseHeadCache, fit_options, head_cache_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def head(model) -> torch.Tensor:
+    return torch.cat([model.sparse_linear.weight.detach().view(-1), model.sparse_linear.bias.detach().view(-1)])
+
+
+@pytest.fixture()
+def count_fits(monkeypatch):
+    fits = []
+    real = sparse_init.init_sparse_head_from_idf
+
+    def counting(*args, **kwargs):
+        fits.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_init, "init_sparse_head_from_idf", counting)
+    return fits
+
+
+def entries(cache) -> list[str]:
+    return sorted(n for n in os.listdir(cache) if n.startswith("flagm3-sparse-head-"))
+
+
+def test_second_run_loads_exactly_the_fitted_head(tmp_path, tiny_encoder_dir, count_fits):
+    data = write_train_file(tmp_path / "t.jsonl", 8)
+    cache = tmp_path / "cache"
+    first = build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--cache_path", str(cache))
+    assert count_fits == [1] and len(entries(cache)) == 1
+    second = build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--cache_path", str(cache))
+    assert count_fits == [1]  # not fitted again
+    assert torch.equal(head(first.model), head(second.model))  # bit for bit
+    # the data changes: another entry, fitted again
+    data2 = write_train_file(tmp_path / "t2.jsonl", 9)
+    build_cli_trainer(tiny_encoder_dir, data2, tmp_path / "out", "--cache_path", str(cache))
+    assert count_fits == [1, 1] and len(entries(cache)) == 2
+    # a fit option (the passages' length) changes: fitted again
+    build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--cache_path", str(cache), "--passage_max_len", "12")
+    assert count_fits == [1, 1, 1] and len(entries(cache)) == 3
+
+
+def test_a_corrupt_entry_is_refitted_with_a_warning_never_loaded(tmp_path, tiny_encoder_dir, count_fits, caplog):
+    data = write_train_file(tmp_path / "t.jsonl", 8)
+    cache = tmp_path / "cache"
+    fitted = head(build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--cache_path", str(cache)).model)
+    (entry,) = entries(cache)
+    path = cache / entry
+    good = path.read_bytes()
+    for bad in (good[: len(good) // 2], b"not a safetensors file", good.replace(b"weight", b"wrong!")):
+        path.write_bytes(bad)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flagm3.sparse_head_cache"):
+            model = build_cli_trainer(tiny_encoder_dir, data, tmp_path / "out", "--cache_path", str(cache)).model
+        assert "unusable" in caplog.text and "fitting the head again" in caplog.text
+        assert torch.equal(head(model), fitted)  # refitted (same result), not the corrupt bytes
+        assert path.read_bytes() != bad  # and the entry rewritten
+    assert len(count_fits) == 4
+
+
+def test_an_entry_with_nan_or_another_key_is_not_loaded(tmp_path, tiny_model, caplog):
+    from safetensors.torch import save_file
+
+    cache = SparseHeadCache(str(tmp_path), "k1")
+    before = head(tiny_model).clone()
+    h = tiny_model.sparse_linear
+    save_file({"weight": torch.full_like(h.weight, float("nan")), "bias": h.bias.detach().clone()}, cache.path,
+              metadata={"key": "k1", "stats": "{}"})
+    with caplog.at_level(logging.WARNING, logger="flagm3.sparse_head_cache"):
+        assert cache.load(tiny_model) is None
+    save_file({"weight": h.weight.detach() + 1, "bias": h.bias.detach().clone()}, cache.path,
+              metadata={"key": "k2", "stats": "{}"})
+    with caplog.at_level(logging.WARNING, logger="flagm3.sparse_head_cache"):
+        assert cache.load(tiny_model) is None
+    assert torch.equal(head(tiny_model), before)
+    assert caplog.text.count("unusable") == 2
+
+
+def test_key_follows_model_tokenizer_data_options_and_device(tmp_path, tiny_encoder_dir, tiny_model, tiny_tokenizer):
+    options = fit_options(max_length=16)
+    key = head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-a", options)
+    assert key == head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-a", fit_options(max_length=16))
+    assert key != head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-b", options)
+    assert key != head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-a", fit_options(max_length=17))
+    assert key != head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-a",
+                                 fit_options(max_length=16, max_texts=10))
+    assert key != head_cache_key(str(tiny_encoder_dir), tiny_model, tiny_tokenizer, "data-a", options, device="meta")
+    # another copy of the model (other path), then new weights at the same path
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_encoder_dir, copy)
+    key_copy = head_cache_key(str(copy), tiny_model, tiny_tokenizer, "data-a", options)
+    assert key_copy != key
+    weights = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert head_cache_key(str(copy), tiny_model, tiny_tokenizer, "data-a", options) != key_copy
+    # the tokenizer's vocabulary changes (a fresh copy: the fixture is shared)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    assert head_cache_key(str(tiny_encoder_dir), tiny_model, tokenizer, "data-a", options) == key
+    tokenizer.add_tokens(["zzqx_new_token"])
+    assert head_cache_key(str(tiny_encoder_dir), tiny_model, tokenizer, "data-a", options) != key
+    assert head_cache_key(str(tmp_path / "no-such-dir"), tiny_model, tiny_tokenizer, "data-a", options) is None
