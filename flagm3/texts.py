@@ -68,6 +68,9 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)  # one decoder (json.loads builds one a call)
+
+
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem]]]:
     """Every line of a JSONL file, 1-based: ``(line, parsed JSON, None)``, ``(line, None, problem)`` for a line
     that is not UTF-8 or not JSON (reading goes on), ``(line, BLANK, None)`` for a blank line. A UTF-8 BOM is
@@ -94,7 +97,7 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem
                 return
             first = False
             try:  # without the line end: a column past the text, not "column 1" of a next line
-                yield lineno, json.loads(text.rstrip("\r\n"), object_pairs_hook=_no_duplicate_keys), None
+                yield lineno, _DECODER.decode(text.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 yield lineno, None, JsonlProblem("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
             except _DuplicateKey as e:

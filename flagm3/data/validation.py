@@ -379,6 +379,8 @@ def _check_array(obj: dict, name: str, issue: Any, element: str, item_problem: A
     if not isinstance(value, (list, tuple)):
         issue(WRONG_TYPE, name, f"expected an array of {element}s, got {_json_type(value)}")
         return None
+    if element == "string" and item_problem is None and all(type(item) is str for item in value):
+        return list(value)  # the common case, without the per-item checks below
     good = True
     for j, item in enumerate(value):
         if _json_type(item) != element:
@@ -400,9 +402,9 @@ def _keep_where(
     texts: List[str], scores: Optional[List[float]], keep: Any
 ) -> Tuple[List[str], Optional[List[float]], int]:
     """Texts (and their scores) for which ``keep(text)`` holds, and how many were dropped."""
-    kept = [j for j, text in enumerate(texts) if keep(text)]
-    if len(kept) == len(texts):
+    if all(map(keep, texts)):  # the common case: nothing to drop
         return texts, scores, 0
+    kept = [j for j, text in enumerate(texts) if keep(text)]
     kept_scores = None if scores is None else [scores[j] for j in kept]
     return [texts[j] for j in kept], kept_scores, len(texts) - len(kept)
 
@@ -482,9 +484,10 @@ def _check_record(
         report.add_error(Issue(EMPTY_POS, source, line, "pos", "every positive passage is empty"))
         return None
     positives = set(pos)
-    neg, neg_scores, fixes[NEG_EQUALS_POS_DROPPED] = _keep_where(
-        neg, neg_scores, lambda t: t not in positives
-    )
+    if not positives.isdisjoint(neg):
+        neg, neg_scores, fixes[NEG_EQUALS_POS_DROPPED] = _keep_where(
+            neg, neg_scores, lambda t: t not in positives
+        )
 
     needs_negatives = opts.train_group_size is None or opts.train_group_size > 1
     if not neg and needs_negatives:
@@ -496,7 +499,8 @@ def _check_record(
         if opts.knowledge_distillation:
             msg = "negatives drawn from the corpus have no teacher scores: this record's group gets none"
             report.add_warning(Issue(NO_TEACHER_SCORES, source, line, "neg", msg))
-    report.fixes.update(+fixes)
+    if any(fixes.values()):
+        report.fixes.update(+fixes)
     if not opts.knowledge_distillation:
         pos_scores = neg_scores = None
     return Record(query, pos, neg, pos_scores, neg_scores, prompt if prompt else None, line)
