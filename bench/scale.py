@@ -241,7 +241,7 @@ def flagm3_checkpoint(target: Path, encoder: Path) -> Path:
 
 
 def sizes(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v.strip()] if value else []
+    return [int(v) for v in value.split(",") if v.strip() and int(v) > 0] if value else []  # "0": none
 
 
 def main() -> None:
