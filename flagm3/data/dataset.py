@@ -54,7 +54,8 @@ class M3TrainDataset(Dataset):
 
     The records live in memory-mapped Arrow files (:mod:`flagm3.data.prepared`, validated once and cached by
     the files' fingerprint in ``cache_dir``); an item is read from them when asked for, and tokenised only by the
-    collator.
+    collator. The mapped pages it reads are given back as it goes (:mod:`flagm3.data.mapped_pages`), so the
+    process' RSS does not grow with the files.
 
     Attributes: ``dataset_names``, ``dataset_sizes``, ``dataset_offsets`` (first global index of each
     dataset), ``no_in_batch_neg`` (one flag per dataset), ``lengths`` (per item: mean passage length in
