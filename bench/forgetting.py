@@ -152,7 +152,7 @@ def summarise(cells: list[dict]) -> list[dict]:
         rows.append({
             "in_domain": key[0], "general": key[1], "seeds": [c["seed"] for c in group],
             "base_in": mean("base", "in_domain", False), "gain_tuned": gain_ft, "gain_merged": gain_m,
-            "kept": gain_m / gain_ft if gain_ft else float("nan"),
+            "kept": gain_m / gain_ft if gain_ft > 0 else None,  # a share of a loss means nothing
             "base_general": mean("base", "general", False),
             "general_tuned": mean("tuned", "general"), "general_merged": mean("merged", "general"),
             "merge_weight": statistics.mean(c["merge_weight"] for c in group),
@@ -165,8 +165,9 @@ def table(rows: list[dict]) -> str:
              "general base | general change fine-tuned | general change merged | merge weight |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
         lines.append(f"| {r['in_domain']} -> {r['general']} | {len(r['seeds'])} | {r['base_in']:.4f} | "
-                     f"{r['gain_tuned']:+.4f} | {r['gain_merged']:+.4f} | {100 * r['kept']:.0f}% | "
+                     f"{r['gain_tuned']:+.4f} | {r['gain_merged']:+.4f} | {kept} | "
                      f"{r['base_general']:.4f} | {r['general_tuned']:+.4f} | {r['general_merged']:+.4f} | "
                      f"{r['merge_weight']:.2f} |")
     return "\n".join(lines)

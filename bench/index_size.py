@@ -17,7 +17,7 @@ full-size first stage, so only ColBERT's compression changes between them; ``all
 compressed first stage. (A full-corpus MaxSim per point did not fit the shared 2-core machine.)
 
 Points: dense dims {full, 192, 96, 48}; ColBERT dims {full, 192, 96, 48} x pool factor {1, 2, 4}; sparse
-top-k {all, 64, 32, 16, 8}; int8 and binary quantisation of dense and ColBERT (scores on the dequantised
+top-k {all, 64, 32, 16, 8, half the model's mean active tokens}; int8 and binary quantisation of dense and ColBERT (scores on the dequantised
 vectors: the quality of an index serving them without Qdrant's float32 rescoring, its worst case); hybrid
 ``all`` (1 : 0.3 : 1) at a few combined settings. Bytes per passage: flagm3.compression.index_bytes_per_passage
 at the corpus's mean sparse entries and ColBERT vectors.
@@ -119,7 +119,7 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
         return [(torch.as_tensor(rows), out) for rows, out in batches], dense
 
     if cache and Path(cache).is_file():
-        p_batches, p_dense, q_batches, q_dense = torch.load(cache, weights_only=False)
+        p_batches, p_dense, q_batches, q_dense = torch.load(cache, weights_only=True)
     else:
         p_batches, p_dense = encode([corpus[d] for d in doc_ids])
         q_batches, q_dense = encode([queries[q] for q in qids])
@@ -203,6 +203,9 @@ def grid(model_dir: str, data: str, split: str, max_length: int, batch_size: int
     for k in TOP_K:
         scores, entries = (full_sparse, full_entries) if k is None else sparse(k)
         add(f"sparse top-k={k or 'all'}", "sparse", scores, 0, entries, 0, 0, top_k=k)
+    half = max(1, int(full_entries // 2))  # the model's own halving point: top-k at half its mean active tokens
+    scores, entries = sparse(half)
+    add("sparse top-k=half", "sparse", scores, 0, entries, 0, 0, top_k=half)
     for dim in DIMS:
         for pool in POOLS:
             quants = (None, "int8", "binary") if (dim, pool) in QUANTIZED else (None,)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,9 @@ from flagm3.scoring import (
     sparse_scores,
     sparse_scores_paired,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from sparse_scoring import union_columns_scores  # noqa: E402  (the earlier scorer, kept once, as the benchmark's baseline)
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -225,22 +231,6 @@ def test_sparse_gradients_match_vocabulary_reference():
     torch.testing.assert_close(paired_q[1], paired_ref[1])
 
 
-def union_columns_sparse_scores(q_ids, q_w, p_ids, p_w, chunk_size=4096):
-    """flagm3's earlier ``sparse_scores``: columns over the union of query and passage token ids."""
-    q_pooled = pool_lexical(q_ids, q_w)
-    blocks = []
-    for start in range(0, max(p_ids.shape[0], 1), chunk_size):
-        p_pooled = pool_lexical(p_ids[start : start + chunk_size], p_w[start : start + chunk_size])
-        columns = torch.unique(torch.cat([q_pooled.token_ids, p_pooled.token_ids]))
-
-        def compact(pooled, columns=columns):
-            out = pooled.weights.new_zeros(pooled.num_rows, columns.shape[0])
-            return out.index_put((pooled.rows, torch.searchsorted(columns, pooled.token_ids)), pooled.weights)
-
-        blocks.append(compact(q_pooled) @ compact(p_pooled).T)
-    return torch.cat(blocks, dim=1)[:, : p_ids.shape[0]]
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_query_columns_equal_union_columns_and_dense_reference(seed):
     """Query-token columns give the scores and gradients of the union-column implementation and of the
@@ -276,7 +266,7 @@ def test_query_columns_equal_union_columns_and_dense_reference(seed):
         return scores.detach(), qr.grad, pr.grad
 
     got = run(lambda *a: sparse_scores(*a, chunk_size=4))
-    union = run(lambda *a: union_columns_sparse_scores(*a, chunk_size=4))
+    union = run(lambda *a: union_columns_scores(*a, chunk_size=4))
     dense = run(lambda *a: sparse_reference(*a, vocab + 50))
     for expected in (union, dense):
         for g, e in zip(got, expected):
