@@ -99,12 +99,13 @@ class M3BatchSampler(Sampler[List[int]]):
         return self.batch_size * self.num_replicas
 
     def _make_buckets(self, sizes: Sequence[int], flags: Sequence[bool]) -> List[np.ndarray]:
-        """Each bucket's indices, an int64 array (8 bytes an item: no Python int per item)."""
+        """Each bucket's indices, an int32 array (int64 past 2**31 items): no Python int per item."""
         shared: List[np.ndarray] = []
         buckets: List[np.ndarray] = []
+        dtype = np.int32 if sum(sizes) < 2**31 else np.int64
         start = 0
         for size, flag in zip(sizes, flags):
-            indices = np.arange(start, start + size, dtype=np.int64)
+            indices = np.arange(start, start + size, dtype=dtype)
             start += size
             if self.same_dataset_within_batch or flag:
                 buckets.append(indices)
@@ -142,7 +143,7 @@ class M3BatchSampler(Sampler[List[int]]):
         return np.concatenate(batches)
 
     def _global_batch_array(self) -> np.ndarray:
-        """This epoch's global batches, in order: ``[batches, global_batch_size]`` int64."""
+        """This epoch's global batches, in order: ``[batches, global_batch_size]`` (the buckets' dtype)."""
         rng = random.Random(f"flagm3.sampler:{self.seed}:{self.epoch}")
         batches = np.concatenate([self._cut(self._order(bucket, rng)) for bucket in self.buckets])
         permutation = np.arange(len(batches))
