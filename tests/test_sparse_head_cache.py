@@ -3,6 +3,7 @@ head the first fitted, the key follows the model, the data and the options, a ba
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -116,3 +117,23 @@ def test_key_follows_model_tokenizer_data_options_and_device(tmp_path, tiny_enco
     tokenizer.add_tokens(["zzqx_new_token"])
     assert head_cache_key(str(tiny_encoder_dir), tiny_model, tokenizer, "data-a", options) != key
     assert head_cache_key(str(tmp_path / "no-such-dir"), tiny_model, tiny_tokenizer, "data-a", options) is None
+
+
+def test_data_key_follows_the_prepared_data_and_is_none_without_a_fingerprint(tmp_path):
+    import datasets
+
+    from flagm3.data import M3TrainDataset
+
+    data = write_train_file(tmp_path / "t.jsonl", 8)
+    cache = str(tmp_path / "c")
+    key = M3TrainDataset(str(data), train_group_size=2, cache_dir=cache).idf_corpus_key()
+    assert key is not None
+    assert M3TrainDataset(str(data), train_group_size=2, cache_dir=cache).idf_corpus_key() == key
+    assert M3TrainDataset(str(data), train_group_size=2, cache_dir=cache, max_example_num_per_dataset=4,
+                          ).idf_corpus_key() != key  # another subsample
+    assert M3TrainDataset(str(data), train_group_size=2, cache_dir=cache).idf_corpus_key(max_texts=5) != key
+    write_train_file(data, 9)  # the file changes
+    assert M3TrainDataset(str(data), train_group_size=2, cache_dir=cache).idf_corpus_key() != key
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset()  # in memory: no fingerprint, never cached
+    assert M3TrainDataset(stream, train_group_size=2, cache_dir=cache).idf_corpus_key() is None
