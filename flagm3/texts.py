@@ -60,7 +60,10 @@ class _DuplicateKey(ValueError):
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     """``json.loads``' ``object_pairs_hook``: an object, refusing a key given twice (JSON readers would keep only
     one of the values)."""
-    obj: dict = {}
+    obj = dict(pairs)
+    if len(obj) == len(pairs):  # the common case: no key twice
+        return obj
+    obj = {}
     for key, value in pairs:
         if key in obj:
             raise _DuplicateKey(key)
@@ -88,7 +91,7 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem
                 continue
             if first:
                 text = text.lstrip("\ufeff")
-            if not text.strip():
+            if not text or text.isspace():  # (not text.strip(), without copying the line)
                 yield lineno, BLANK, None
                 continue
             if first and text.lstrip().startswith("["):
