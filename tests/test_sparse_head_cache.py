@@ -137,3 +137,41 @@ def test_data_key_follows_the_prepared_data_and_is_none_without_a_fingerprint(tm
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     stream = datasets.Dataset.from_list(rows).to_iterable_dataset()  # in memory: no fingerprint, never cached
     assert M3TrainDataset(stream, train_group_size=2, cache_dir=cache).idf_corpus_key() is None
+
+
+def _rank_main(rank: int, port: int, encoder_dir: str, cache_dir: str, out: str) -> None:
+    import torch.distributed as dist
+    from conftest import SENTENCES
+    from transformers import AutoTokenizer
+
+    from flagm3 import M3Model
+    from flagm3.sparse_init import fit_sparse_head_once
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    cache = SparseHeadCache(cache_dir, "k")
+    heads, read = [], []
+    for run in range(2):  # the second run: rank 0 loads the entry the first wrote, every rank gets it
+        torch.manual_seed(10 * rank + run)  # different random heads before the fit
+        model = M3Model.from_encoder(encoder_dir, tokenizer=tokenizer)
+        fit_sparse_head_once(model, tokenizer, lambda run=run: read.append(run) or list(SENTENCES), "cpu", max_length=16,
+                             cache=cache)
+        heads.append(head(model))
+    torch.save({"heads": heads, "read": read}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes (gloo): about 10 s
+def test_rank_zero_loads_the_cached_head_and_every_rank_receives_it(tmp_path, tiny_encoder_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_main, args=(port, str(tiny_encoder_dir), str(tmp_path / "cache"),
+                                                  str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["read"] == [0] and r1["read"] == []  # the corpus read once: rank 0, first run
+    for h in (r0["heads"][1], r1["heads"][0], r1["heads"][1]):
+        assert torch.equal(h, r0["heads"][0])
