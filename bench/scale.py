@@ -13,7 +13,9 @@ all-MiniLM-L6-v2's vocabulary and tokenizer) so that the encoder does not domina
 ``--minilm-size``. Measured per run: wall time from process start to the end of the first optimizer step, the
 mean of the later steps' step-end-to-step-end times (steady step time), the same two in process CPU seconds
 (user + sys, all threads: on a shared machine they vary far less than wall time), and the peak RSS (getrusage) of
-the process (the only rank). flagm3 is also run a second time on the same file with its cache kept ("cached").
+the process (the only rank). flagm3 is also run a second time on the same file with its cache kept ("cached"):
+the prepared data and the fitted sparse head (flagm3.sparse_head_cache) both come from ``--cache_path`` then, so
+that run neither validates the data nor fits the head.
 
 Evaluation and mining: a synthetic BEIR collection of N passages (short: about 10 words, ``--corpus-queries``
 queries, one relevant passage each), the tiny random BERT with fresh heads saved as a flagm3 checkpoint, passages
@@ -245,7 +247,7 @@ def flagm3_checkpoint(target: Path, encoder: Path) -> Path:
 
 
 def sizes(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v.strip()] if value else []
+    return [int(v) for v in value.split(",") if v.strip() and int(v) > 0] if value else []  # "0": none
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("sparse_linear.", "colbert_linear.")
 DEFAULT_GRID = tuple(i / 10 for i in range(11))
+MIN_SELECTION_QUERIES = 30  # below this, a few points of nDCG@10 between grid points are one query's swing
 
 
 def load_for_merge(name_or_path: str) -> tuple[M3Model, bool]:
@@ -174,6 +175,14 @@ def auto_merge(
     general_evals = {os.path.basename(os.path.normpath(g)) or g: M3RetrievalEvaluator.from_beir(g, split=split,
                                                                                                  **options)
                      for g in general}
+    queries = {f"{os.path.basename(os.path.normpath(in_domain)) or in_domain} {split}": len(in_eval.queries)}
+    queries |= {f"{name} {split}": len(e.queries) for name, e in general_evals.items()}
+    few = {name: n for name, n in queries.items() if n < MIN_SELECTION_QUERIES}
+    if few:
+        logger.warning("flagm3 merge --auto chooses on few queries (%s): differences of a few points of nDCG@10 "
+                       "are noise at that size, so the chosen weight may not hold on other queries; choose on a "
+                       "split of at least %d queries (--split), or check the choice on a held-out split",
+                       ", ".join(f"{k}: {v}" for k, v in few.items()), MIN_SELECTION_QUERIES)
     merger = Merger(paths)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(merger.template_path, {}))
     rows = []
@@ -186,5 +195,5 @@ def auto_merge(
     best = choose_weight(rows, tolerance)
     weights = [1.0 - best["weight"], best["weight"]]
     report = {"models": list(paths), "weights": weights, "metric": in_eval.main_metric, "split": split,
-              "tolerance": tolerance, "rows": rows, "chosen": best}
+              "tolerance": tolerance, "queries": queries, "rows": rows, "chosen": best}
     return merger.merged(weights), report

@@ -16,12 +16,14 @@ at the contrastive temperature, saturate the softmax, and the head collapses (do
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .modeling_m3 import M3Model
@@ -39,29 +41,27 @@ def bm25_idf(tokenized: Sequence[Sequence[int]]) -> dict[int, float]:
     return {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
 
 
-def document_frequencies(input_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """LongTensor ``[vocab_size]``: in how many rows of ``input_ids`` ``[B, L]`` (where ``mask`` is true) each
-    token id occurs; no Python loop over tokens."""
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-    pairs = torch.unique(rows[mask] * vocab_size + input_ids[mask])  # one (row, token) pair per occurrence set
-    return torch.bincount(pairs % vocab_size, minlength=vocab_size)
-
-
 def idf_table(
     tokenizer: Any, corpus: Sequence[str], max_length: int, vocab_size: int, batch_size: int = 4096,
 ) -> torch.Tensor:
     """FloatTensor ``[vocab_size]``: :func:`bm25_idf` of every token id over ``corpus`` (0 for absent ids),
-    tokenised in batches (special tokens excluded), counted with :func:`document_frequencies`."""
-    df = torch.zeros(vocab_size, dtype=torch.long)
+    tokenised in batches (special tokens excluded, no padding), each text's distinct ids counted once."""
+    df = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(corpus), batch_size):
-        batch = tokenizer(list(corpus[start : start + batch_size]), truncation=True, max_length=max_length,
-                          add_special_tokens=False, padding=True, return_tensors="pt")
-        ids = batch["input_ids"]
-        if ids.numel():
-            df += document_frequencies(ids, batch["attention_mask"].bool(), vocab_size)
+        ids = tokenizer(list(corpus[start : start + batch_size]), truncation=True, max_length=max_length,
+                        add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if not lengths.sum():
+            continue
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(len(ids), dtype=np.int64), lengths)
+        pairs = np.unique(rows * vocab_size + flat)  # one (text, token) pair per text the token occurs in
+        df += np.bincount(pairs % vocab_size, minlength=vocab_size)
+    df_t = torch.from_numpy(df)
     n = float(len(corpus))
-    idf = torch.log1p((n - df.double() + 0.5) / (df.double() + 0.5))
-    return torch.where(df > 0, idf, torch.zeros_like(idf)).float()
+    idf = torch.log1p((n - df_t.double() + 0.5) / (df_t.double() + 0.5))
+    return torch.where(df_t > 0, idf, torch.zeros_like(idf)).float()
 
 
 def _vocab_size(model: M3Model, tokenizer: Any) -> int:
@@ -71,7 +71,7 @@ def _vocab_size(model: M3Model, tokenizer: Any) -> int:
     return int(max(sizes))
 
 
-@torch.no_grad()
+@torch.no_grad()  # (not inference_mode: a model that caches a buffer lazily would keep an inference tensor)
 def init_sparse_head_from_idf(
     model: M3Model,
     tokenizer: Any,
@@ -148,11 +148,14 @@ def fit_sparse_head_once(
     corpus: Union[Sequence[str], Callable[[], Sequence[str]]],
     device: Union[str, torch.device, None] = None,
     max_length: int = 256,
+    cache: Any = None,
     **fit_options: Any,
 ) -> Optional[dict[str, float]]:
     """:func:`init_sparse_head_from_idf` on rank 0 only, on ``device`` (the training device: the model is moved
     there, as training would), then the fitted head broadcast to every other process. ``corpus`` may be a
-    callable, called on rank 0 only. Every process must call this. Returns the fit statistics on rank 0."""
+    callable, called on rank 0 only. With ``cache`` (a :class:`flagm3.sparse_head_cache.SparseHeadCache`), rank 0
+    loads the head from it when it holds this fit, and stores the head it fits otherwise (the corpus is then not
+    even read). Every process must call this. Returns the fit statistics on rank 0."""
     import torch.distributed as dist
 
     from .distributed import world
@@ -162,8 +165,12 @@ def fit_sparse_head_once(
     if device is not None:
         model.to(device)
     if rank == 0:
-        texts = corpus() if callable(corpus) else corpus
-        stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+        stats = cache.load(model) if cache is not None else None
+        if stats is None:
+            texts = corpus() if callable(corpus) else corpus
+            stats = init_sparse_head_from_idf(model, tokenizer, texts, max_length=max_length, **fit_options)
+            if cache is not None:
+                cache.save(model, stats)
     if world_size > 1:
         head = model.sparse_linear
         on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

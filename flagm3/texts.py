@@ -60,12 +60,18 @@ class _DuplicateKey(ValueError):
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     """``json.loads``' ``object_pairs_hook``: an object, refusing a key given twice (JSON readers would keep only
     one of the values)."""
-    obj: dict = {}
+    obj = dict(pairs)
+    if len(obj) == len(pairs):  # the common case: no key twice
+        return obj
+    obj = {}
     for key, value in pairs:
         if key in obj:
             raise _DuplicateKey(key)
         obj[key] = value
     return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)  # one decoder (json.loads builds one a call)
 
 
 def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem]]]:
@@ -85,7 +91,7 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem
                 continue
             if first:
                 text = text.lstrip("\ufeff")
-            if not text.strip():
+            if not text or text.isspace():  # (not text.strip(), without copying the line)
                 yield lineno, BLANK, None
                 continue
             if first and text.lstrip().startswith("["):
@@ -94,7 +100,7 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any, Optional[JsonlProblem
                 return
             first = False
             try:  # without the line end: a column past the text, not "column 1" of a next line
-                yield lineno, json.loads(text.rstrip("\r\n"), object_pairs_hook=_no_duplicate_keys), None
+                yield lineno, _DECODER.decode(text.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 yield lineno, None, JsonlProblem("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
             except _DuplicateKey as e:

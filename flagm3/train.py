@@ -54,11 +54,15 @@ def load_model(
     tokenizer,
     corpus: Union[Sequence[str], Callable[[], Sequence[str]], None] = None,
     corpus_max_length: int = 256,
+    corpus_key: Optional[str] = None,
+    cache_dir: Optional[str] = None,
 ) -> M3Model:
     """An M3Model from a flagm3 checkpoint, a BGE-M3-layout directory, or a plain encoder (fresh heads).
 
     A fresh sparse head is fitted to the IDF of ``corpus`` (the training passages, or a callable giving them) when
     ``sparse_init`` asks: once, by rank 0 on the training device, then broadcast (:func:`fit_sparse_head_once`).
+    With ``corpus_key`` (what the corpus depends on) and ``cache_dir``, the fitted head is cached there
+    (:mod:`flagm3.sparse_head_cache`): a second run on the same model, tokenizer, data and options skips the fit.
     """
     hub = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     path = resolve_checkpoint(model_args.model_name_or_path, dict(hub))
@@ -76,7 +80,8 @@ def load_model(
     if corpus is not None and training_args.recipe(model_args.sparse_init).fits_sparse_idf(layout):
         # on the device training uses (under ZeRO-3 the model stays where it loaded until DeepSpeed places it)
         device = None if zero3_enabled() else training_args.device
-        fit_sparse_head_once(model, tokenizer, corpus, device, max_length=corpus_max_length)
+        cache = _sparse_head_cache(path, model, tokenizer, corpus_key, cache_dir, corpus_max_length, device)
+        fit_sparse_head_once(model, tokenizer, corpus, device, max_length=corpus_max_length, cache=cache)
     # the checkpoint's own pooling and normalisation, unless given explicitly
     if training_args.sentence_pooling_method is not None:
         model.config.pooling = training_args.sentence_pooling_method
@@ -85,6 +90,16 @@ def load_model(
     if model_args.use_lora:
         model = add_lora(model, model_args)
     return model
+
+
+def _sparse_head_cache(path, model, tokenizer, corpus_key, cache_dir, max_length, device):
+    """The cache entry of this IDF fit, or ``None`` (no data fingerprint, no cache directory, not a local model)."""
+    if corpus_key is None or cache_dir is None:
+        return None
+    from .sparse_head_cache import SparseHeadCache, fit_options, head_cache_key
+
+    key = head_cache_key(path, model, tokenizer, corpus_key, fit_options(max_length=max_length), device)
+    return SparseHeadCache(cache_dir, key) if key is not None else None
 
 
 def _check_colbert_dim(model: M3Model, model_args: M3ModelArguments, layout: str, path: str) -> None:
@@ -183,7 +198,8 @@ def build_trainer(model_args, data_args, training_args) -> M3Trainer:
     corpus = None if training_args.resume_from_checkpoint else dataset.idf_corpus
     if corpus is None:
         logger.info("resuming from a checkpoint: the sparse head is loaded from it, not fitted again")
-    model = load_model(model_args, training_args, tokenizer, corpus=corpus, corpus_max_length=data_args.passage_max_len)
+    model = load_model(model_args, training_args, tokenizer, corpus=corpus, corpus_max_length=data_args.passage_max_len,
+                       corpus_key=dataset.idf_corpus_key(), cache_dir=os.path.dirname(dataset.prepared_dir))
     recipe = training_args.recipe(model_args.sparse_init)
     evaluator = build_evaluator(data_args, training_args, recipe.loss.heads)
     return M3Trainer(  # prepares the model with the recipe

@@ -77,7 +77,8 @@ class M3DataArguments:
     cache_path: Optional[str] = field(
         default=None,
         metadata={"help": "Where the validated training data is kept as memory-mapped Arrow files, reused while the "
-                  "files are unchanged (default: the system's temporary directory)."},
+                  "files are unchanged, with the fresh sparse head fitted to it (default: flagm3-prepared in the "
+                  "datasets cache)."},
     )
     train_group_size: int = field(default=8, metadata={"help": "Passages per query: 1 positive + negatives."})
     query_max_len: int = field(default=32, metadata={"help": "Queries are truncated to this many tokens."})

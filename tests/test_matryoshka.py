@@ -182,6 +182,31 @@ def test_pooling_aware_training_scores_the_pooled_passages():
     assert p.colbert.grad.abs().sum() > 0
 
 
+def test_pooling_aware_nested_colbert_term_cuts_then_pools_as_encode_does():
+    """colbert_pool_factor 2 with mrl_dims (4,): the nested ColBERT term is the one on passages cut to 4 dimensions
+    and then pooled (M3Embedder.encode's order: colbert_dim, then pool_factor), not the pooled full-size vectors
+    cut afterwards (clustering on 8 dimensions groups other tokens than on 4)."""
+    from flagm3.compression import pool_colbert_batch, truncate
+
+    q, q_ids = random_outputs(2, 5, 0)
+    p, p_ids = random_outputs(6, 7, 1)
+    config = dict(heads=("colbert",), use_self_distill=False)
+    out = M3Loss(M3LossConfig(colbert_pool_factor=2, mrl_dims=(4,), **config))(q, q_ids, p, p_ids, group_size=3)
+
+    def term(q_vecs, p_vecs, p_mask):
+        q_d = M3Output(colbert=q_vecs, colbert_mask=q.colbert_mask)
+        p_d = M3Output(colbert=p_vecs, colbert_mask=p_mask)
+        return float(M3Loss(M3LossConfig(**config))(q_d, q_ids, p_d, p_ids, group_size=3).loss)
+
+    cut_then_pool = pool_colbert_batch(truncate(p.colbert, 4, True), p.colbert_mask, 2)
+    pooled = pool_colbert_batch(p.colbert, p.colbert_mask, 2)
+    assert float(out.logs["loss_colbert@4"]) == pytest.approx(term(truncate(q.colbert, 4, True), *cut_then_pool),
+                                                               abs=1e-12)
+    assert float(out.logs["loss_colbert"]) == pytest.approx(term(q.colbert, *pooled), abs=1e-12)
+    pool_then_cut = term(truncate(q.colbert, 4, True), truncate(pooled[0], 4, True), pooled[1])
+    assert float(out.logs["loss_colbert@4"]) != pytest.approx(pool_then_cut, abs=1e-9)
+
+
 @pytest.mark.slow
 def test_two_ranks_with_cross_device_negatives_give_the_single_process_step(tmp_path, tiny_encoder_dir):
     """--mrl_dims with negatives gathered from 2 gloo ranks: the nested terms score the gathered passages, so the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -101,12 +102,16 @@ def test_choose_weight_keeps_the_general_collections_within_tolerance():
         choose_weight(rows[1:], 0.005)
 
 
-def test_auto_merge_picks_from_measured_dev_metrics(checkpoints, tmp_path):
+def test_auto_merge_picks_from_measured_dev_metrics(checkpoints, tmp_path, caplog):
     in_domain = write_beir(tmp_path / "in", SENTENCES, {f"q{i}": (SENTENCES[i][:25], [i]) for i in range(6)})
     general = write_beir(tmp_path / "gen", SENTENCES[::-1], {f"g{i}": (SENTENCES[i][-25:], [9 - i]) for i in range(6)})
     options = {"max_query_length": 16, "max_passage_length": 32, "batch_size": 16}
-    model, report = auto_merge(checkpoints[:2], str(in_domain), [str(general)], tolerance=0.0,
-                               grid=[0.5, 1.0], evaluator_options=options)
+    with caplog.at_level(logging.WARNING, logger="flagm3.merge"):
+        model, report = auto_merge(checkpoints[:2], str(in_domain), [str(general)], tolerance=0.0,
+                                   grid=[0.5, 1.0], evaluator_options=options)
+    assert report["queries"] == {"in dev": 6, "gen dev": 6}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "few queries (in dev: 6, gen dev: 6)" in warnings[0]
     assert [r["weight"] for r in report["rows"]] == [0.0, 0.5, 1.0]
     assert report["chosen"] == choose_weight(report["rows"], 0.0)
     assert report["weights"] == [1 - report["chosen"]["weight"], report["chosen"]["weight"]]

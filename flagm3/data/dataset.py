@@ -24,7 +24,9 @@ Deviations, on purpose:
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -32,11 +34,16 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..texts import format_instruction, unescape_newlines
+from .mapped_pages import PageReleaser
 from .prepared import PreparedSource, prepare_training_data, record_from_row
 from .validation import DataInput, Record, ValidationReport, mean_passage_lengths
 
 # Passages whose IDF a fresh sparse head is fitted to (flagm3.sparse_init): all of them up to this many.
 IDF_MAX_TEXTS = 20_000
+# Mapped pages of the prepared files are given back (flagm3.data.mapped_pages) every this many records read at
+# random (about 0.1 MB of pages each), or read in order.
+RELEASE_EVERY_RANDOM = 128
+RELEASE_EVERY_SCAN = 65_536
 
 
 class M3TrainDataset(Dataset):
@@ -47,7 +54,8 @@ class M3TrainDataset(Dataset):
 
     The records live in memory-mapped Arrow files (:mod:`flagm3.data.prepared`, validated once and cached by
     the files' fingerprint in ``cache_dir``); an item is read from them when asked for, and tokenised only by the
-    collator.
+    collator. The mapped pages it reads are given back as it goes (:mod:`flagm3.data.mapped_pages`), so the
+    process' RSS does not grow with the files.
 
     Attributes: ``dataset_names``, ``dataset_sizes``, ``dataset_offsets`` (first global index of each
     dataset), ``no_in_batch_neg`` (one flag per dataset), ``lengths`` (per item: mean passage length in
@@ -82,6 +90,7 @@ class M3TrainDataset(Dataset):
         self.passage_instruction_format = unescape_newlines(passage_instruction_format)
         self.knowledge_distillation = knowledge_distillation
         self.seed = seed
+        self.max_example_num_per_dataset = max_example_num_per_dataset
         self.epoch = 0
         self.tokenizer = tokenizer
         self.passage_max_len = passage_max_len
@@ -102,6 +111,9 @@ class M3TrainDataset(Dataset):
         self.dataset_offsets: List[int] = []
         self.no_in_batch_neg: List[bool] = []
         self._pools: Dict[int, np.ndarray] = {}  # dataset -> cumulative text counts of its records
+        files = [f["filename"] for src in prepared.sources for f in src.data.cache_files]
+        self._scan_pages = PageReleaser(files, RELEASE_EVERY_SCAN)
+        self._random_pages = PageReleaser(files, RELEASE_EVERY_RANDOM)
         total = 0
         for d, src in enumerate(prepared.sources):
             table = self._subsample(src, max_example_num_per_dataset, seed)
@@ -112,12 +124,13 @@ class M3TrainDataset(Dataset):
             self._tables.append(table)
             total += len(table)
             if train_group_size > 1:
-                n_pos, n_neg = _list_lengths(table, "pos"), _list_lengths(table, "neg")
+                n_pos, n_neg = _list_lengths(table, "pos", self._scan_pages), _list_lengths(table, "neg", self._scan_pages)
                 if (n_neg == 0).any():
                     # negatives for records without any: every text of the other records (duplicates kept)
                     self._pools[d] = np.cumsum(n_pos + n_neg)
         self._length = total
         self._lengths: Optional[np.ndarray] = None
+        self._scan_pages.release()  # what opening the files and counting the lists mapped
 
     @staticmethod
     def _subsample(src: PreparedSource, limit: Optional[int], seed: int) -> Any:
@@ -133,6 +146,7 @@ class M3TrainDataset(Dataset):
     def _iter_records(self, d: int, chunk: int = 1024):
         table = self._tables[d]
         for start in range(0, len(table), chunk):
+            self._scan_pages.tick(chunk)
             rows = table[start : start + chunk]
             for j in range(len(rows["query"])):
                 yield record_from_row({k: v[j] for k, v in rows.items()})
@@ -157,18 +171,22 @@ class M3TrainDataset(Dataset):
                     out[pos : pos + len(chunk)] = np.minimum(mean_passage_lengths(chunk, self.tokenizer), cap)
                     pos += len(chunk)
             self._lengths = out
+            self._scan_pages.release()
         return self._lengths
 
     def idf_corpus(self, max_texts: int = IDF_MAX_TEXTS, seed: int = 0) -> List[str]:
         """Distinct passages to fit a fresh sparse head's IDF to: all of them, in first-seen order, when the
         datasets hold at most ``max_texts`` passages; otherwise those of records drawn at random (seeded) until
         ``max_texts`` are collected. Reads only the records it uses."""
-        total = sum(int((_list_lengths(t, "pos") + _list_lengths(t, "neg")).sum()) for t in self._tables)
+        pages = self._scan_pages
+        total = sum(int((_list_lengths(t, "pos", pages) + _list_lengths(t, "neg", pages)).sum()) for t in self._tables)
+        pages.release()
         seen: Dict[str, None] = {}
         if total <= max_texts:
             for d in range(len(self._tables)):
                 for r in self._iter_records(d):
                     seen.update(dict.fromkeys((*r.pos, *r.neg)))
+            pages.release()
             return list(seen)
         rng = random.Random(f"flagm3.idf:{seed}")
         drawn: set = set()
@@ -180,7 +198,18 @@ class M3TrainDataset(Dataset):
             d = self.dataset_index(idx)
             r = self._record(d, idx - self.dataset_offsets[d])
             seen.update(dict.fromkeys((*r.pos, *r.neg)))
+            self._random_pages.tick()
+        self._random_pages.release()
         return list(seen)[:max_texts]
+
+    def idf_corpus_key(self, max_texts: int = IDF_MAX_TEXTS, seed: int = 0) -> Optional[str]:
+        """What :meth:`idf_corpus` returns depends on, as a string (to key a cached fit by): the prepared data's
+        fingerprint (its directory's name), the subsampling and the drawing options; ``None`` when the data has no
+        fingerprint (an in-memory ``IterableDataset``)."""
+        name = os.path.basename(os.path.normpath(self.prepared_dir))
+        if name.startswith("flagm3-nofp-"):
+            return None
+        return json.dumps([name, self.max_example_num_per_dataset, self.seed, max_texts, seed])
 
     def passage_texts(self) -> List[str]:
         """Every distinct passage (positives and negatives) of the loaded records, in first-seen order (reads
@@ -230,6 +259,7 @@ class M3TrainDataset(Dataset):
             idx += self._length
         if not 0 <= idx < self._length:
             raise IndexError(f"index {idx} out of range for {self._length} items")
+        self._random_pages.tick()
         d = self.dataset_index(idx)
         record = self._record(d, idx - self.dataset_offsets[d])
         rng = random.Random(f"flagm3.group:{self.seed}:{self.epoch}:{idx}")
@@ -261,11 +291,17 @@ class M3TrainDataset(Dataset):
         }
 
 
-def _list_lengths(table: Any, column: str) -> np.ndarray:
-    """Lengths of a list column of a (possibly index-mapped) ``datasets.Dataset``, without reading its texts."""
+def _list_lengths(table: Any, column: str, pages: Optional[PageReleaser] = None) -> np.ndarray:
+    """Lengths of a list column of a (possibly index-mapped) ``datasets.Dataset``, without reading its texts;
+    record batch by record batch, ticking ``pages`` (the mapped offsets are given back as it goes)."""
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(table.data.column(column)).to_numpy(zero_copy_only=False)
+    parts = []
+    for chunk in table.data.column(column).chunks:
+        parts.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
+        if pages is not None:
+            pages.tick(len(chunk))
+    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     mapping = getattr(table, "_indices", None)
     if mapping is not None:  # a .select()ed dataset: rows through its index mapping
         lengths = lengths[mapping.column(0).to_numpy()]

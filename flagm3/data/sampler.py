@@ -31,6 +31,7 @@ import random
 import warnings
 from typing import Any, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -97,20 +98,22 @@ class M3BatchSampler(Sampler[List[int]]):
     def global_batch_size(self) -> int:
         return self.batch_size * self.num_replicas
 
-    def _make_buckets(self, sizes: Sequence[int], flags: Sequence[bool]) -> List[List[int]]:
-        shared: List[int] = []
-        buckets: List[List[int]] = []
+    def _make_buckets(self, sizes: Sequence[int], flags: Sequence[bool]) -> List[np.ndarray]:
+        """Each bucket's indices, an int32 array (int64 past 2**31 items): no Python int per item."""
+        shared: List[np.ndarray] = []
+        buckets: List[np.ndarray] = []
+        dtype = np.int32 if sum(sizes) < 2**31 else np.int64
         start = 0
         for size, flag in zip(sizes, flags):
-            indices = list(range(start, start + size))
+            indices = np.arange(start, start + size, dtype=dtype)
             start += size
             if self.same_dataset_within_batch or flag:
                 buckets.append(indices)
             else:
-                shared.extend(indices)
+                shared.append(indices)
         if shared:
-            buckets.insert(0, shared)
-        return [b for b in buckets if b]
+            buckets.insert(0, np.concatenate(shared))
+        return [b for b in buckets if len(b)]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's batch order; also sets the dataset's epoch (its group sampling)."""
@@ -118,43 +121,45 @@ class M3BatchSampler(Sampler[List[int]]):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
 
-    def _order(self, bucket: List[int], rng: random.Random) -> List[int]:
-        order = list(bucket)
-        rng.shuffle(order)
+    def _order(self, bucket: np.ndarray, rng: random.Random) -> np.ndarray:
+        order = bucket.copy()
+        rng.shuffle(order)  # in place, the same swaps (and draws) as shuffling a list of these indices
         if not self.group_by_length:
             return order
-        lengths = self.lengths
+        lengths = np.asarray(self.lengths)
         mega = self.mega_batch_size * self.global_batch_size
-        return [
-            i
-            for start in range(0, len(order), mega)
-            for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        ]
+        for start in range(0, len(order), mega):  # longest first; ties keep their order (a stable sort)
+            chunk = order[start : start + mega]
+            order[start : start + mega] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        return order
 
-    def _cut(self, order: List[int]) -> List[List[int]]:
+    def _cut(self, order: np.ndarray) -> np.ndarray:
+        """Global batches ``[batches, global_batch_size]`` of ``order`` (see the module docstring, step 3)."""
         size = self.global_batch_size
         n = len(order)
-        batches = [order[s : s + size] for s in range(0, n - size + 1, size)]
+        batches = [order[: n - n % size].reshape(-1, size)]
         if n % size and not self.drop_last:
-            if n >= size:
-                batches.append(order[n - size :])
-            else:
-                batches.append((order * math.ceil(size / n))[:size])
-        return batches
+            batches.append((order[n - size :] if n >= size else np.resize(order, size)).reshape(1, size))
+        return np.concatenate(batches)
+
+    def _global_batch_array(self) -> np.ndarray:
+        """This epoch's global batches, in order: ``[batches, global_batch_size]`` (the buckets' dtype)."""
+        rng = random.Random(f"flagm3.sampler:{self.seed}:{self.epoch}")
+        batches = np.concatenate([self._cut(self._order(bucket, rng)) for bucket in self.buckets])
+        permutation = np.arange(len(batches))
+        rng.shuffle(permutation)  # the draws of shuffling the list of batches
+        return batches[permutation]
 
     def global_batches(self) -> List[List[int]]:
         """This epoch's global batches, in order."""
-        rng = random.Random(f"flagm3.sampler:{self.seed}:{self.epoch}")
-        batches = [b for bucket in self.buckets for b in self._cut(self._order(bucket, rng))]
-        rng.shuffle(batches)
-        return batches
+        return self._global_batch_array().tolist()
 
     def __iter__(self) -> Iterator[List[int]]:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        for batch in self.global_batches():
+        for batch in self._global_batch_array():
             for r in range(self.num_replicas):
-                yield batch[r * self.batch_size : (r + 1) * self.batch_size]
+                yield batch[r * self.batch_size : (r + 1) * self.batch_size].tolist()
 
     def __len__(self) -> int:
         size = self.global_batch_size

@@ -371,6 +371,9 @@ class _Options:
     train_group_size: Optional[int] = None
 
 
+_STR_ONLY = {str}
+
+
 def _check_array(obj: dict, name: str, issue: Any, element: str, item_problem: Any = None) -> Optional[list]:
     """``obj[name]`` must be an array of JSON ``element`` values (``"string"``, ``"number"``) for which
     ``item_problem(item)`` (optional) gives no ``(kind, message)``. Every problem is reported through
@@ -379,6 +382,8 @@ def _check_array(obj: dict, name: str, issue: Any, element: str, item_problem: A
     if not isinstance(value, (list, tuple)):
         issue(WRONG_TYPE, name, f"expected an array of {element}s, got {_json_type(value)}")
         return None
+    if element == "string" and item_problem is None and set(map(type, value)) <= _STR_ONLY:
+        return list(value)  # the common case, without the per-item checks below
     good = True
     for j, item in enumerate(value):
         if _json_type(item) != element:
@@ -400,9 +405,9 @@ def _keep_where(
     texts: List[str], scores: Optional[List[float]], keep: Any
 ) -> Tuple[List[str], Optional[List[float]], int]:
     """Texts (and their scores) for which ``keep(text)`` holds, and how many were dropped."""
-    kept = [j for j, text in enumerate(texts) if keep(text)]
-    if len(kept) == len(texts):
+    if all(map(keep, texts)):  # the common case: nothing to drop
         return texts, scores, 0
+    kept = [j for j, text in enumerate(texts) if keep(text)]
     kept_scores = None if scores is None else [scores[j] for j in kept]
     return [texts[j] for j in kept], kept_scores, len(texts) - len(kept)
 
@@ -474,17 +479,17 @@ def _check_record(
         return None
 
     # fixes: drop empty passages; a negative equal to a positive would be a false negative
-    fixes: Counter = Counter()
-    pos, pos_scores, fixes[EMPTY_TEXT_DROPPED] = _keep_where(pos, pos_scores, str.strip)
+    pos, pos_scores, n_empty_pos = _keep_where(pos, pos_scores, str.strip)
     neg, neg_scores, n_empty_neg = _keep_where(neg, neg_scores, str.strip)
-    fixes[EMPTY_TEXT_DROPPED] += n_empty_neg
+    n_neg_equals_pos = n_from_corpus = 0
     if not pos:
         report.add_error(Issue(EMPTY_POS, source, line, "pos", "every positive passage is empty"))
         return None
     positives = set(pos)
-    neg, neg_scores, fixes[NEG_EQUALS_POS_DROPPED] = _keep_where(
-        neg, neg_scores, lambda t: t not in positives
-    )
+    if not positives.isdisjoint(neg):
+        neg, neg_scores, n_neg_equals_pos = _keep_where(
+            neg, neg_scores, lambda t: t not in positives
+        )
 
     needs_negatives = opts.train_group_size is None or opts.train_group_size > 1
     if not neg and needs_negatives:
@@ -492,11 +497,13 @@ def _check_record(
             msg = "no negatives (set sample_negatives_from_corpus=True to draw them from other records)"
             report.add_error(Issue(NO_NEGATIVES, source, line, "neg", msg))
             return None
-        fixes[NEGATIVES_FROM_CORPUS] += 1
+        n_from_corpus = 1
         if opts.knowledge_distillation:
             msg = "negatives drawn from the corpus have no teacher scores: this record's group gets none"
             report.add_warning(Issue(NO_TEACHER_SCORES, source, line, "neg", msg))
-    report.fixes.update(+fixes)
+    if n_empty_pos or n_empty_neg or n_neg_equals_pos or n_from_corpus:  # (in this order, as counted before)
+        report.fixes.update(+Counter({EMPTY_TEXT_DROPPED: n_empty_pos + n_empty_neg,
+                                      NEG_EQUALS_POS_DROPPED: n_neg_equals_pos, NEGATIVES_FROM_CORPUS: n_from_corpus}))
     if not opts.knowledge_distillation:
         pos_scores = neg_scores = None
     return Record(query, pos, neg, pos_scores, neg_scores, prompt if prompt else None, line)

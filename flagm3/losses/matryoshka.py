@@ -10,7 +10,7 @@ terms stay at full size. Scores come from :meth:`M3Loss.head_logits` (:mod:`flag
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -41,15 +41,21 @@ def matryoshka_terms(
     q: M3Output,
     p: M3Output,
     term: Callable[[str, M3Output, M3Output], Tensor],
+    pool_passages: Optional[Callable[[M3Output], M3Output]] = None,
 ) -> Dict[Tuple[str, int], Tensor]:
     """``{(head, d): L_head@d}`` for each head of ``heads`` in :data:`MRL_HEADS` and each nested ``d`` of ``dims``
     (:func:`nested_dims`). ``term(head, q_d, p_d)`` makes the head's term from outputs whose ``head`` vectors are
-    cut to ``d`` dimensions (renormalised when ``normalize``), exactly as the full-size term is made."""
+    cut to ``d`` dimensions (renormalised when ``normalize``), exactly as the full-size term is made.
+    ``pool_passages`` (pooling-aware training): applied to the passages' ColBERT vectors after the cut, as
+    :meth:`flagm3.inference.M3Embedder.encode` cuts (``colbert_dim``) and then pools (``pool_factor``); ``p`` is
+    then the unpooled output."""
     terms: Dict[Tuple[str, int], Tensor] = {}
     for head in heads:
         if head not in MRL_HEADS:
             continue
         for dim in nested_dims(dims, getattr(q, head).shape[-1]):
-            terms[(head, dim)] = term(head, truncate_output(q, head, dim, normalize),
-                                      truncate_output(p, head, dim, normalize))
+            p_d = truncate_output(p, head, dim, normalize)
+            if head == "colbert" and pool_passages is not None:
+                p_d = pool_passages(p_d)
+            terms[(head, dim)] = term(head, truncate_output(q, head, dim, normalize), p_d)
     return terms

@@ -365,10 +365,15 @@ class M3Loss(nn.Module):
             positive_index = (torch.arange(batch, device=q_ids.device) + query_offset) * group_size
             sizes = None
 
+        pool_passages = None
+        unpooled = p
         if cfg.colbert_pool_factor > 1 and p.colbert is not None:  # as flagm3.compression pools at encode time
-            vecs, mask = pool_colbert_batch(p.colbert, p.colbert_mask, cfg.colbert_pool_factor,
-                                            cfg.normalize_compressed)
-            p = M3Output(dense=p.dense, token_weights=p.token_weights, colbert=vecs, colbert_mask=mask)
+            def pool_passages(out: M3Output) -> M3Output:
+                vecs, mask = pool_colbert_batch(out.colbert, out.colbert_mask, cfg.colbert_pool_factor,
+                                                cfg.normalize_compressed)
+                return M3Output(dense=out.dense, token_weights=out.token_weights, colbert=vecs, colbert_mask=mask)
+
+            p = pool_passages(p)
         terms_on = cfg.contrastive_terms()
         distilled = cfg.distilled_heads() if cfg.distills(step) else ()
         members = cfg.ensemble_members() if ("ensemble" in terms_on or distilled) else {}
@@ -392,8 +397,8 @@ class M3Loss(nn.Module):
                 return self.contrastive(self.own_logits(head, head_logits, positive_index, group_size) if own
                                         else head_logits, positive_index, group_size, teacher_probs)
 
-            nested = matryoshka_terms(cfg.mrl_dims, cfg.normalize_compressed, [t for t in terms_on if t in HEADS], q, p,
-                                      nested_term)
+            nested = matryoshka_terms(cfg.mrl_dims, cfg.normalize_compressed, [t for t in terms_on if t in HEADS], q,
+                                      unpooled, nested_term, pool_passages)
         parts = []
         if terms:
             nested_sum = sum(cfg.head_weight(h) * cfg.mrl_weight(d) * v for (h, d), v in nested.items())
