@@ -59,7 +59,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A digest of what the tokenizer does: a fast tokenizer's serialised pipeline (normaliser, pre-tokeniser,
     model, vocabulary), else its vocabulary; with its class and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        # without the truncation and padding state: every call with truncation=/padding= rewrites it, so it
+        # depends on what the tokenizer encoded before, not on what it does
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+        body = json.dumps(pipeline, sort_keys=True)
+    else:
+        body = sorted(tokenizer.get_vocab().items())
     return _sha([type(tokenizer).__name__, body, sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))])
 
 

@@ -175,3 +175,17 @@ def test_rank_zero_loads_the_cached_head_and_every_rank_receives_it(tmp_path, ti
     assert r0["read"] == [0] and r1["read"] == []  # the corpus read once: rank 0, first run
     for h in (r0["heads"][1], r1["heads"][0], r1["heads"][1]):
         assert torch.equal(h, r0["heads"][0])
+
+
+def test_key_ignores_the_tokenizers_truncation_and_padding_state(tiny_encoder_dir, tiny_model):
+    """Encoding with truncation=/padding= rewrites a fast tokenizer's truncation and padding state: the key must
+    not follow it (the same tokenizer, used before or not, fits the same head)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    options = fit_options(max_length=16)
+    key = head_cache_key(str(tiny_encoder_dir), tiny_model, tokenizer, "data-a", options)
+    before = tokenizer.backend_tokenizer.to_str()
+    tokenizer(["lift and drag of a wing"], truncation=True, max_length=3, padding="max_length")
+    assert tokenizer.backend_tokenizer.to_str() != before  # the state the key must ignore did change
+    assert head_cache_key(str(tiny_encoder_dir), tiny_model, tokenizer, "data-a", options) == key
