@@ -111,10 +111,11 @@ class M3TrainDataset(Dataset):
         self.dataset_offsets: List[int] = []
         self.no_in_batch_neg: List[bool] = []
         self._pools: Dict[int, np.ndarray] = {}  # dataset -> cumulative text counts of its records
+        self._num_passages: Optional[int] = None  # positives + negatives of every record, counted once
         files = [f["filename"] for src in prepared.sources for f in src.data.cache_files]
         self._scan_pages = PageReleaser(files, RELEASE_EVERY_SCAN)
         self._random_pages = PageReleaser(files, RELEASE_EVERY_RANDOM)
-        total = 0
+        total, passages = 0, 0
         for d, src in enumerate(prepared.sources):
             table = self._subsample(src, max_example_num_per_dataset, seed)
             self.dataset_offsets.append(total)
@@ -125,10 +126,13 @@ class M3TrainDataset(Dataset):
             total += len(table)
             if train_group_size > 1:
                 n_pos, n_neg = _list_lengths(table, "pos", self._scan_pages), _list_lengths(table, "neg", self._scan_pages)
+                passages += int((n_pos + n_neg).sum())
                 if (n_neg == 0).any():
                     # negatives for records without any: every text of the other records (duplicates kept)
                     self._pools[d] = np.cumsum(n_pos + n_neg)
         self._length = total
+        if train_group_size > 1:
+            self._num_passages = passages
         self._lengths: Optional[np.ndarray] = None
         self._scan_pages.release()  # what opening the files and counting the lists mapped
 
@@ -179,8 +183,11 @@ class M3TrainDataset(Dataset):
         datasets hold at most ``max_texts`` passages; otherwise those of records drawn at random (seeded) until
         ``max_texts`` are collected. Reads only the records it uses."""
         pages = self._scan_pages
-        total = sum(int((_list_lengths(t, "pos", pages) + _list_lengths(t, "neg", pages)).sum()) for t in self._tables)
-        pages.release()
+        if self._num_passages is None:  # not counted at start (train_group_size 1)
+            self._num_passages = sum(int((_list_lengths(t, "pos", pages) + _list_lengths(t, "neg", pages)).sum())
+                                     for t in self._tables)
+            pages.release()
+        total = self._num_passages
         seen: Dict[str, None] = {}
         if total <= max_texts:
             for d in range(len(self._tables)):
